@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="grpo-trainer",
+    version="0.1.0",
+    description="A from-scratch GRPO trainer in pure PyTorch.",
+    packages=find_packages(include=["grpo", "grpo.*", "kernels", "kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.46",
+        "datasets>=2.19",
+        "safetensors>=0.4",
+        "tensorboard>=2.14",
+        "jinja2>=3.1",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+        "numpy>=1.24",
+        "gguf>=0.10",
+    ],
+    extras_require={
+        "wandb": ["wandb>=0.17"],
+        "test": ["pytest>=8", "ruff>=0.5", "peft>=0.13", "wandb>=0.17"],
+        "unsloth": ["unsloth"],
+        "bench": ["trl"],
+    },
+    entry_points={"console_scripts": ["grpo=grpo.jobs.cli:main"]},
+)
