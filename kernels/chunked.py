@@ -1,0 +1,227 @@
+"""Chunked per-token log-probs: never builds the [N, V] logits; backward recomputes each chunk's logits.
+
+Rows are processed `chunk_size` at a time. Forward keeps only the inputs and, per row, the log-sum-exp (and
+the entropy when asked); backward recomputes a chunk's logits with one matmul, turns them into d loss / d
+logits in place and feeds two more matmuls. Peak extra memory is one or two [chunk, V] fp32 buffers plus,
+for bf16 weights, an fp32 [V, H] gradient accumulator, instead of several [N, V] tensors.
+
+The per-chunk math lives in `TorchChunkOps`; `kernels/triton_logprobs.py` supplies the same two operations as
+Triton kernels and reuses the autograd Function below.
+
+Math, with z = logits / T, p = softmax(z), lse = logsumexp(z), t the target and H = -sum_j p_j log p_j:
+    log p_t = z_t - lse
+    d log p_t / d z_j = onehot_t(j) - p_j
+    d H / d z_j = -p_j (log p_j + H)
+and d / d logits = (d / d z) / T; grad hidden = dlogits @ W, grad W = dlogits^T @ hidden,
+grad bias = sum over rows of dlogits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+# Rows per chunk are chosen so that one [chunk, V] fp32 buffer is about this many bytes (see BENCHMARKS.md).
+CHUNK_BYTES = 128 * 2**20
+MIN_CHUNK_ROWS = 16
+
+
+def default_chunk_size(vocab: int) -> int:
+    """Rows per chunk such that a chunk of fp32 logits is about CHUNK_BYTES."""
+    return max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * max(vocab, 1)))
+
+
+def chunk_logits(
+    hidden: Tensor,  # [c, H]
+    weight: Tensor,  # [V, H]
+    bias: Tensor | None,  # [V]
+    out: Tensor | None = None,  # [c, V] in hidden's dtype, reused across chunks
+) -> Tensor:
+    """Raw logits of one chunk in the input dtype (fp32 accumulation inside the matmul)."""
+    # out= reuses one buffer for all chunks: on CPU each fresh multi-hundred-MB tensor costs page faults.
+    if bias is None:
+        return torch.mm(hidden, weight.T, out=out)
+    return torch.addmm(bias, hidden, weight.T, out=out)
+
+
+class TorchChunkOps:
+    """Per-chunk statistics and logit gradients in plain PyTorch, in place in one fp32 buffer."""
+
+    def __init__(self, rows: int, vocab: int, hidden: Tensor, with_entropy: bool) -> None:
+        self.buf = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)  # [c, V]
+        self.buf2 = torch.empty_like(self.buf) if with_entropy else None  # [c, V]
+        low = hidden.dtype != torch.float32
+        # fp32: the matmul writes straight into the fp32 buffer; bf16: it needs its own buffer of its dtype.
+        self.logits_out = self.buf  # [c, V] in hidden's dtype
+        if low:
+            self.logits_out = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)
+
+    def _scaled(self, logits: Tensor, temperature: float) -> Tensor:
+        z = self.buf[: logits.shape[0]]
+        if logits.data_ptr() != z.data_ptr():
+            z.copy_(logits)  # bf16 -> fp32
+        if temperature != 1.0:
+            z.div_(temperature)  # a division, like the reference, so fp32 results match it bit for bit
+        return z  # [c, V]
+
+    def stats(
+        self, logits: Tensor, targets: Tensor, temperature: float, with_entropy: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(log p of targets, lse, entropy or None), each fp32 [c]; clobbers the buffers."""
+        z = self._scaled(logits, temperature)  # [c, V]
+        m = z.amax(-1, keepdim=True)  # [c, 1]
+        z.sub_(m)  # shifted logits, max 0
+        z_t = z.gather(1, targets.unsqueeze(1)).squeeze(1)  # [c]
+        ent = None
+        if with_entropy:
+            e = torch.exp(z, out=self.buf2[: z.shape[0]])  # [c, V]
+            s = e.sum(-1)  # [c]
+            # H = log s - sum_j e_j z_j / s on the shifted logits: both terms are small, so no cancellation.
+            ent = s.log() - e.mul_(z).sum(-1) / s
+        else:
+            s = z.exp_().sum(-1)  # [c]
+        log_s = s.log()
+        return z_t - log_s, m.squeeze(1) + log_s, ent
+
+    def grad_logits(
+        self,
+        logits: Tensor,  # [c, V] raw logits, input dtype
+        targets: Tensor,  # [c]
+        temperature: float,
+        lse: Tensor,  # [c]
+        ent: Tensor | None,  # [c]
+        g_logp: Tensor | None,  # [c] fp32, already divided by T
+        g_ent: Tensor | None,  # [c] fp32, already divided by T
+    ) -> Tensor:
+        """d loss / d logits, fp32 [c, V], computed in place in the buffer."""
+        z = self._scaled(logits, temperature)
+        z.sub_(lse.unsqueeze(1))  # log p
+        if g_ent is not None:
+            p = torch.exp(z, out=self.buf2[: z.shape[0]])
+            z.add_(ent.unsqueeze(1)).mul_(g_ent.unsqueeze(1))  # g_H (log p + H)
+            if g_logp is not None:
+                z.add_(g_logp.unsqueeze(1))
+            z.mul_(p).neg_()  # -p (g_lp + g_H (log p + H))
+        else:
+            z.exp_().mul_(-g_logp.unsqueeze(1))  # -g_lp p
+        if g_logp is not None:
+            z.scatter_add_(1, targets.unsqueeze(1), g_logp.unsqueeze(1))  # + g_lp onehot
+        return z
+
+
+_mm_out_dtype_works = True
+
+
+def _add_matmul_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b with fp32 accumulation; acc is fp32, a and b share a dtype."""
+    global _mm_out_dtype_works
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda and _mm_out_dtype_works:
+        try:  # bf16 operands, fp32 result: no rounding of each chunk's partial sum to bf16
+            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _mm_out_dtype_works = False
+    if a.is_cuda:
+        acc.add_(a @ b)
+    else:
+        acc.addmm_(a.float(), b.float())  # CPU has no bf16 -> fp32 matmul; the operands are chunk-sized
+
+
+class ChunkedLogprobs(torch.autograd.Function):
+    """Autograd Function of the chunked and Triton paths; `make_ops` builds their per-chunk operations."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: Tensor,  # [N, H]
+        weight: Tensor,  # [V, H]
+        bias: Tensor | None,  # [V]
+        targets: Tensor,  # [N] int64
+        temperature: float,
+        chunk_size: int,
+        with_entropy: bool,
+        make_ops,
+    ):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)  # [N]
+        lse = torch.empty_like(logp)  # [N]
+        ent = torch.empty_like(logp) if with_entropy else None  # [N]
+        rows = min(chunk_size, n)
+        ops = make_ops(rows, vocab, hidden, with_entropy)
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            logits = chunk_logits(hidden[s:e], weight, bias, out=ops.logits_out[: e - s])  # [c, V]
+            lp, ls, en = ops.stats(logits, targets[s:e], temperature, with_entropy)
+            logp[s:e], lse[s:e] = lp, ls
+            if with_entropy:
+                ent[s:e] = en
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
+        ctx.temperature, ctx.chunk_size, ctx.make_ops = temperature, chunk_size, make_ops
+        ctx.set_materialize_grads(False)
+        return (logp, ent) if with_entropy else logp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_logp: Tensor | None, g_ent: Tensor | None = None):
+        hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        nones = (None,) * 5
+        if (g_logp is None and g_ent is None) or not (need_h or need_w or need_b):
+            return None, None, None, *nones
+        n, vocab = hidden.shape[0], weight.shape[0]
+        t, chunk = ctx.temperature, ctx.chunk_size
+        # Fold 1/T into the per-row upstream gradients: d/d logits = (d/d z) / T and it is linear in them.
+        g_logp = None if g_logp is None else g_logp.float() / t  # [N]
+        g_ent = None if g_ent is None else g_ent.float() / t  # [N]
+        grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
+        f32 = {"dtype": torch.float32, "device": weight.device}
+        grad_w = torch.zeros(weight.shape, **f32) if need_w else None  # [V, H] fp32 accumulator
+        grad_b = torch.zeros(vocab, **f32) if need_b else None  # [V]
+        rows = min(chunk, n)
+        ops = ctx.make_ops(rows, vocab, hidden, g_ent is not None)
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            logits = chunk_logits(hidden[s:e], weight, bias, out=ops.logits_out[: e - s])  # [c, V]
+            dz = ops.grad_logits(
+                logits,
+                targets[s:e],
+                t,
+                lse[s:e],
+                None if ent is None else ent[s:e],
+                None if g_logp is None else g_logp[s:e],
+                None if g_ent is None else g_ent[s:e],
+            )  # [c, V], fp32 or the input dtype
+            # grad hidden runs in the input dtype, like autograd does for the reference; the logits buffer
+            # is free again once the ops have read it.
+            dz_in = dz if dz.dtype == hidden.dtype else logits.copy_(dz)  # [c, V]
+            if need_h:
+                torch.mm(dz_in, weight, out=grad_h[s:e])
+            if need_w:
+                # fp32 dz for the fp32 accumulation when we have it (CPU path), else the input dtype.
+                _add_matmul_fp32(grad_w, dz.T, hidden[s:e].to(dz.dtype))
+            if need_b:
+                grad_b.add_(dz.sum(0, dtype=torch.float32))
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, *nones
+
+
+def chunked_token_logprobs(
+    hidden: Tensor,  # [N, H]
+    weight: Tensor,  # [V, H]
+    targets: Tensor,  # [N] int64
+    *,
+    bias: Tensor | None = None,  # [V]
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    return_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Same contract as `naive_token_logprobs`, with memory that grows with `chunk_size`, not with N."""
+    chunk = chunk_size or default_chunk_size(weight.shape[0])
+    return ChunkedLogprobs.apply(
+        hidden, weight, bias, targets.long(), float(temperature), chunk, return_entropy, TorchChunkOps
+    )
