@@ -1,0 +1,432 @@
+"""The training template: one dataclass tree with defaults, field docs, validation and key=value overrides.
+
+A template is what a user saves and queues. Field names follow Transformer Lab's GRPO plugins so settings carry
+over. Everything here is cheap: validation runs before any model or dataset loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+BUILTIN_DATASET = "builtin:arithmetic"
+
+SEED_INSTRUCTION = """Respond in the following format:
+<reasoning>
+...
+</reasoning>
+<answer>
+...
+</answer>"""
+
+
+class ConfigError(ValueError):
+    """A user mistake in a template or override: the message is one sentence naming the field."""
+
+
+def doc(text: str, **kw: Any) -> Any:
+    return field(metadata={"doc": text}, **kw)
+
+
+@dataclass
+class DatasetConfig:
+    path: str = doc(
+        "Hub id (openai/gsm8k), a local .jsonl/.json/.csv/.parquet file, or builtin:arithmetic.",
+        default=BUILTIN_DATASET,
+    )
+    config: str | None = doc("Dataset config name on the hub (gsm8k: main).", default=None)
+    split: str = doc("Split to train on.", default="train")
+    limit: int | None = doc("Use only the first N rows (null = all).", default=None)
+    eval_split: str = doc("Held-out split for evaluation (a local file path also works).", default="test")
+
+
+@dataclass
+class DataTemplate:
+    instruction: str = doc("System prompt (Jinja2).", default=SEED_INSTRUCTION)
+    input: str = doc("User message rendered per row with Jinja2, e.g. {{question}}.", default="{{question}}")
+    output: str = doc(
+        "Reference answer rendered per row; the text after '#### ' is used when present.",
+        default="{{answer}}",
+    )
+    response_prefix: str = doc(
+        "Text the reply starts with, appended after the chat template's generation prompt (e.g. '<reasoning>\\n'); "
+        "rewards see it as part of the completion.",
+        default="",
+    )
+
+
+@dataclass
+class TrainConfig:
+    # -- device and placement
+    train_device: Literal["auto", "cuda", "cpu", "tpu"] = doc(
+        "Where to train: auto picks cuda when present.", default="auto"
+    )
+    gpu_ids: Literal["auto"] | list[int] = doc("auto = all visible GPUs, or a list of ids.", default="auto")
+    distributed_strategy: Literal["ddp", "fsdp"] = doc(
+        "Multi-process strategy under torchrun.", default="ddp"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc(
+        "Training dtype: auto = bfloat16 on GPU, float32 on CPU.", default="auto"
+    )
+    # -- the four tags of the reasoning format
+    start_thinking_string: str = doc("Tag that opens the reasoning.", default="<reasoning>")
+    end_thinking_string: str = doc("Tag that closes the reasoning.", default="</reasoning>")
+    start_answer_string: str = doc("Tag that opens the answer.", default="<answer>")
+    end_answer_string: str = doc("Tag that closes the answer.", default="</answer>")
+    # -- lengths and batches
+    maximum_sequence_length: int = doc(
+        "Prompt + completion tokens; longer prompts are cut from the left.", default=1024
+    )
+    maximum_completion_length: int = doc("Most tokens sampled per completion.", default=256)
+    batch_size: int = doc("Prompts per device per step (each sampled num_generations times).", default=4)
+    micro_batch_size: int = doc("Sequences per forward/backward of the loss (0 = all at once).", default=0)
+    # -- optimisation
+    learning_rate_schedule: Literal["constant", "linear", "cosine", "constant_with_warmup"] = doc(
+        "Learning-rate schedule after warmup.", default="constant"
+    )
+    learning_rate: float = doc("Peak learning rate of AdamW.", default=1e-6)
+    warmup_ratio: float = doc("Share of the total steps spent warming up linearly from 0.", default=0.0)
+    num_train_epochs: int = doc("Passes over the dataset.", default=1)
+    max_steps: int = doc("Optimizer steps to run; -1 = as many as the epochs give.", default=-1)
+    max_grad_norm: float = doc("Clip the global gradient norm to this (0 = no clipping).", default=1.0)
+    weight_decay: float = doc("AdamW weight decay.", default=0.0)
+    adam_beta1: float = doc("AdamW beta1.", default=0.9)
+    adam_beta2: float = doc("AdamW beta2.", default=0.99)
+    adam_epsilon: float = doc("AdamW epsilon.", default=1e-8)
+    seed: int = doc("Seed for data order, sampling and initialisation.", default=42)
+    # -- LoRA
+    use_lora: bool = doc("Train a LoRA adapter instead of all weights.", default=False)
+    adaptor_name: str = doc("Folder name of the trained adapter/model inside output_dir.", default="adaptor")
+    lora_r: int = doc("LoRA rank.", default=16)
+    lora_alpha: float = doc("LoRA alpha (scaling = alpha / r).", default=32)
+    lora_dropout: float = doc("Dropout on the LoRA input.", default=0.05)
+    lora_target_modules: list[str] | None = doc(
+        "Module leaf names to adapt (null = attention + MLP).", default=None
+    )
+    backend: Literal["torch", "unsloth"] = doc(
+        "torch (ours) or unsloth (FastLanguageModel).", default="torch"
+    )
+    # -- GRPO
+    num_generations: int = doc("G: completions sampled per prompt.", default=4)
+    temperature: float = doc("Sampling temperature.", default=1.0)
+    top_p: float = doc("Nucleus sampling: keep the smallest token set with this probability.", default=1.0)
+    beta: float = doc("KL weight; 0 = no reference model is loaded at all.", default=0.0)
+    epsilon: float = doc("Lower clip range of the importance ratio.", default=0.2)
+    epsilon_high: float | None = doc("Upper clip range (null = epsilon).", default=None)
+    num_iterations: int = doc("Policy updates per batch of samples (mu).", default=1)
+    loss_type: str = doc("grpo | bnpo | dr_grpo | dapo, or package.module:function.", default="grpo")
+    importance_sampling_level: Literal["token", "sequence"] = doc(
+        "token (GRPO) or sequence (GSPO).", default="token"
+    )
+    scale_rewards: Literal["group", "batch", "none"] = doc(
+        "Divide advantages by the std of the group, the batch, or not at all.", default="group"
+    )
+    mask_truncated_completions: bool = doc(
+        "Exclude completions cut at the length limit from the loss.", default=False
+    )
+    rewards: list[Any] = doc(
+        "Reward functions: names or package.module:function, optionally {name: ..., weight: ...}.",
+        default_factory=lambda: ["correctness", "int_answer", "strict_format", "soft_format", "tag_count"],
+    )
+    logprob_impl: Literal["auto", "chunked", "naive", "triton"] = doc(
+        "How per-token log-probs are computed (kernels/).", default="auto"
+    )
+    # -- outputs
+    output_dir: str = doc("Run folder: model, metrics.jsonl, TensorBoard, samples.", default="runs/default")
+    logging_steps: int = doc("Write samples of completions every N steps.", default=1)
+    log_to_wandb: bool = doc("Also log to Weights & Biases.", default=False)
+    wandb_project: str = doc("W&B project name.", default="grpo")
+
+
+@dataclass
+class Template:
+    name: str = doc("Template name.", default="default")
+    model: str = doc("Hub id, local folder, .gguf file, or the embedded SmolLM2.", default=EMBEDDED_MODEL)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    template: DataTemplate = field(default_factory=DataTemplate)
+    config: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"dataset": DatasetConfig, "template": DataTemplate, "config": TrainConfig}
+
+
+def _leaf_paths() -> dict[str, tuple[str, ...]]:
+    """Every settable field as dotted path -> path tuple."""
+    paths: dict[str, tuple[str, ...]] = {}
+    for f in dataclasses.fields(Template):
+        if f.name in SECTIONS:
+            for sub in dataclasses.fields(SECTIONS[f.name]):
+                paths[f"{f.name}.{sub.name}"] = (f.name, sub.name)
+        else:
+            paths[f.name] = (f.name,)
+    return paths
+
+
+LEAF_PATHS = _leaf_paths()
+
+
+def _closest(key: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return "a list"
+    return {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        type(None): "null",
+        Any: "anything",
+    }.get(tp, str(tp))
+
+
+def _coerce(where: str, value: Any, tp: Any) -> Any:
+    """Check value against the annotation; return it (ints become floats for float fields)."""
+    origin = typing.get_origin(tp)
+    ok, out = False, value
+    if tp is Any:
+        ok = True
+    elif origin is Literal:
+        ok = value in typing.get_args(tp)
+    elif origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(where, value, arg)
+            except ConfigError:
+                continue
+    elif origin is list:
+        ok = isinstance(value, list)
+        if ok:
+            (item_tp,) = typing.get_args(tp)
+            out = [_coerce(f"{where}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    elif tp is type(None):
+        ok = value is None
+    elif tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        # YAML 1.1 reads 1e-5 (no dot) as a string; users write it that way, so accept it.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        out = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{where} = {value!r} is not allowed: expected {_type_name(tp)}.")
+    return out
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{prefix.rstrip('.') or 'the template'} must be a mapping of fields, got {data!r}."
+        )
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            options = names if prefix else list(LEAF_PATHS)
+            raise ConfigError(f"Unknown field '{prefix}{key}'{_closest(str(key), options)}.")
+        if key in SECTIONS and cls is Template:
+            kwargs[key] = _build(SECTIONS[key], value, f"{key}.")
+        else:
+            kwargs[key] = _coerce(f"{prefix}{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def _check_ranges(t: Template) -> None:
+    c = t.config
+
+    def need(ok: bool, where: str, value: Any, allowed: str) -> None:
+        if not ok:
+            raise ConfigError(f"{where} = {value!r} is not allowed: {allowed}.")
+
+    for name in (
+        "maximum_sequence_length",
+        "maximum_completion_length",
+        "batch_size",
+        "num_generations",
+        "num_iterations",
+        "num_train_epochs",
+        "lora_r",
+        "logging_steps",
+    ):
+        need(getattr(c, name) >= 1, f"config.{name}", getattr(c, name), "it must be at least 1")
+    need(c.micro_batch_size >= 0, "config.micro_batch_size", c.micro_batch_size, "it must be 0 or more")
+    need(c.max_steps == -1 or c.max_steps >= 1, "config.max_steps", c.max_steps, "use -1 or a positive count")
+    need(
+        c.maximum_completion_length < c.maximum_sequence_length,
+        "config.maximum_completion_length",
+        c.maximum_completion_length,
+        f"it must be below maximum_sequence_length ({c.maximum_sequence_length})",
+    )
+    need(
+        c.num_generations >= 2,
+        "config.num_generations",
+        c.num_generations,
+        "GRPO needs at least 2 generations per prompt to compare them",
+    )
+    need(c.learning_rate > 0, "config.learning_rate", c.learning_rate, "it must be positive")
+    need(c.temperature > 0, "config.temperature", c.temperature, "it must be positive")
+    need(0 < c.top_p <= 1, "config.top_p", c.top_p, "it must be in (0, 1]")
+    need(c.beta >= 0, "config.beta", c.beta, "it must be 0 or more")
+    need(c.epsilon >= 0, "config.epsilon", c.epsilon, "it must be 0 or more")
+    need(
+        c.epsilon_high is None or c.epsilon_high >= 0,
+        "config.epsilon_high",
+        c.epsilon_high,
+        "it must be null or 0 or more",
+    )
+    need(0 <= c.warmup_ratio < 1, "config.warmup_ratio", c.warmup_ratio, "it must be in [0, 1)")
+    need(0 <= c.lora_dropout < 1, "config.lora_dropout", c.lora_dropout, "it must be in [0, 1)")
+    need(c.max_grad_norm >= 0, "config.max_grad_norm", c.max_grad_norm, "it must be 0 or more")
+    need(c.weight_decay >= 0, "config.weight_decay", c.weight_decay, "it must be 0 or more")
+    need(0 <= c.adam_beta1 < 1, "config.adam_beta1", c.adam_beta1, "it must be in [0, 1)")
+    need(0 <= c.adam_beta2 < 1, "config.adam_beta2", c.adam_beta2, "it must be in [0, 1)")
+    need(c.adam_epsilon > 0, "config.adam_epsilon", c.adam_epsilon, "it must be positive")
+    need(
+        t.dataset.limit is None or t.dataset.limit >= 1,
+        "dataset.limit",
+        t.dataset.limit,
+        "use null or a positive count",
+    )
+    need(len(c.rewards) >= 1, "config.rewards", c.rewards, "name at least one reward function")
+    for name in ("start_thinking_string", "end_thinking_string", "start_answer_string", "end_answer_string"):
+        need(getattr(c, name).strip() != "", f"config.{name}", getattr(c, name), "it must not be empty")
+    if isinstance(c.gpu_ids, list):
+        need(
+            len(c.gpu_ids) > 0 and all(i >= 0 for i in c.gpu_ids),
+            "config.gpu_ids",
+            c.gpu_ids,
+            "use auto or a non-empty list of GPU indices",
+        )
+    need(t.name.strip() != "", "name", t.name, "give the template a name")
+
+
+def _check_paths(t: Template) -> None:
+    """Local paths that do not exist are reported plainly; hub ids are checked when loading."""
+    if _looks_local(t.model) and not Path(t.model).exists():
+        raise ConfigError(f"model = {t.model!r}: no such file or folder.")
+    path = t.dataset.path
+    if not path.startswith("builtin:") and _looks_local(path) and not Path(path).exists():
+        raise ConfigError(f"dataset.path = {path!r}: no such file.")
+
+
+def _looks_local(path: str) -> bool:
+    """A hub id is 'owner/name' or 'name'; anything with a file suffix, ./, ../, / or ~ is a local path."""
+    if path.startswith(("embedded:", "builtin:")):
+        return False
+    return (
+        path.startswith(("/", "./", "../", "~"))
+        or os.sep in path.strip("/").split("/", 1)[-1]
+        or Path(path).suffix.lower() in {".jsonl", ".json", ".csv", ".parquet", ".gguf", ".safetensors"}
+        or Path(path).exists()
+    )
+
+
+def template_from_dict(data: Any, *, source: str = "the template") -> Template:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must be a YAML mapping with name, model, dataset, template and config.")
+    t = _build(Template, data, "")
+    _check_ranges(t)
+    _check_paths(t)
+    return t
+
+
+def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
+    """'max_steps=2' -> (('config','max_steps'), 2); a bare key finds its field wherever it sits."""
+    if "=" not in text:
+        raise ConfigError(f"Override {text!r} must look like key=value (for example max_steps=2).")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Override {text!r}: the value is not valid YAML ({e.problem}).") from None
+    if key in LEAF_PATHS:
+        return LEAF_PATHS[key], value
+    matches = [p for dotted, p in LEAF_PATHS.items() if dotted.split(".")[-1] == key]
+    if len(matches) == 1:
+        return matches[0], value
+    if len(matches) > 1:
+        options = ", ".join(".".join(m) for m in matches)
+        raise ConfigError(f"Override key '{key}' is ambiguous: write one of {options}.")
+    raise ConfigError(f"Unknown field '{key}' in override {text!r}{_closest(key, list(LEAF_PATHS))}.")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        if len(path) == 1:
+            out[path[0]] = value
+        else:
+            section = out.get(path[0]) or {}
+            if not isinstance(section, dict):
+                raise ConfigError(f"{path[0]} must be a mapping of fields, got {section!r}.")
+            out[path[0]] = {**section, path[1]: value}
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"Template file {str(p)!r} does not exist.")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(
+            f"Template file {str(p)!r} is not valid YAML{where}: {getattr(e, 'problem', e)}."
+        ) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Template file {str(p)!r} must hold a YAML mapping, not {type(data).__name__}.")
+    return data
+
+
+def load_template(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Template:
+    """Read a YAML template, apply key=value overrides, validate. Raises ConfigError on user mistakes."""
+    data = apply_overrides(read_yaml(path), list(overrides))
+    return template_from_dict(data, source=f"Template file {str(path)!r}")
+
+
+def field_docs() -> list[tuple[str, str, str]]:
+    """(dotted name, default, doc) for every field: the README's template reference."""
+    rows = []
+    for dotted, path in LEAF_PATHS.items():
+        cls = SECTIONS[path[0]] if len(path) == 2 else Template
+        f = next(f for f in dataclasses.fields(cls) if f.name == path[-1])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((dotted, repr(default), f.metadata.get("doc", "")))
+    return rows

