@@ -1,0 +1,84 @@
+"""Shared fixtures: a real tokenizer (SmolLM2's, from the embedded GGUF) and tiny random models built from it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
+
+# Converting the GGUF once per machine, not once per test run: tests share the user's cache unless CI sets one.
+os.environ.setdefault("GRPO_CACHE", str(Path(tempfile.gettempdir()) / "grpo-test-cache"))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from grpo.config import EMBEDDED_MODEL
+    from grpo.models import load_tokenizer
+
+    return load_tokenizer(EMBEDDED_MODEL)
+
+
+def build_tiny_model(tokenizer, folder: Path, *, seed: int = 0, tie: bool = True) -> Path:
+    """A 2-layer Llama with hidden 32 and the real tokenizer's vocabulary, saved as an HF folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from grpo.models import save_model
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    save_model(model, tokenizer, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer, tmp_path_factory) -> Path:
+    return build_tiny_model(tokenizer, tmp_path_factory.mktemp("tiny") / "model")
+
+
+def tiny_template(model_dir: Path, output_dir: Path, **config) -> dict:
+    """A template dict for a fast run of the tiny model on the built-in task."""
+    base = {
+        "train_device": "cpu",
+        "maximum_sequence_length": 160,
+        "maximum_completion_length": 8,
+        "batch_size": 2,
+        "num_generations": 2,
+        "max_steps": 2,
+        "learning_rate": 1e-3,
+        "output_dir": str(output_dir),
+        "seed": 0,
+    }
+    base.update(config)
+    return {
+        "name": "tiny",
+        "model": str(model_dir),
+        "dataset": {"path": "builtin:arithmetic", "limit": 64},
+        "config": base,
+    }
+
+
+def write_template(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
