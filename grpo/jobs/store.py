@@ -1,0 +1,256 @@
+"""The workspace: GRPO_HOME (default ~/.grpo) with `grpo.db` (SQLite) and one folder per job, `jobs/<id>/`.
+
+Every write runs in a `BEGIN IMMEDIATE` transaction (the write lock is taken up front, so two shells queueing at
+once serialise instead of failing half-way), the database is in WAL mode (readers never block the worker) and
+waits up to 30 s for a busy lock. A job folder holds:
+
+    job.yaml    the resolved template (template + overrides, output_dir = <job folder>/output)
+    train.log   stdout + stderr of the training process
+    output/     what the trainer writes: metrics.jsonl, samples.jsonl, tensorboard/, the model folder
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from grpo.config import ConfigError
+
+STATES = ("queued", "running", "completed", "failed", "stopped")
+FINAL_STATES = ("completed", "failed", "stopped")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS templates (
+    name TEXT PRIMARY KEY,
+    yaml TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    template TEXT NOT NULL,
+    overrides TEXT NOT NULL,
+    resolved TEXT NOT NULL,
+    cwd TEXT NOT NULL,
+    max_steps INTEGER,
+    nproc INTEGER NOT NULL DEFAULT 1,
+    state TEXT NOT NULL,
+    reason TEXT,
+    stop_requested INTEGER NOT NULL DEFAULT 0,
+    queued_at REAL NOT NULL,
+    started_at REAL,
+    ended_at REAL,
+    worker_pid INTEGER,
+    job_pid INTEGER,
+    exit_code INTEGER
+);
+"""
+
+
+def grpo_home() -> Path:
+    return Path(os.environ.get("GRPO_HOME") or "~/.grpo").expanduser()
+
+
+@dataclass
+class Job:
+    id: int
+    template: str
+    overrides: list[str]
+    resolved: str
+    cwd: str
+    max_steps: int | None
+    nproc: int
+    state: str
+    reason: str | None
+    stop_requested: bool
+    queued_at: float
+    started_at: float | None
+    ended_at: float | None
+    worker_pid: int | None
+    job_pid: int | None
+    exit_code: int | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        data = dict(row)
+        data["overrides"] = json.loads(data["overrides"])
+        data["stop_requested"] = bool(data["stop_requested"])
+        return cls(**data)
+
+
+class Store:
+    def __init__(self, home: Path | None = None):
+        self.home = home or grpo_home()
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "jobs").mkdir(exist_ok=True)
+        self.db = sqlite3.connect(self.home / "grpo.db", timeout=30, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA busy_timeout = 30000")
+        self.db.execute("PRAGMA journal_mode = WAL")
+        with self.tx() as db:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction holding the database's write lock from the start."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def job_dir(self, job_id: int) -> Path:
+        return self.home / "jobs" / str(job_id)
+
+    # ------------------------------------------------------------ templates
+    def save_template(self, name: str, data: dict[str, Any]) -> bool:
+        """Insert or replace; True when a template of that name existed."""
+        now = time.time()
+        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+        with self.tx() as db:
+            existed = db.execute("SELECT 1 FROM templates WHERE name = ?", (name,)).fetchone() is not None
+            db.execute(
+                "INSERT INTO templates (name, yaml, created_at, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET yaml = excluded.yaml, updated_at = excluded.updated_at",
+                (name, text, now, now),
+            )
+        return existed
+
+    def template_names(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT name FROM templates ORDER BY name")]
+
+    def templates(self) -> list[sqlite3.Row]:
+        return list(self.db.execute("SELECT * FROM templates ORDER BY name"))
+
+    def template_row(self, name: str) -> sqlite3.Row:
+        row = self.db.execute("SELECT * FROM templates WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            match = difflib.get_close_matches(name, self.template_names(), n=1, cutoff=0.5)
+            hint = f" (did you mean '{match[0]}'?)" if match else ""
+            raise ConfigError(f"Unknown template '{name}'{hint}; see grpo template list.")
+        return row
+
+    def template(self, name: str) -> dict[str, Any]:
+        return yaml.safe_load(self.template_row(name)["yaml"]) or {}
+
+    def delete_template(self, name: str) -> None:
+        self.template_row(name)
+        with self.tx() as db:
+            db.execute("DELETE FROM templates WHERE name = ?", (name,))
+
+    # ------------------------------------------------------------ jobs
+    def add_job(
+        self,
+        *,
+        template: str,
+        overrides: list[str],
+        resolved: dict[str, Any],
+        max_steps: int | None,
+        nproc: int,
+    ) -> Job:
+        """Queue a job; its output_dir is set inside its own folder once the id is known (same transaction)."""
+        with self.tx() as db:
+            cur = db.execute(
+                "INSERT INTO jobs (template, overrides, resolved, cwd, max_steps, nproc, state, queued_at) "
+                "VALUES (?, ?, '', ?, ?, ?, 'queued', ?)",
+                (template, json.dumps(overrides), os.getcwd(), max_steps, nproc, time.time()),
+            )
+            job_id = int(cur.lastrowid)
+            resolved = {**resolved, "config": {**resolved["config"]}}
+            resolved["config"]["output_dir"] = str(self.job_dir(job_id) / "output")
+            text = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
+            db.execute("UPDATE jobs SET resolved = ? WHERE id = ?", (text, job_id))
+        folder = self.job_dir(job_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "job.yaml").write_text(text)
+        return self.job(str(job_id))
+
+    def job(self, job_id: str | int) -> Job:
+        try:
+            key = int(str(job_id))
+        except ValueError:
+            raise ConfigError(
+                f"Job id '{job_id}' is not allowed: use the number grpo queue printed."
+            ) from None
+        row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (key,)).fetchone()
+        if row is None:
+            raise ConfigError(f"Unknown job '{job_id}'; see grpo jobs.")
+        return Job.from_row(row)
+
+    def jobs(self) -> list[Job]:
+        return [Job.from_row(r) for r in self.db.execute("SELECT * FROM jobs ORDER BY id")]
+
+    def claim_next(self, worker_pid: int) -> Job | None:
+        """Oldest queued job -> running, owned by this worker; None when the queue is empty."""
+        with self.tx() as db:
+            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1").fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET state = 'running', started_at = ?, worker_pid = ? WHERE id = ?",
+                (time.time(), worker_pid, row["id"]),
+            )
+        return self.job(row["id"])
+
+    def set_job_pid(self, job_id: int, pid: int) -> bool:
+        """Record the training process; True when a stop was requested before it was known."""
+        with self.tx() as db:
+            db.execute("UPDATE jobs SET job_pid = ? WHERE id = ?", (pid, job_id))
+            row = db.execute("SELECT stop_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bool(row["stop_requested"])
+
+    def finish(self, job_id: int, state: str, reason: str | None, exit_code: int | None) -> None:
+        assert state in FINAL_STATES
+        with self.tx() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, reason = ?, exit_code = ?, ended_at = ? WHERE id = ?",
+                (state, reason, exit_code, time.time(), job_id),
+            )
+
+    def request_stop(self, job_id: str) -> tuple[Job, str]:
+        """Queued -> stopped at once; running -> flagged (the caller signals the process). Returns the action."""
+        job = self.job(job_id)
+        with self.tx() as db:
+            state = db.execute("SELECT state FROM jobs WHERE id = ?", (job.id,)).fetchone()["state"]
+            if state == "queued":
+                db.execute(
+                    "UPDATE jobs SET state = 'stopped', reason = 'cancelled before it started', ended_at = ? "
+                    "WHERE id = ?",
+                    (time.time(), job.id),
+                )
+                action = "cancelled"
+            elif state == "running":
+                db.execute("UPDATE jobs SET stop_requested = 1 WHERE id = ?", (job.id,))
+                action = "stopping"
+            else:
+                action = state
+        return self.job(job.id), action
+
+    def fail_orphans(self, is_alive: Any) -> list[Job]:
+        """Running jobs whose worker process is gone become failed; returns them (to end their processes)."""
+        with self.tx() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE state = 'running'").fetchall()
+            dead = [Job.from_row(r) for r in rows if not is_alive(r["worker_pid"])]
+            for job in dead:
+                db.execute(
+                    "UPDATE jobs SET state = 'failed', reason = ?, ended_at = ? WHERE id = ?",
+                    (f"worker died (pid {job.worker_pid}) while the job was running", time.time(), job.id),
+                )
+        return dead

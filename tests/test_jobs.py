@@ -1,0 +1,290 @@
+"""The `grpo` command line end to end: real SQLite in a temp GRPO_HOME, real worker and training processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from grpo.jobs.tlab import tlab_to_template
+from grpo.jobs.worker import pid_alive
+from tests.conftest import REPO, tiny_template, write_template
+
+CLI = [sys.executable, "-m", "grpo.jobs.cli"]
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "GRPO_HOME": str(tmp_path / "home"), "PYTHONPATH": path}
+
+
+def grpo(env: dict[str, str], *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    if ok:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+def job(env: dict[str, str], job_id: str) -> dict:
+    return json.loads(grpo(env, "jobs", job_id, "--json").stdout)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture
+def saved(env: dict[str, str], tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """The tiny template saved as 'tiny'; returns its YAML file."""
+    path = write_template(tmp_path / "tiny.yaml", tiny_template(tiny_model_dir, tmp_path / "unused"))
+    assert grpo(env, "template", "save", "tiny", str(path)).stdout.strip() == "saved template tiny"
+    return path
+
+
+def test_template_save_list_show_export_delete(env, saved, tmp_path):
+    listed = json.loads(grpo(env, "template", "list", "--json").stdout)
+    assert [t["name"] for t in listed] == ["tiny"]
+    shown = json.loads(grpo(env, "template", "show", "tiny", "--json").stdout)["template"]
+    exported = yaml.safe_load(grpo(env, "template", "export", "tiny").stdout)
+    assert exported == shown
+    assert shown["config"]["max_steps"] == 2 and shown["name"] == "tiny"
+    assert "tiny" in grpo(env, "template", "list").stdout
+    # a bad template is refused with the trainer's message and nothing is stored
+    bad = write_template(
+        tmp_path / "bad.yaml", {**shown, "config": {**shown["config"], "num_generations": 1}}
+    )
+    out = grpo(env, "template", "save", "bad", str(bad), ok=False)
+    assert out.returncode == 2
+    assert out.stderr == (
+        "error: config.num_generations = 1 is not allowed: "
+        "GRPO needs at least 2 generations per prompt to compare them.\n"
+    )
+    assert [t["name"] for t in json.loads(grpo(env, "template", "list", "--json").stdout)] == ["tiny"]
+    assert grpo(env, "template", "delete", "tiny").stdout.strip() == "deleted template tiny"
+    assert json.loads(grpo(env, "template", "list", "--json").stdout) == []
+
+
+def test_import_tlab_maps_fields_and_refuses_unknown(env, tmp_path, tiny_model_dir):
+    tlab = {
+        "name": "from-tlab",
+        "type": "GRPO",
+        "config": {
+            "plugin_name": "grpo_trainer",
+            "model_name": str(tiny_model_dir),
+            "model_architecture": "LlamaForCausalLM",
+            "dataset_name": "builtin:arithmetic",
+            "instruction": "Think, then answer.",
+            "input_template": "{{question}}",
+            "output_template": "{{answer}}",
+            "learning_rate": "0.0001",
+            "max_steps": "3",
+            "use_lora": "true",
+            "gpu_ids": "auto",
+            "start_thinking_string": "<think>",
+        },
+    }
+    path = tmp_path / "tlab.json"
+    path.write_text(json.dumps(tlab))
+    assert grpo(env, "template", "import-tlab", str(path)).stdout.strip() == "saved template from-tlab"
+    t = json.loads(grpo(env, "template", "show", "from-tlab", "--json").stdout)["template"]
+    assert t["model"] == str(tiny_model_dir)
+    assert t["dataset"] == {"path": "builtin:arithmetic"}
+    assert t["template"] == {
+        "instruction": "Think, then answer.",
+        "input": "{{question}}",
+        "output": "{{answer}}",
+    }
+    assert t["config"] == {
+        "learning_rate": 0.0001,
+        "max_steps": 3,
+        "use_lora": True,
+        "gpu_ids": "auto",
+        "start_thinking_string": "<think>",
+    }
+    assert tlab_to_template({"gpu_ids": "0,1"})["config"]["gpu_ids"] == [0, 1]
+    tlab["config"]["learning_rat"] = "1"
+    path.write_text(json.dumps(tlab))
+    out = grpo(env, "template", "import-tlab", str(path), ok=False)
+    assert out.returncode == 2
+    assert (
+        out.stderr
+        == f"error: {path}: unknown Transformer Lab field 'learning_rat' (did you mean 'learning_rate'?).\n"
+    )
+
+
+def test_worker_runs_jobs_in_order_and_survives_a_failing_one(env, saved):
+    bad = grpo(env, "queue", "tiny", "rewards=[tests.bad_rewards:explode]").stdout.strip()
+    good = grpo(env, "queue", "tiny", "max_steps=2").stdout.strip()
+    assert (bad, good) == ("1", "2")
+    assert job(env, good)["state"] == "queued"
+    out = subprocess.run(
+        [*CLI, "worker", "--once", "--poll", "0.2"], env=env, capture_output=True, text=True, timeout=150
+    )
+    assert out.returncode == 0, out.stderr
+    failed, done = job(env, bad), job(env, good)
+    assert failed["state"] == "failed"
+    assert "boom: this reward always fails" in failed["reason"]
+    assert "ValueError: boom: this reward always fails" in grpo(env, "logs", bad).stdout
+    assert done["state"] == "completed" and done["reason"] is None
+    assert (done["step"], done["max_steps"]) == (2, 2)
+    assert isinstance(done["reward"], float)
+    assert failed["ended"] <= done["started"] <= done["ended"]
+    model = Path(done["model"])
+    assert model.parent.parent == Path(done["folder"]) and (model / "config.json").is_file()
+    assert (Path(done["folder"]) / "job.yaml").is_file()
+    table = grpo(env, "jobs").stdout
+    assert "completed  2/2" in table and "failed" in table
+    assert (
+        grpo(env, "tensorboard", good).stdout.strip()
+        == f"tensorboard --logdir {done['folder']}/output/tensorboard"
+    )
+
+
+def test_twenty_concurrent_queue_calls_make_twenty_jobs(env, saved):
+    procs = [
+        subprocess.Popen([*CLI, "queue", "tiny", f"seed={i}"], env=env, stdout=subprocess.PIPE, text=True)
+        for i in range(20)
+    ]
+    ids = []
+    for p in procs:
+        stdout, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        ids.append(int(stdout.strip()))
+    assert sorted(ids) == list(range(1, 21))
+    listed = json.loads(grpo(env, "jobs", "--json").stdout)
+    assert sorted(j["id"] for j in listed) == sorted(ids) and {j["state"] for j in listed} == {"queued"}
+    seeds = {yaml.safe_load((Path(j["folder"]) / "job.yaml").read_text())["config"]["seed"] for j in listed}
+    assert seeds == set(range(20))
+
+
+def _running_job_pid(env: dict[str, str], job_id: str) -> int:
+    from grpo.jobs.store import Store
+
+    store = Store(Path(env["GRPO_HOME"]))
+    try:
+        j = store.job(job_id)
+        return j.job_pid if j.state == "running" and j.job_pid else 0
+    finally:
+        store.close()
+
+
+def test_worker_killed_mid_job_is_failed_by_the_next_worker(env, saved):
+    job_id = grpo(env, "queue", "tiny", "max_steps=1000").stdout.strip()
+    worker = subprocess.Popen([*CLI, "worker", "--poll", "0.2"], env=env, stdout=subprocess.DEVNULL)
+    job_pid = 0
+    try:
+        job_pid = wait_for(lambda: _running_job_pid(env, job_id), 60, "the job to start")
+        wait_for(lambda: job(env, job_id)["step"] >= 1, 90, "the first step")
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=10)
+        assert job(env, job_id)["state"] == "running"  # nobody noticed yet
+        out = grpo(env, "worker", "--once")
+        assert f"job {job_id}: failed (worker {worker.pid} died)" in out.stdout
+        info = job(env, job_id)
+        assert info["state"] == "failed"
+        assert info["reason"] == f"worker died (pid {worker.pid}) while the job was running"
+        wait_for(lambda: not pid_alive(job_pid), 60, "the orphaned training process to stop")
+    finally:
+        worker.kill()
+        if pid_alive(job_pid):
+            os.killpg(job_pid, signal.SIGKILL)
+
+
+def test_stop_running_job_keeps_its_model_and_cancels_queued(env, saved):
+    long_job = grpo(env, "queue", "tiny", "max_steps=1000").stdout.strip()
+    waiting = grpo(env, "queue", "tiny").stdout.strip()
+    worker = subprocess.Popen(
+        [*CLI, "worker", "--once", "--poll", "0.2"], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for(lambda: job(env, long_job)["step"] >= 1, 90, "the first step")
+        assert (
+            grpo(env, "stop", waiting).stdout.strip()
+            == f"job {waiting}: cancelled (stopped before it started)"
+        )
+        out = grpo(env, "stop", long_job).stdout.strip()
+        assert out == f"job {long_job}: stopping at the next step boundary"
+        worker.communicate(timeout=90)
+        assert worker.returncode == 0
+    finally:
+        worker.kill()
+    stopped = job(env, long_job)
+    assert stopped["state"] == "stopped" and stopped["reason"] == "stopped by grpo stop"
+    assert 1 <= stopped["step"] < 1000
+    assert (Path(stopped["model"]) / "config.json").is_file()
+    cancelled = job(env, waiting)
+    assert cancelled["state"] == "stopped" and cancelled["started"] is None
+    assert not (Path(cancelled["folder"]) / "train.log").exists()
+    out = grpo(env, "stop", long_job, ok=False)
+    assert (
+        out.stderr
+        == f"error: Job {long_job} is already stopped; only queued or running jobs can be stopped.\n"
+    )
+
+
+def test_every_invalid_input_is_one_clear_line(env, saved, tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: x\nconfig: [unclosed\n")
+    cases = [
+        (["queue", "nope"], "error: Unknown template 'nope'; see grpo template list."),
+        (["queue", "tinu"], "error: Unknown template 'tinu' (did you mean 'tiny'?); see grpo template list."),
+        (["template", "show", "nope"], "error: Unknown template 'nope'; see grpo template list."),
+        (
+            ["queue", "tiny", "max_steps"],
+            "error: Override 'max_steps' must look like key=value (for example max_steps=2).",
+        ),
+        (
+            ["queue", "tiny", "max_stepz=2"],
+            "error: Unknown field 'max_stepz' in override 'max_stepz=2' (did you mean 'config.max_steps'?).",
+        ),
+        (
+            ["queue", "tiny", "max_steps=two"],
+            "error: config.max_steps = 'two' is not allowed: expected an integer.",
+        ),
+        (
+            ["queue", "tiny", "output_dir=elsewhere"],
+            "error: Override 'output_dir=elsewhere' is not allowed: the queue puts output_dir in the job's folder.",
+        ),
+        (
+            ["template", "save", "x", str(broken)],
+            f"error: Template file '{broken}' is not valid YAML at line 3: "
+            "expected ',' or ']', but got '<stream end>'.",
+        ),
+        (
+            ["template", "save", "x", str(tmp_path / "missing.yaml")],
+            f"error: Template file '{tmp_path / 'missing.yaml'}' does not exist.",
+        ),
+        (
+            ["template", "save", "bad name", str(saved)],
+            "error: Template name 'bad name' is not allowed: use letters, digits, '.', '_' and '-'.",
+        ),
+        (["logs", "42"], "error: Unknown job '42'; see grpo jobs."),
+        (["stop", "abc"], "error: Job id 'abc' is not allowed: use the number grpo queue printed."),
+        (["jobs", "7", "--json"], "error: Unknown job '7'; see grpo jobs."),
+        (["worker", "--poll", "0"], "error: --poll 0.0 is not allowed: use a positive number of seconds."),
+        (
+            ["frobnicate"],
+            "error: argument COMMAND: invalid choice: 'frobnicate' (choose from 'template', "
+            "'queue', 'jobs', 'logs', 'stop', 'worker', 'tensorboard') (see grpo --help).",
+        ),
+    ]
+    for args, message in cases:
+        out = grpo(env, *args, ok=False)
+        assert out.returncode == 2, args
+        assert out.stderr == message + "\n", args
+        assert out.stdout == "", args
+    assert json.loads(grpo(env, "jobs", "--json").stdout) == []
