@@ -31,7 +31,8 @@ def group_advantages(
         return centred.reshape(-1)
     else:
         raise ValueError(f"scale = {scale!r} is not allowed: use group, batch or none.")
-    return (centred / (std + eps)).reshape(-1)  # [B]
+    # A group with zero spread has centred == 0; keep it 0 even when eps is 0 (no 0 / 0).
+    return (centred / (std + eps).clamp(min=torch.finfo(centred.dtype).tiny)).reshape(-1)  # [B]
 
 
 def zero_spread_share(rewards: torch.Tensor, num_generations: int) -> float:

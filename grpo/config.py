@@ -105,7 +105,7 @@ class TrainConfig:
     seed: int = doc("Seed for data order, sampling and initialisation.", default=42)
     # -- LoRA
     use_lora: bool = doc("Train a LoRA adapter instead of all weights.", default=False)
-    adaptor_name: str = doc("Folder name of the trained adapter/model inside output_dir.", default="adaptor")
+    adaptor_name: str = doc("Folder name of the trained adapter/model inside output_dir.", default="model")
     lora_r: int = doc("LoRA rank.", default=16)
     lora_alpha: float = doc("LoRA alpha (scaling = alpha / r).", default=32)
     lora_dropout: float = doc("Dropout on the LoRA input.", default=0.05)
@@ -115,6 +115,11 @@ class TrainConfig:
     backend: Literal["torch", "unsloth"] = doc(
         "torch (ours) or unsloth (FastLanguageModel).", default="torch"
     )
+    export_merged: bool = doc(
+        "With LoRA, also write the merged model as a plain HF folder <output_dir>/<adaptor_name>-merged.",
+        default=False,
+    )
+    load_in_4bit: bool = doc("backend unsloth only: load the base model in 4 bit (QLoRA).", default=False)
     # -- GRPO
     num_generations: int = doc("G: completions sampled per prompt.", default=4)
     temperature: float = doc("Sampling temperature.", default=1.0)
@@ -307,6 +312,12 @@ def _check_ranges(t: Template) -> None:
     )
     need(0 <= c.warmup_ratio < 1, "config.warmup_ratio", c.warmup_ratio, "it must be in [0, 1)")
     need(0 <= c.lora_dropout < 1, "config.lora_dropout", c.lora_dropout, "it must be in [0, 1)")
+    need(
+        not c.load_in_4bit or c.backend == "unsloth",
+        "config.load_in_4bit",
+        c.load_in_4bit,
+        "4-bit loading needs backend: unsloth",
+    )
     need(c.max_grad_norm >= 0, "config.max_grad_norm", c.max_grad_norm, "it must be 0 or more")
     need(c.weight_decay >= 0, "config.weight_decay", c.weight_decay, "it must be 0 or more")
     need(0 <= c.adam_beta1 < 1, "config.adam_beta1", c.adam_beta1, "it must be in [0, 1)")
@@ -369,8 +380,8 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     key = key.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() != "" else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"Override {text!r}: the value is not valid YAML ({e.problem}).") from None
+    except yaml.YAMLError:
+        value = raw  # e.g. input={{question}}: not YAML, but a fine string; type checks still apply
     if key in LEAF_PATHS:
         return LEAF_PATHS[key], value
     matches = [p for dotted, p in LEAF_PATHS.items() if dotted.split(".")[-1] == key]

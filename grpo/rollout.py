@@ -6,6 +6,7 @@ the B*G sequences decode together; decoding stops as soon as every sequence has 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,11 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [N]
 
 
+def _cache_argument(model: torch.nn.Module) -> str:
+    """transformers 5.x renamed past_key_values to cache; pass whichever this model's forward takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -71,7 +77,8 @@ def generate(
         out = model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
         )
-        cache = out.past_key_values
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        cache_arg = _cache_argument(model)
         cache.batch_repeat_interleave(num_generations)
         logits = out.logits[:, -1].repeat_interleave(num_generations, dim=0)  # [N, V]
         mask = mask.repeat_interleave(num_generations, dim=0)  # [N, P]
@@ -95,8 +102,8 @@ def generate(
                 input_ids=tok[:, None],
                 attention_mask=attn,
                 position_ids=next_pos[:, None],
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_arg: cache},
             )
             logits = out.logits[:, -1]
             next_pos = next_pos + 1

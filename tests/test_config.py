@@ -1,0 +1,134 @@
+"""Template loading, overrides and the one-sentence errors for each kind of mistake."""
+
+import pytest
+
+from grpo.config import (
+    ConfigError,
+    apply_overrides,
+    field_docs,
+    load_template,
+    parse_override,
+    template_from_dict,
+)
+from tests.conftest import write_template
+
+
+def test_defaults_are_valid_and_documented():
+    t = template_from_dict({})
+    assert t.config.num_generations == 4 and t.config.beta == 0.0 and t.dataset.path == "builtin:arithmetic"
+    docs = {name: text for name, _, text in field_docs()}
+    assert all(docs.values()), [k for k, v in docs.items() if not v]
+    assert "config.learning_rate_schedule" in docs and "dataset.path" in docs and "model" in docs
+
+
+def test_overrides_bare_dotted_and_yaml_values(tmp_path):
+    path = write_template(tmp_path / "t.yaml", {"name": "x", "config": {"max_steps": 5}})
+    t = load_template(
+        path,
+        [
+            "max_steps=2",
+            "dataset.path=builtin:arithmetic",
+            "rewards=[correctness, soft_format]",
+            "gpu_ids=[0,1]",
+            "learning_rate=1e-5",
+            "use_lora=true",
+            "epsilon_high=null",
+            "split=test",
+            "name=renamed",
+        ],
+    )
+    c = t.config
+    assert c.max_steps == 2 and c.rewards == ["correctness", "soft_format"] and c.gpu_ids == [0, 1]
+    assert c.learning_rate == 1e-5 and c.use_lora is True and c.epsilon_high is None
+    assert t.dataset.split == "test" and t.name == "renamed"
+
+
+def test_override_values_that_are_not_yaml_stay_strings(tmp_path):
+    path = write_template(tmp_path / "t.yaml", {})
+    assert load_template(path, ["input={{question}}!"]).template.input == "{{question}}!"
+    with pytest.raises(ConfigError, match=r"^config.rewards = '\[a' is not allowed: expected a list.$"):
+        load_template(path, ["rewards=[a"])
+
+
+def test_override_does_not_mutate_input():
+    data = {"config": {"max_steps": 5}}
+    apply_overrides(data, ["max_steps=1"])
+    assert data == {"config": {"max_steps": 5}}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "max_step=3",
+            "Unknown field 'max_step' in override 'max_step=3' (did you mean 'config.max_steps'?).",
+        ),
+        ("max_steps", "Override 'max_steps' must look like key=value (for example max_steps=2)."),
+    ],
+)
+def test_override_errors(override, message):
+    with pytest.raises(ConfigError) as e:
+        parse_override(override)
+    assert str(e.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (
+            {"config": {"lerning_rate": 1}},
+            "Unknown field 'config.lerning_rate' (did you mean 'learning_rate'?).",
+        ),
+        ({"modle": "x"}, "Unknown field 'modle' (did you mean 'model'?)."),
+        ({"config": {"batch_size": 0}}, "config.batch_size = 0 is not allowed: it must be at least 1."),
+        ({"config": {"batch_size": "8"}}, "config.batch_size = '8' is not allowed: expected an integer."),
+        ({"config": {"temperature": "hot"}}, "config.temperature = 'hot' is not allowed: expected a number."),
+        (
+            {"config": {"learning_rate_schedule": "step"}},
+            "config.learning_rate_schedule = 'step' is not allowed: expected one of 'constant', 'linear', 'cosine', "
+            "'constant_with_warmup'.",
+        ),
+        (
+            {"config": {"gpu_ids": "x"}},
+            "config.gpu_ids = 'x' is not allowed: expected one of 'auto' or a list.",
+        ),
+        (
+            {"config": {"num_generations": 1}},
+            "config.num_generations = 1 is not allowed: GRPO needs at least 2 generations per prompt to compare them.",
+        ),
+        ({"config": {"top_p": 1.5}}, "config.top_p = 1.5 is not allowed: it must be in (0, 1]."),
+        (
+            {"config": {"maximum_completion_length": 512, "maximum_sequence_length": 256}},
+            "config.maximum_completion_length = 512 is not allowed: it must be below maximum_sequence_length (256).",
+        ),
+        ({"config": {"max_steps": 0}}, "config.max_steps = 0 is not allowed: use -1 or a positive count."),
+        ({"config": {"use_lora": "yes"}}, "config.use_lora = 'yes' is not allowed: expected true or false."),
+        ({"config": 3}, "config must be a mapping of fields, got 3."),
+        ({"model": "./no/such/model"}, "model = './no/such/model': no such file or folder."),
+        ({"dataset": {"path": "/no/such/file.jsonl"}}, "dataset.path = '/no/such/file.jsonl': no such file."),
+    ],
+)
+def test_template_errors(data, message):
+    with pytest.raises(ConfigError) as e:
+        template_from_dict(data)
+    assert str(e.value) == message
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"^Template file '/no/such.yaml' does not exist.$"):
+        load_template("/no/such.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nconfig:\n  max_steps: [1\n")
+    with pytest.raises(ConfigError, match=r"is not valid YAML at line \d+"):
+        load_template(bad)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a YAML mapping, not list."):
+        load_template(listed)
+
+
+def test_shipped_configs_load():
+    t = load_template("configs/default.yaml")
+    assert t.template.response_prefix == "<reasoning>\n"
+    g = load_template("configs/gsm8k.yaml", ["dataset.path=../shared/data/gsm8k/train.jsonl"])
+    assert g.template.input == "{{question}}" and g.config.start_answer_string == "<answer>"

@@ -1,0 +1,170 @@
+"""policy_loss and group_advantages against hand-computed values and the identities GRPO relies on."""
+
+import math
+
+import pytest
+import torch
+
+from grpo.advantages import group_advantages, zero_spread_share
+from grpo.loss import micro_batch_weight, policy_loss
+
+MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # 2 and 3 tokens
+ADV = torch.tensor([1.0, -1.0])
+
+
+def logps_leaf():
+    return torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.0, -0.25]], requires_grad=True)
+
+
+@pytest.mark.parametrize(
+    "loss_type, kwargs, expected",
+    [
+        ("grpo", {}, 0.0),  # mean(-1) over seq 0 = -1, mean(+1) over seq 1 = +1, averaged: 0
+        ("bnpo", {}, 0.2),  # (-1 * 2 + 1 * 3) / 5
+        ("dr_grpo", {"max_completion_length": 4}, 0.125),  # 1 / (2 * 4)
+        ("dapo", {"num_items_in_batch": 10}, 0.1),  # 1 / 10
+        ("dapo", {}, 0.2),  # no global count: this call's 5 tokens
+    ],
+)
+def test_on_policy_values(loss_type, kwargs, expected):
+    loss, stats = policy_loss(logps_leaf(), None, None, ADV, MASK, loss_type=loss_type, **kwargs)
+    assert loss.item() == pytest.approx(expected, abs=1e-7)
+    assert stats["kl"].item() == 0.0 and stats["clip_ratio"].item() == 0.0
+
+
+def test_on_policy_gradient_is_policy_gradient_estimator():
+    """At num_iterations=1 the ratio is exactly 1, so d loss / d logp_t = -A_i / (|o_i| * B) for grpo."""
+    logps = logps_leaf()
+    loss, _ = policy_loss(logps, None, None, ADV, MASK, loss_type="grpo")
+    loss.backward()
+    lengths = MASK.sum(-1, keepdim=True)
+    expected = -ADV[:, None] * MASK / lengths / 2
+    torch.testing.assert_close(logps.grad, expected, rtol=0, atol=1e-7)
+    # Same gradient as the REINFORCE-style surrogate with a detached ratio of 1.
+    logps2 = logps_leaf()
+    surrogate = -((ADV[:, None] * logps2 * MASK).sum(-1) / lengths.squeeze(-1)).mean()
+    surrogate.backward()
+    torch.testing.assert_close(logps.grad, logps2.grad, rtol=0, atol=1e-7)
+
+
+def test_old_logps_equal_to_logps_gives_same_loss_as_none():
+    a, _ = policy_loss(logps_leaf(), logps_leaf().detach(), None, ADV, MASK)
+    b, _ = policy_loss(logps_leaf(), None, None, ADV, MASK)
+    assert a.item() == b.item()
+
+
+def test_clipping_values_gradients_and_stats():
+    logps = logps_leaf()
+    old = logps.detach() - math.log(1.5)  # ratio 1.5 on every token
+    loss, stats = policy_loss(logps, old, None, ADV, MASK, loss_type="bnpo", epsilon=0.2)
+    # A=+1: min(1.5, 1.2) = 1.2 -> -1.2 per token (clipped, no gradient); A=-1: min(-1.5, -1.2) = -1.5 -> +1.5.
+    assert loss.item() == pytest.approx((-1.2 * 2 + 1.5 * 3) / 5, abs=1e-6)
+    loss.backward()
+    assert torch.all(logps.grad[0] == 0)
+    torch.testing.assert_close(logps.grad[1], torch.full((3,), 1.5 / 5), rtol=0, atol=1e-6)
+    assert stats["clip_ratio_high"].item() == pytest.approx(2 / 5)
+    assert stats["clip_ratio_low"].item() == 0.0
+    assert stats["clip_ratio"].item() == pytest.approx(2 / 5)
+
+
+def test_epsilon_high_and_low_clipping():
+    logps = logps_leaf()
+    old = logps.detach() - math.log(1.25)  # ratio 1.25: inside [0.8, 1.28] with epsilon_high 0.28
+    loss, stats = policy_loss(logps, old, None, ADV, MASK, loss_type="bnpo", epsilon=0.2, epsilon_high=0.28)
+    assert loss.item() == pytest.approx((-1.25 * 2 + 1.25 * 3) / 5, abs=1e-6)
+    assert stats["clip_ratio_high"].item() == 0.0
+    old_low = logps.detach() + math.log(2.0)  # ratio 0.5 < 0.8: clipped where A < 0
+    _, stats = policy_loss(logps, old_low, None, ADV, MASK, loss_type="bnpo", epsilon=0.2)
+    assert stats["clip_ratio_low"].item() == pytest.approx(3 / 5)
+    assert stats["clip_ratio_high"].item() == 0.0
+
+
+def test_k3_kl_value_and_weight():
+    logps = logps_leaf()
+    ref = logps.detach() + math.log(2.0)  # ref - logp = log 2 -> kl = 2 - log 2 - 1
+    kl = 1.0 - math.log(2.0)
+    loss, stats = policy_loss(logps, None, ref, ADV, MASK, loss_type="bnpo", beta=0.5)
+    assert stats["kl"].item() == pytest.approx(kl, abs=1e-6)
+    assert loss.item() == pytest.approx(0.2 + 0.5 * kl, abs=1e-6)
+    with pytest.raises(ValueError, match="ref_logps is required when beta > 0."):
+        policy_loss(logps, None, None, ADV, MASK, beta=0.1)
+
+
+def test_sequence_level_importance_sampling_gspo():
+    logps = logps_leaf()
+    # Per-token log-ratios of seq 0: log 1.5 and log 1.1 (third token masked): one ratio exp(mean) for all.
+    shift = torch.tensor([[math.log(1.5), math.log(1.1), 5.0], [0.0, 0.0, 0.0]])
+    old = logps.detach() - shift
+    loss, _ = policy_loss(
+        logps, old, None, ADV, MASK, loss_type="grpo", importance_sampling_level="sequence", epsilon=0.5
+    )
+    seq_ratio = math.exp((math.log(1.5) + math.log(1.1)) / 2)
+    assert loss.item() == pytest.approx((-seq_ratio + 1.0) / 2, abs=1e-6)
+
+
+def test_bad_names():
+    with pytest.raises(
+        ValueError, match="loss_type = 'ppo' is not allowed: use one of grpo, bnpo, dr_grpo, dapo."
+    ):
+        policy_loss(logps_leaf(), None, None, ADV, MASK, loss_type="ppo")
+    with pytest.raises(ValueError, match="importance_sampling_level = 'batch': use token or sequence."):
+        policy_loss(logps_leaf(), None, None, ADV, MASK, importance_sampling_level="batch")
+
+
+def test_fully_masked_row_contributes_nothing():
+    logps = logps_leaf()
+    mask = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    loss, _ = policy_loss(logps, None, None, ADV, mask, loss_type="bnpo")
+    loss.backward()
+    assert loss.item() == pytest.approx(1.0)
+    assert torch.all(logps.grad[0] == 0)
+
+
+def test_micro_batch_weights_sum_to_full_batch():
+    logps = logps_leaf()
+    full, _ = policy_loss(logps, None, None, ADV, MASK, loss_type="dapo", num_items_in_batch=5)
+    parts = sum(
+        policy_loss(
+            logps[i : i + 1],
+            None,
+            None,
+            ADV[i : i + 1],
+            MASK[i : i + 1],
+            loss_type="dapo",
+            num_items_in_batch=5,
+        )[0]
+        * micro_batch_weight("dapo", 1, 2)
+        for i in range(2)
+    )
+    assert parts.item() == pytest.approx(full.item(), abs=1e-7)
+    full, _ = policy_loss(logps, None, None, ADV, MASK, loss_type="grpo")
+    parts = sum(
+        policy_loss(logps[i : i + 1], None, None, ADV[i : i + 1], MASK[i : i + 1])[0]
+        * micro_batch_weight("grpo", 1, 2)
+        for i in range(2)
+    )
+    assert parts.item() == pytest.approx(full.item(), abs=1e-7)
+
+
+# ---------------------------------------------------------------- advantages
+def test_group_advantages_values():
+    rewards = torch.tensor([1.0, 0.0, 2.0, 2.0])  # two groups of G=2
+    adv = group_advantages(rewards, 2, scale="group", eps=0.0)
+    std = math.sqrt(0.5)  # unbiased std of (1, 0)
+    torch.testing.assert_close(adv, torch.tensor([0.5 / std, -0.5 / std, 0.0, 0.0]))
+    adv = group_advantages(rewards, 2, scale="none")
+    torch.testing.assert_close(adv, torch.tensor([0.5, -0.5, 0.0, 0.0]))
+    batch_std = rewards.std().item()
+    adv = group_advantages(rewards, 2, scale="batch", eps=1e-4)
+    torch.testing.assert_close(adv, torch.tensor([0.5, -0.5, 0.0, 0.0]) / (batch_std + 1e-4))
+
+
+def test_group_advantages_zero_spread_and_errors():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 2.0])
+    adv = group_advantages(rewards, 3)
+    assert torch.all(adv[:3] == 0)
+    assert zero_spread_share(rewards, 3) == 0.5
+    with pytest.raises(ValueError, match="multiple of num_generations=4"):
+        group_advantages(rewards, 4)
+    with pytest.raises(ValueError, match="scale = 'rank' is not allowed: use group, batch or none."):
+        group_advantages(rewards, 3, scale="rank")

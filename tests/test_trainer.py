@@ -1,0 +1,237 @@
+"""End to end: a real tiny model trained from a template, with every output read back."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from grpo.config import load_template, template_from_dict
+from grpo.trainer import GRPOTrainer
+from tests.conftest import GSM8K, REPO, tiny_template, write_template
+
+VOLATILE = ("time/", "tokens_per_s")
+
+
+def run(data):
+    trainer = GRPOTrainer(template_from_dict(data))
+    return trainer, trainer.train()
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_a_loadable_model_and_every_log(tiny_model_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    _, model_dir = run(tiny_template(tiny_model_dir, out, max_steps=3, logging_steps=2))
+    assert model_dir == out / "model"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    generated = model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == len(tok("Hello")["input_ids"]) + 3
+    assert not any(p.name.endswith((".tmp", ".old")) for p in out.iterdir())
+
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in (
+        "reward/correctness",
+        "reward/tag_count",
+        "reward/total_mean",
+        "reward/total_std",
+        "reward/zero_spread_groups",
+        "loss",
+        "kl",
+        "clip_ratio_low",
+        "clip_ratio_high",
+        "grad_norm",
+        "completion/length_mean",
+        "completion/length_max",
+        "completion/truncated_share",
+        "learning_rate",
+        "tokens_per_s",
+        "time/step_s",
+        "prompt/truncated",
+    ):
+        assert key in rows[0], key
+    assert rows[0]["learning_rate"] == pytest.approx(1e-3)
+    assert 1 <= rows[0]["completion/length_mean"] <= 8
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("reward/total_mean")
+    assert [e.step for e in scalars] == [1, 2, 3]
+    assert [e.value for e in scalars] == pytest.approx([r["reward/total_mean"] for r in rows])
+
+    samples = [json.loads(s) for s in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {2} and len(samples) == 2  # one per prompt, every 2nd step
+    assert set(samples[0]) == {"step", "prompt", "completion", "reference", "reward", "rewards"}
+    resolved = template_from_dict(yaml.safe_load((out / "template.yaml").read_text()))
+    assert resolved.config.max_steps == 3 and resolved.model == str(tiny_model_dir)
+
+
+def test_same_seed_same_run(tiny_model_dir, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        trainer, _ = run(tiny_template(tiny_model_dir, tmp_path / name, max_steps=2))
+        metrics = [
+            {k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in read_metrics(tmp_path / name)
+        ]
+        runs.append((metrics, {k: v.clone() for k, v in trainer.model.state_dict().items()}))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+
+
+def test_training_changes_weights_and_micro_batches_agree(tiny_model_dir, tmp_path):
+    """One update on fixed samples: micro-batches of 1 give the full batch's weights (fp32 tolerance)."""
+    results = []
+    for mb in (0, 1):
+        data = tiny_template(
+            tiny_model_dir,
+            tmp_path / f"m{mb}",
+            micro_batch_size=mb,
+            loss_type="dapo",
+            beta=0.1,
+            rewards=["tests.user_rewards:length"],
+        )  # random completions differ in length
+        trainer = GRPOTrainer(template_from_dict(data))
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        metrics, _ = trainer.train_step()
+        assert metrics["reward/zero_spread_groups"] < 1.0
+        results.append(trainer.model.state_dict())
+        changed = [k for k in before if not torch.equal(before[k], results[-1][k])]
+        assert len(changed) == len(before), "every weight should move"
+    for k in results[0]:
+        torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"loss_type": "bnpo", "num_iterations": 2, "beta": 0.04},
+        {"loss_type": "dr_grpo", "importance_sampling_level": "sequence", "scale_rewards": "batch"},
+        {
+            "mask_truncated_completions": True,
+            "learning_rate_schedule": "cosine",
+            "warmup_ratio": 0.5,
+            "top_p": 0.9,
+        },
+    ],
+)
+def test_variants_run(tiny_model_dir, tmp_path, extra):
+    _, model_dir = run(tiny_template(tiny_model_dir, tmp_path / "v", max_steps=2, **extra))
+    rows = read_metrics(tmp_path / "v")
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    if extra.get("beta"):
+        assert rows[0]["kl"] == 0.0  # the first update starts at the reference model
+    assert (model_dir / "model.safetensors").is_file()
+
+
+def test_gsm8k_seed_template_runs(tiny_model_dir, tmp_path):
+    t = load_template(
+        REPO / "configs" / "gsm8k.yaml",
+        [
+            f"dataset.path={GSM8K / 'train.jsonl'}",
+            "limit=8",
+            f"model={tiny_model_dir}",
+            "max_steps=1",
+            "batch_size=2",
+            "num_generations=2",
+            "maximum_completion_length=8",
+            "train_device=cpu",
+            f"output_dir={tmp_path / 'g'}",
+        ],
+    )
+    GRPOTrainer(t).train()
+    samples = [json.loads(s) for s in (tmp_path / "g" / "samples.jsonl").read_text().splitlines()]
+    assert samples[0]["reference"].lstrip("-").isdigit()
+
+
+def test_wandb_offline(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run(tiny_template(tiny_model_dir, tmp_path / "w", max_steps=1, log_to_wandb=True))
+    runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def cli(*args, cwd=REPO, env=None):
+    return subprocess.run(
+        [sys.executable, "scripts/train.py", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["max_step=2"],
+            "error: Unknown field 'max_step' in override 'max_step=2' (did you mean 'config.max_steps'?).",
+        ),
+        (["learning_rate=fast"], "error: config.learning_rate = 'fast' is not allowed: expected a number."),
+        (["model=/no/model"], "error: model = '/no/model': no such file or folder."),
+        (
+            ["input={{problem}}"],
+            "error: template.input uses {{problem}}, which the dataset lacks; its columns are: "
+            "question, answer.",
+        ),
+        (
+            ["rewards=[nope]"],
+            "error: config.rewards[0] = 'nope' is not a built-in reward; use one of correctness, "
+            "int_answer, strict_format, soft_format, tag_count, answer_mentioned or "
+            "package.module:function.",
+        ),
+        (
+            ["loss_type=ppo"],
+            "error: config.loss_type = 'ppo' is not allowed: use one of grpo, bnpo, dr_grpo, dapo or "
+            "package.module:function.",
+        ),
+        (["train_device=tpu"], "error: config.train_device = 'tpu' is not supported: use cuda, cpu or auto."),
+    ],
+)
+def test_cli_user_errors_are_one_line(tiny_model_dir, tmp_path, overrides, message):
+    path = write_template(tmp_path / "t.yaml", tiny_template(tiny_model_dir, tmp_path / "out"))
+    result = cli(path, *overrides)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == message
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "model").exists()
+
+
+def test_cli_missing_and_bad_files(tmp_path):
+    result = cli(tmp_path / "none.yaml")
+    assert (
+        result.returncode == 2
+        and result.stderr.strip() == f"error: Template file '{tmp_path / 'none.yaml'}' does not exist."
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("config: {max_steps: 2\n")
+    result = cli(bad)
+    assert (
+        result.returncode == 2
+        and "is not valid YAML at line" in result.stderr
+        and "Traceback" not in result.stderr
+    )
+
+
+def test_cli_failing_reward_names_function_and_completion(tiny_model_dir, tmp_path):
+    path = write_template(
+        tmp_path / "t.yaml",
+        tiny_template(tiny_model_dir, tmp_path / "out", rewards=["tests.user_rewards:wrong_length"]),
+    )
+    result = cli(path)
+    assert result.returncode == 1
+    assert (
+        "error: Reward function 'tests.user_rewards:wrong_length' raised ValueError: returned 1 values for "
+        "4 completions" in result.stderr
+    )
+    assert "Traceback" not in result.stderr
