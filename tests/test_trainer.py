@@ -235,3 +235,17 @@ def test_cli_failing_reward_names_function_and_completion(tiny_model_dir, tmp_pa
         "4 completions" in result.stderr
     )
     assert "Traceback" not in result.stderr
+
+
+def test_cli_unreachable_hub_model(tiny_model_dir, tmp_path):
+    import os
+
+    path = write_template(tmp_path / "t.yaml", tiny_template(tiny_model_dir, tmp_path / "out"))
+    result = cli(path, "model=someone/no-such-model", env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert last.startswith(
+        "error: model = 'someone/no-such-model' is neither a local folder nor reachable on the "
+        "Hugging Face hub ("
+    )
+    assert last.endswith("use a local folder, a .gguf file, or embedded:smollm2-135m-instruct.")
