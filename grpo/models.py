@@ -114,17 +114,23 @@ def _load_error(model: str, e: Exception) -> str:
     )
 
 
-def save_model(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
+def save_model(
+    model: torch.nn.Module, tokenizer: Any, folder: Path, *, state: dict[str, torch.Tensor] | None = None
+) -> None:
     """Write a folder that AutoModelForCausalLM/AutoTokenizer load: config, safetensors weights, tokenizer.
 
     We write the state dict ourselves because GGUF-loaded models refuse save_pretrained. Tied weights are
     stored once (transformers re-ties them on load). The write goes to a temporary sibling, then one rename.
+    `state` replaces model.state_dict(): FSDP passes the full state dict it gathered to rank 0.
     """
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = {
+        k: v.detach().to("cpu").contiguous()
+        for k, v in (model.state_dict() if state is None else state).items()
+    }
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -8,6 +8,7 @@ Everything a step needs is built once in `GRPOTrainer.__init__` (cheap checks fi
 from __future__ import annotations
 
 import copy
+import json
 import signal
 import time
 from dataclasses import asdict
@@ -17,13 +18,27 @@ from typing import Any
 import torch
 import yaml
 
+from grpo import checkpoint as ckpt
 from grpo import rewards as rw
 from grpo.advantages import group_advantages, zero_spread_share
 from grpo.config import ConfigError, Template
 from grpo.data import PromptSampler, build_prompts, load_rows
-from grpo.distributed import DistEnv, init_distributed, mean_over_ranks
+from grpo.distributed import (
+    DistEnv,
+    any_over_ranks,
+    full_params,
+    full_state_dict,
+    grad_sync,
+    gradient_scale,
+    init_distributed,
+    mean_over_ranks,
+    sum_over_ranks,
+    wrap_models,
+)
+from grpo.evaluate import EvalResult, evaluate, load_eval_prompts
 from grpo.logging import RunLogger
 from grpo.logprobs import CompletionLogprobs
+from grpo.lora import AdaptersDisabled, export_merged, inject_lora, save_adapter
 from grpo.loss import LOSS_TYPES, micro_batch_weight, policy_loss
 from grpo.models import load_model, load_tokenizer, resolve_device, resolve_dtype, save_model
 from grpo.rollout import Rollout, generate
@@ -53,9 +68,14 @@ class GRPOTrainer:
         self.rewards = rw.resolve_rewards(c.rewards)
         self.loss_fn = resolve_loss(c.loss_type)
         self.tags = rw.Tags.from_config(c)
+        # torchrun: check gpu_ids against the processes, pin this rank's GPU, start the process group.
+        self.env = env or init_distributed(c, resolve_device(c).type)
         self.device = resolve_device(c)
         self.dtype = resolve_dtype(c, self.device)
-        self.env = env or init_distributed(self.device.type)
+        if c.backend == "unsloth":
+            from grpo.unsloth_backend import require_unsloth
+
+            require_unsloth(self.device)  # no CUDA or no package: stop before anything loads
         self.output_dir = Path(c.output_dir)
         self.tokenizer = load_tokenizer(template.model)
         rows = load_rows(template.dataset)
@@ -74,14 +94,43 @@ class GRPOTrainer:
         )
         per_run = self.sampler.steps_per_epoch * c.num_train_epochs
         self.total_steps = c.max_steps if c.max_steps > 0 else per_run
+        # Held-out prompts, built once; only rank 0 evaluates (the others wait at a barrier).
+        self.eval_prompts = (
+            load_eval_prompts(template, self.tokenizer, limit=c.eval_limit)
+            if c.eval_steps > 0 and self.env.is_main
+            else []
+        )
+        self.last_eval: tuple[int, EvalResult | None] | None = None
         # Heavy part: models and optimizer.
         torch.manual_seed(c.seed)
-        self.model = load_model(template.model, device=self.device, dtype=self.dtype)
+        # unsloth always trains a LoRA adapter (its own PEFT layers); ours is injected after loading.
+        self.lora = c.use_lora or c.backend == "unsloth"
+        if c.backend == "unsloth":
+            from grpo.unsloth_backend import load_unsloth_model
+
+            self.model = load_unsloth_model(template, dtype=self.dtype)
+        else:
+            self.model = load_model(template.model, device=self.device, dtype=self.dtype)
+            if c.use_lora:
+                inject_lora(
+                    self.model,
+                    r=c.lora_r,
+                    alpha=c.lora_alpha,
+                    dropout=c.lora_dropout,
+                    target_modules=c.lora_target_modules,
+                )
+        if self.lora:
+            self.model.train()  # from_pretrained returns eval mode; LoRA dropout acts in training forwards
         self.policy = CompletionLogprobs(self.model, temperature=c.temperature, impl=c.logprob_impl)
         self.ref = None
-        if c.beta > 0:
+        if c.beta > 0 and not self.lora:
             ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
             self.ref = CompletionLogprobs(ref_model, temperature=c.temperature, impl=c.logprob_impl)
+        # torchrun: DDP around the policy, or FSDP2 around policy and reference (grpo/distributed.py).
+        self.policy, self.ref = wrap_models(self.policy, self.ref, self.env, device=self.device)
+        if c.beta > 0 and self.lora:
+            # The KL reference is the base model: the (wrapped) policy with its adapters off, no second copy.
+            self.ref = AdaptersDisabled(self.policy, self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(
             params, c, total_updates=self.total_steps * c.num_iterations
@@ -96,22 +145,25 @@ class GRPOTrainer:
             }
         )
         self.stop_requested = False
+        self.skipped_steps = 0
+        self.resumed_from = ckpt.resume(self)  # None for a fresh run
 
     # ---------------------------------------------------------------- one step
     def rollout(self, batch: list[int]) -> tuple[Rollout, list[str], list[str], list[dict[str, Any]]]:
         c = self.c
         prompts = [self.prompts[i] for i in batch]
-        ro = generate(
-            self.model,
-            [p.ids for p in prompts],
-            num_generations=c.num_generations,
-            max_new_tokens=c.maximum_completion_length,
-            eos_ids=self.eos_ids,
-            pad_id=self.tokenizer.pad_token_id,
-            temperature=c.temperature,
-            top_p=c.top_p,
-            generator=self.generator,
-        )
+        with full_params(self.policy):  # FSDP: gather the sharded weights for sampling
+            ro = generate(
+                self.model,
+                [p.ids for p in prompts],
+                num_generations=c.num_generations,
+                max_new_tokens=c.maximum_completion_length,
+                eos_ids=self.eos_ids,
+                pad_id=self.tokenizer.pad_token_id,
+                temperature=c.temperature,
+                top_p=c.top_p,
+                generator=self.generator,
+            )
         ids = ro.completion_ids.masked_fill(ro.completion_mask == 0, self.tokenizer.pad_token_id)
         prefix = self.t.template.response_prefix  # prefilled in the prompt, but part of the reply to score
         texts = [prefix + text for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
@@ -144,41 +196,56 @@ class GRPOTrainer:
         """One optimizer update over all micro-batches of this step's samples."""
         c, n = self.c, ro.completion_ids.shape[0]
         self.optimizer.zero_grad(set_to_none=True)
-        num_items = loss_mask.sum()
+        num_items = sum_over_ranks(loss_mask.sum(), self.env)  # dapo: the token count of all ranks
         totals: dict[str, float] = {}
-        for s in self.micro_batches(n):
-            logps = self.policy(
-                ro.prompt_ids[s], ro.prompt_mask[s], ro.completion_ids[s], ro.completion_mask[s]
-            )
-            loss, stats = self.loss_fn(
-                logps,
-                None if old is None else old[s],
-                None if ref is None else ref[s],
-                advantages[s],
-                loss_mask[s],
-                loss_type=c.loss_type,
-                epsilon=c.epsilon,
-                epsilon_high=c.epsilon_high,
-                beta=c.beta,
-                importance_sampling_level=c.importance_sampling_level,
-                max_completion_length=c.maximum_completion_length,
-                num_items_in_batch=num_items,
-            )
-            weight = micro_batch_weight(c.loss_type, s.stop - s.start, n)
-            (loss * weight).backward()
+        slices = self.micro_batches(n)
+        for s in slices:
+            with grad_sync(self.policy, last=s is slices[-1]):
+                logps = self.policy(
+                    ro.prompt_ids[s], ro.prompt_mask[s], ro.completion_ids[s], ro.completion_mask[s]
+                )
+                loss, stats = self.loss_fn(
+                    logps,
+                    None if old is None else old[s],
+                    None if ref is None else ref[s],
+                    advantages[s],
+                    loss_mask[s],
+                    loss_type=c.loss_type,
+                    epsilon=c.epsilon,
+                    epsilon_high=c.epsilon_high,
+                    beta=c.beta,
+                    importance_sampling_level=c.importance_sampling_level,
+                    max_completion_length=c.maximum_completion_length,
+                    num_items_in_batch=num_items,
+                )
+                weight = micro_batch_weight(c.loss_type, s.stop - s.start, n)
+                (loss * weight * gradient_scale(c.loss_type, self.env)).backward()
             for k, v in {"loss": loss.detach(), **stats}.items():
                 totals[k] = totals.get(k, 0.0) + float(v) * (s.stop - s.start) / n
-        if not all(torch.isfinite(torch.tensor(v)) for v in totals.values()):
-            raise NonFiniteError(f"Non-finite loss at step {self.step + 1}: {totals}.")
+        bad_loss = any_over_ranks(not all(torch.isfinite(torch.tensor(v)) for v in totals.values()), self.env)
+        if bad_loss and not self._skip_nonfinite(f"Non-finite loss at step {self.step + 1}: {totals}."):
+            return totals
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if not torch.isfinite(grad_norm):
-            raise NonFiniteError(f"Non-finite gradient norm at step {self.step + 1}.")
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the shards
+            grad_norm = grad_norm.full_tensor()
+        if not torch.isfinite(grad_norm) and not self._skip_nonfinite(
+            f"Non-finite gradient norm at step {self.step + 1}."
+        ):
+            return {**totals, "grad_norm": float(grad_norm)}
         self.optimizer.step()
         self.scheduler.step()
         totals["grad_norm"] = float(grad_norm)
         return totals
+
+    def _skip_nonfinite(self, message: str) -> bool:
+        """Raise (the run stops, the last checkpoint stays) unless skip_nonfinite_steps; False = skip it."""
+        if not self.c.skip_nonfinite_steps:
+            raise NonFiniteError(message)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        return False
 
     def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
         c, timings = self.c, {}
@@ -239,6 +306,26 @@ class GRPOTrainer:
         ]
         return metrics, samples
 
+    def run_eval(self) -> EvalResult | None:
+        """Greedy evaluation on the held-out prompts (rank 0; None on the other ranks, which wait)."""
+        c, result = self.c, None
+        with full_params(self.policy):  # FSDP: every rank takes part in the gather, rank 0 generates
+            if self.env.is_main:
+                result = evaluate(
+                    self.model,
+                    self.tokenizer,
+                    self.eval_prompts,
+                    self.rewards,
+                    self.tags,
+                    max_new_tokens=c.maximum_completion_length,
+                    batch_size=c.batch_size * c.num_generations,
+                    response_prefix=self.t.template.response_prefix,
+                )
+        self.last_eval = (self.step, result)  # on every rank, so all agree whether the final one is due
+        if self.env.enabled and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return result
+
     # ---------------------------------------------------------------- the run
     def train(self) -> Path:
         c, env = self.c, self.env
@@ -261,6 +348,11 @@ class GRPOTrainer:
                 metrics, samples = self.train_step()
                 self.step += 1
                 metrics = mean_over_ranks(metrics, env)
+                self.stop_requested = any_over_ranks(self.stop_requested, env)  # all ranks stop together
+                if c.eval_steps > 0 and (self.step % c.eval_steps == 0 or self.step == self.total_steps):
+                    result = self.run_eval()
+                    if result is not None:
+                        metrics.update(result.metrics())  # logged with this step under eval/
                 if logger is not None:
                     metrics["epoch"] = (
                         self.sampler.epoch + self.sampler.position / self.sampler.steps_per_epoch
@@ -268,19 +360,41 @@ class GRPOTrainer:
                     logger.log(self.step, metrics)
                     if self.step % c.logging_steps == 0:
                         logger.log_samples(self.step, samples)
+                if c.save_steps > 0 and self.step % c.save_steps == 0 and self.step < self.total_steps:
+                    ckpt.save_checkpoint(self)
             final = self.output_dir / c.adaptor_name
+            state = full_state_dict(self.model, env)  # FSDP: gathered to rank 0 (every rank takes part)
             if env.is_main:
-                save_model(self.model, self.tokenizer, final)
+                ckpt.write_model(self, final, state)
                 if logger is not None:
                     logger.write(
                         f"{'Stopped' if self.stop_requested else 'Finished'} at step {self.step}; "
                         f"model saved to {final}"
                     )
+            if c.eval_steps > 0:
+                self.final_eval(final, logger)
             return final
         finally:
             signal.signal(signal.SIGTERM, previous)
             if logger is not None:
                 logger.close()
+
+    def final_eval(self, final: Path, logger: RunLogger | None) -> None:
+        """eval.json (summary) + eval.jsonl (records) beside the saved model; reuses this step's evaluation."""
+        if (self.last_eval is None or self.last_eval[0] != self.step) and not self.stop_requested:
+            self.run_eval()
+        if self.last_eval is None or self.last_eval[0] != self.step or self.last_eval[1] is None:
+            return  # stopped early without a current evaluation, or not rank 0
+        result = self.last_eval[1]
+        split = self.t.dataset.eval_split
+        summary = {"step": self.step, "model": str(final), "split": split, **result.summary()}
+        _atomic_write(self.output_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
+        _atomic_write(self.output_dir / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in result.records))
+        if logger is not None:
+            logger.write(
+                f"eval on {split} ({result.num_prompts} problems): accuracy {result.accuracy:.3f}, "
+                f"strict format {result.strict_format:.3f}, soft format {result.soft_format:.3f}"
+            )
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         self.stop_requested = True  # finish the step in flight, then save and leave

@@ -12,6 +12,7 @@ from grpo.cli_common import run_cli  # noqa: E402
 
 def main(argv: list[str]) -> int:
     from grpo.config import load_template
+    from grpo.distributed import run_rank
     from grpo.trainer import GRPOTrainer
 
     if not argv or argv[0] in ("-h", "--help"):
@@ -25,7 +26,7 @@ def main(argv: list[str]) -> int:
         print(f"saved: {path}")
         return 0
 
-    return run_cli(job)
+    return run_rank(lambda: run_cli(job))  # under torchrun a failing rank exits at once
 
 
 if __name__ == "__main__":

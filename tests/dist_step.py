@@ -1,0 +1,69 @@
+"""One training step on fixed completions, for the distributed equivalence tests.
+
+`python tests/dist_step.py TEMPLATE OUT.pt [key=value ...]`, plainly or under torchrun. The rollout is replaced
+by completions drawn from a generator seeded by the prompt's index, so any split of the prompts over ranks sees
+the same samples. Rank 0 writes the full updated state dict and the step's metrics to OUT.pt.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from grpo.config import load_template  # noqa: E402
+from grpo.distributed import full_state_dict, run_rank  # noqa: E402
+from grpo.rollout import Rollout, left_pad  # noqa: E402
+from grpo.trainer import GRPOTrainer  # noqa: E402
+
+T = 8  # completion tokens
+
+
+def fixed_rollout(trainer: GRPOTrainer, batch: list[int]):
+    g, pad = trainer.c.num_generations, trainer.tokenizer.pad_token_id
+    prompts = [trainer.prompts[i] for i in batch]
+    ids, mask = left_pad([p.ids for p in prompts], pad, trainer.device)  # [B, P]
+    completion = torch.full((len(batch) * g, T), pad, dtype=torch.long)
+    completion_mask = torch.zeros((len(batch) * g, T), dtype=torch.long)
+    for row, i in enumerate(j for j in batch for _ in range(g)):
+        gen = torch.Generator().manual_seed(1000 * i + row % g)
+        length = int(torch.randint(1, T + 1, (1,), generator=gen))
+        completion[row, :length] = torch.randint(100, 1000, (length,), generator=gen)
+        completion_mask[row, :length] = 1
+    ro = Rollout(
+        prompt_ids=ids.repeat_interleave(g, dim=0),
+        prompt_mask=mask.repeat_interleave(g, dim=0),
+        completion_ids=completion.to(trainer.device),
+        completion_mask=completion_mask.to(trainer.device),
+        truncated=completion_mask.sum(-1).eq(T).to(trainer.device),
+    )
+    texts = trainer.tokenizer.batch_decode(
+        completion.masked_fill(completion_mask == 0, pad), skip_special_tokens=True
+    )
+    return (
+        ro,
+        texts,
+        [p.reference for p in prompts for _ in range(g)],
+        [p.row for p in prompts for _ in range(g)],
+    )
+
+
+def main(argv: list[str]) -> int:
+    trainer = GRPOTrainer(load_template(argv[0], argv[2:]))
+    trainer.rollout = lambda batch: fixed_rollout(trainer, batch)
+    metrics, _ = trainer.train_step()
+    from grpo.distributed import mean_over_ranks
+
+    metrics = mean_over_ranks(metrics, trainer.env)
+    state = full_state_dict(trainer.model, trainer.env)
+    if trainer.env.is_main:
+        state = state if state is not None else trainer.model.state_dict()
+        torch.save({"state": {k: v.detach().cpu() for k, v in state.items()}, "metrics": metrics}, argv[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_rank(lambda: main(sys.argv[1:])))

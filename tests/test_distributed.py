@@ -1,0 +1,191 @@
+"""torchrun with real processes on CPU (gloo): DDP and FSDP2 runs, 1-vs-2-process equivalence, failures, errors."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from grpo.config import ConfigError, TrainConfig
+from grpo.distributed import DistEnv, check_settings, gradient_scale
+from tests.conftest import REPO, tiny_template, write_template
+
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script, *args, nproc=2, timeout=240):
+    """nproc=0: a plain process, no torchrun."""
+    head = [sys.executable]
+    if nproc:
+        head += [
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--master_port",
+            str(free_port()),
+        ]
+    return subprocess.run(
+        [*head, script, *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=CHILD_ENV,
+    )
+
+
+def error_lines(result):
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_run_saves_a_loadable_model(tiny_model_dir, tmp_path, strategy):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    path = write_template(
+        tmp_path / "t.yaml",
+        tiny_template(tiny_model_dir, out, beta=0.1, rewards=["tests.user_rewards:length"]),
+    )
+    result = launch("scripts/train.py", path, f"distributed_strategy={strategy}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    state, start = model.state_dict(), before.state_dict()
+    assert set(state) == set(start)  # the same HF folder as one process writes: full tensors, HF names
+    assert all(state[k].shape == start[k].shape for k in state)
+    assert any(not torch.equal(state[k], start[k]) for k in state), "training should move the weights"
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2  # rank 0 logs, once per step
+    assert not any(p.name.endswith((".tmp", ".old")) for p in out.iterdir())
+
+
+def one_step(tmp_path, tiny_model_dir, name, *overrides, nproc):
+    data = tiny_template(
+        tiny_model_dir,
+        tmp_path / name,
+        rewards=["tests.user_rewards:length"],
+        # Adam's first step is lr * g / (|g| + eps): a large eps makes it proportional to the gradient, so a
+        # gradient off by a factor (the dapo normaliser, the rank average) changes the weights.
+        learning_rate=1e-2,
+        adam_epsilon=1.0,
+        max_grad_norm=0.0,
+        beta=0.1,
+    )
+    path = write_template(tmp_path / f"{name}.yaml", data)
+    result = launch("tests/dist_step.py", path, tmp_path / f"{name}.pt", *overrides, nproc=nproc)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(tmp_path / f"{name}.pt")
+
+
+@pytest.mark.parametrize(
+    "loss_type, strategy, micro",
+    [("grpo", "ddp", 0), ("grpo", "fsdp", 0), ("dapo", "ddp", 1), ("dapo", "fsdp", 3)],
+)
+def test_two_processes_match_one_process(tiny_model_dir, tmp_path, loss_type, strategy, micro):
+    """4 prompts x 2 samples in one process == 2 prompts x 2 samples on each of 2 ranks (fixed completions).
+
+    dapo also runs with other micro-batch sizes on the ranks: its global token normaliser must not care."""
+    one = one_step(tmp_path, tiny_model_dir, "one", "batch_size=4", f"loss_type={loss_type}", nproc=0)
+    two = one_step(
+        tmp_path,
+        tiny_model_dir,
+        "two",
+        "batch_size=2",
+        f"loss_type={loss_type}",
+        f"distributed_strategy={strategy}",
+        f"micro_batch_size={micro}",
+        nproc=2,
+    )
+    from transformers import AutoModelForCausalLM
+
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    moved = max(float((one["state"][k] - start[k]).abs().max()) for k in start)
+    assert moved > 1e-4  # the step is large against the tolerance below
+    assert one["metrics"]["reward/total_mean"] == pytest.approx(two["metrics"]["reward/total_mean"])
+    assert two["metrics"]["grad_norm"] == pytest.approx(one["metrics"]["grad_norm"], rel=1e-5)
+    assert set(one["state"]) == set(two["state"])
+    for k in one["state"]:
+        torch.testing.assert_close(two["state"][k], one["state"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_failing_rank_stops_every_rank_with_its_error(tiny_model_dir, tmp_path):
+    path = write_template(
+        tmp_path / "t.yaml",
+        tiny_template(tiny_model_dir, tmp_path / "out", rewards=["tests.dist_rewards:fails_on_rank_one"]),
+    )
+    start = time.monotonic()
+    result = launch("scripts/train.py", path, timeout=180)
+    assert result.returncode != 0
+    assert time.monotonic() - start < 120
+    assert (
+        "error: Reward function 'tests.dist_rewards:fails_on_rank_one' raised ValueError: boom on rank 1"
+        in result.stderr
+    )
+    assert not (tmp_path / "out" / "model").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, nproc, message",
+    [
+        (
+            ["gpu_ids=[0,1,2]"],
+            2,
+            "error: config.gpu_ids = [0, 1, 2] lists 3 GPU(s) but 2 process(es) run on this node: start "
+            "torchrun with --nproc_per_node=3 or list 2 GPU id(s).",
+        ),
+        (
+            ["limit=3"],
+            2,
+            "error: config.batch_size = 2 x 2 process(es) needs at least 4 prompts, but the dataset has 3.",
+        ),
+        (
+            ["use_lora=true", "distributed_strategy=fsdp"],
+            1,
+            "error: config.distributed_strategy = 'fsdp' is not supported with LoRA adapters: use ddp (the base "
+            "model is frozen, so only the small adapter gradients cross ranks).",
+        ),
+    ],
+)
+def test_bad_settings_fail_before_the_model_loads(tiny_model_dir, tmp_path, overrides, nproc, message):
+    path = write_template(tmp_path / "t.yaml", tiny_template(tiny_model_dir, tmp_path / "out"))
+    result = launch("scripts/train.py", path, *overrides, nproc=nproc, timeout=120)
+    assert result.returncode != 0
+    assert set(error_lines(result)) == {message}  # each rank says the same one line
+    assert "Loading weights" not in result.stderr + result.stdout  # no model was loaded
+
+
+def test_gradient_scale_and_settings_without_processes():
+    two = DistEnv(rank=1, world_size=2, local_world_size=2, torchrun=True)
+    assert gradient_scale("dapo", two) == 2.0 and gradient_scale("grpo", two) == 1.0
+    assert gradient_scale("dapo", DistEnv()) == 1.0
+    check_settings(TrainConfig(gpu_ids=[3, 5]), two)  # any ids, one per local process
+    with pytest.raises(ConfigError, match=r"lists 1 GPU\(s\) but 2 process\(es\)"):
+        check_settings(TrainConfig(gpu_ids=[0]), two)
+    with pytest.raises(ConfigError, match="nproc_per_node=2"):
+        check_settings(TrainConfig(gpu_ids=[0, 1]), DistEnv())  # a plain process is one process
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nccl, bf16)")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_one_gpu_run_with_nccl_and_bf16(tiny_model_dir, tmp_path, strategy):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "gpu"
+    path = write_template(
+        tmp_path / "t.yaml", tiny_template(tiny_model_dir, out, train_device="cuda", beta=0.1)
+    )
+    result = launch("scripts/train.py", path, f"distributed_strategy={strategy}", nproc=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert AutoModelForCausalLM.from_pretrained(out / "model") is not None
