@@ -148,8 +148,22 @@ class TrainConfig:
     # -- outputs
     output_dir: str = doc("Run folder: model, metrics.jsonl, TensorBoard, samples.", default="runs/default")
     logging_steps: int = doc("Write samples of completions every N steps.", default=1)
+    eval_steps: int = doc(
+        "Greedy evaluation on dataset.eval_split every N steps and after the save (eval.json); 0 = off.",
+        default=0,
+    )
+    eval_limit: int = doc("Held-out problems used by each evaluation during training.", default=200)
     log_to_wandb: bool = doc("Also log to Weights & Biases.", default=False)
     wandb_project: str = doc("W&B project name.", default="grpo")
+    # -- checkpoints and resume
+    save_steps: int = doc("Write a resumable checkpoint every N steps (0 = only the final model).", default=0)
+    save_total_limit: int = doc("Keep only the newest K checkpoints (0 = keep all).", default=0)
+    resume_from_checkpoint: str | None = doc("latest or a checkpoints/step-N folder: continue that run.",
+                                             default=None)
+    force_resume: bool = doc("Resume even when the template differs in fields that change the math.",
+                             default=False)
+    skip_nonfinite_steps: bool = doc("Skip a step whose loss or gradient is not finite instead of stopping.",
+                                     default=False)
 
 
 @dataclass
@@ -180,6 +194,7 @@ def _leaf_paths() -> dict[str, tuple[str, ...]]:
 
 
 LEAF_PATHS = _leaf_paths()
+ALIASES = {"resume": ("config", "resume_from_checkpoint")}  # resume=latest on the command line
 
 
 def _closest(key: str, options: list[str]) -> str:
@@ -285,7 +300,11 @@ def _check_ranges(t: Template) -> None:
         "logging_steps",
     ):
         need(getattr(c, name) >= 1, f"config.{name}", getattr(c, name), "it must be at least 1")
+    need(c.save_steps >= 0, "config.save_steps", c.save_steps, "it must be 0 or more")
+    need(c.save_total_limit >= 0, "config.save_total_limit", c.save_total_limit, "it must be 0 or more")
     need(c.micro_batch_size >= 0, "config.micro_batch_size", c.micro_batch_size, "it must be 0 or more")
+    need(c.eval_steps >= 0, "config.eval_steps", c.eval_steps, "it must be 0 (off) or more")
+    need(c.eval_limit >= 1, "config.eval_limit", c.eval_limit, "it must be at least 1")
     need(c.max_steps == -1 or c.max_steps >= 1, "config.max_steps", c.max_steps, "use -1 or a positive count")
     need(
         c.maximum_completion_length < c.maximum_sequence_length,
@@ -382,6 +401,8 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
         value = yaml.safe_load(raw) if raw.strip() != "" else ""
     except yaml.YAMLError:
         value = raw  # e.g. input={{question}}: not YAML, but a fine string; type checks still apply
+    if key in ALIASES:
+        return ALIASES[key], value
     if key in LEAF_PATHS:
         return LEAF_PATHS[key], value
     matches = [p for dotted, p in LEAF_PATHS.items() if dotted.split(".")[-1] == key]

@@ -29,7 +29,9 @@ class RunLogger:
         self.output_dir = output_dir
         self.metrics_path = output_dir / "metrics.jsonl"
         self.samples_path = output_dir / "samples.jsonl"
-        self.tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+        # After a resume, drop TensorBoard events past the checkpoint so re-run steps are not doubled.
+        purge = initial_step + 1 if initial_step > 0 else None
+        self.tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=purge)
         self.wandb = None
         if use_wandb:
             try:

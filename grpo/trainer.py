@@ -38,9 +38,9 @@ from grpo.distributed import (
 from grpo.evaluate import EvalResult, evaluate, load_eval_prompts
 from grpo.logging import RunLogger
 from grpo.logprobs import CompletionLogprobs
-from grpo.lora import AdaptersDisabled, export_merged, inject_lora, save_adapter
+from grpo.lora import AdaptersDisabled, inject_lora
 from grpo.loss import LOSS_TYPES, micro_batch_weight, policy_loss
-from grpo.models import load_model, load_tokenizer, resolve_device, resolve_dtype, save_model
+from grpo.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 from grpo.rollout import Rollout, generate
 from grpo.schedule import build_optimizer
 
@@ -290,6 +290,7 @@ class GRPOTrainer:
             "completion/truncated_share": float(ro.truncated.float().mean()),
             "prompt/truncated": float(sum(self.prompts[i].truncated for i in batch)),
             "learning_rate": self.scheduler.get_last_lr()[0],
+            "skipped_steps": float(self.skipped_steps),
             "tokens_per_s": ro.num_completion_tokens / max(timings["time/rollout_s"], 1e-9),
             "time/step_s": step_time,
             **timings,
@@ -342,6 +343,8 @@ class GRPOTrainer:
                 run_name=self.t.name,
                 initial_step=self.step,
             )
+            if self.resumed_from is not None:
+                logger.write(f"Resumed from {self.resumed_from} at step {self.step}")
         previous = signal.signal(signal.SIGTERM, self._request_stop)
         try:
             while self.step < self.total_steps and not self.stop_requested:
@@ -360,8 +363,8 @@ class GRPOTrainer:
                     logger.log(self.step, metrics)
                     if self.step % c.logging_steps == 0:
                         logger.log_samples(self.step, samples)
-                if c.save_steps > 0 and self.step % c.save_steps == 0 and self.step < self.total_steps:
-                    ckpt.save_checkpoint(self)
+                if c.save_steps > 0 and (self.step % c.save_steps == 0 or self.stop_requested):
+                    ckpt.save_checkpoint(self)  # a stopped run can be resumed too
             final = self.output_dir / c.adaptor_name
             state = full_state_dict(self.model, env)  # FSDP: gathered to rank 0 (every rank takes part)
             if env.is_main:

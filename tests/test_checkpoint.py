@@ -1,0 +1,118 @@
+"""Checkpoints and exact resume: killed runs continue as if nothing happened."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, tiny_template, write_template
+
+VOLATILE = ("time/", "tokens_per_s")
+
+
+def train(path, *overrides, env_extra=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "scripts/train.py", str(path), *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def rows(out):
+    return [
+        {k: v for k, v in json.loads(line).items() if not k.startswith(VOLATILE)}
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+def weights(out):
+    return (out / "model" / "model.safetensors").read_bytes()
+
+
+@pytest.fixture
+def template(tiny_model_dir, tmp_path):
+    data = tiny_template(
+        tiny_model_dir, tmp_path / "unused", max_steps=6, rewards=["tests.user_rewards:length"]
+    )
+    return write_template(tmp_path / "t.yaml", data)
+
+
+def test_killed_run_resumes_bitwise(template, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert train(template, f"output_dir={full}").returncode == 0
+    result = train(
+        template,
+        f"output_dir={killed}",
+        "save_steps=3",
+        env_extra={"GRPO_TEST_KILL_AT": "after_commit_step3"},
+    )
+    assert result.returncode == -signal.SIGKILL
+    assert (killed / "checkpoints" / "step-000003" / "trainer_state.json").is_file()
+    assert not (killed / "model").exists()
+    result = train(template, f"output_dir={killed}", "save_steps=3", "resume=latest")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Resumed from" in result.stdout
+    assert rows(killed) == rows(full)  # steps 1-3 from the first attempt, 4-6 from the resumed one
+    assert weights(killed) == weights(full)
+
+
+def test_kill_during_a_save_keeps_the_previous_checkpoint(template, tmp_path):
+    out = tmp_path / "run"
+    result = train(
+        template,
+        f"output_dir={out}",
+        "save_steps=2",
+        env_extra={"GRPO_TEST_KILL_AT": "after_optimizer_step4"},
+    )
+    assert result.returncode == -signal.SIGKILL
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step-000002", "step-000004.tmp"]
+    result = train(template, f"output_dir={out}", "save_steps=2", "resume=latest", "save_total_limit=1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Resumed from" in result.stdout and "step-000002" in result.stdout
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000006"]
+    assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_a_different_template(template, tmp_path):
+    out = tmp_path / "run"
+    assert train(template, f"output_dir={out}", "save_steps=2", "max_steps=2").returncode == 0
+    result = train(template, f"output_dir={out}", "resume=latest", "num_generations=4", "beta=0.1")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: Cannot resume from {out / 'checkpoints' / 'step-000002'}: the template differs in fields that "
+        f"change the run (config.beta, config.num_generations); set force_resume=true to resume anyway."
+    )
+    result = train(template, f"output_dir={out}", "resume=/no/such/dir")
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: config.resume_from_checkpoint = '/no/such/dir' is not a checkpoint folder (no trainer_state.json); "
+        "use latest or a checkpoints/step-N folder."
+    )
+
+
+def test_non_finite_loss_stops_or_skips(template, tmp_path):
+    out = tmp_path / "nan"
+    result = train(
+        template, f"output_dir={out}", "loss_type=tests.user_losses:nan_on_second_step", "save_steps=1"
+    )
+    assert result.returncode == 1
+    assert "error: Non-finite loss at step 2" in result.stderr and "Traceback" not in result.stderr
+    assert (out / "checkpoints" / "step-000001").is_dir()  # the last good checkpoint is kept
+    out = tmp_path / "skip"
+    result = train(
+        template,
+        f"output_dir={out}",
+        "loss_type=tests.user_losses:nan_on_second_step",
+        "skip_nonfinite_steps=true",
+        "max_steps=3",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    logged = rows(out)
+    assert [r["skipped_steps"] for r in logged] == [0, 1, 1]

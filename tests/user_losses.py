@@ -1,0 +1,15 @@
+"""A user loss for the tests: the normal GRPO loss, except non-finite at the step named by GRPO_TEST_NAN_STEP."""
+
+import os
+
+from grpo.loss import policy_loss
+
+calls = {"n": 0}
+
+
+def nan_on_second_step(logps, *args, **kwargs):
+    loss, stats = policy_loss(logps, *args, **{**kwargs, "loss_type": "grpo"})  # ours is the dotted name
+    calls["n"] += 1
+    if calls["n"] == int(os.environ.get("GRPO_TEST_NAN_STEP", "2")):
+        loss = loss * float("nan")
+    return loss, stats
