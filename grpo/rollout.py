@@ -67,7 +67,9 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    greedy: bool = False,
 ) -> Rollout:
+    """greedy=True takes the argmax token at every step (evaluation); temperature and top_p are then unused."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()  # no dropout (LoRA or otherwise) while sampling
@@ -90,7 +92,10 @@ def generate(
         tokens, alive = [], []
         attn = mask
         for step in range(max_new_tokens):
-            tok = sample_next(logits, temperature=temperature, top_p=top_p, generator=generator)  # [N]
+            if greedy:
+                tok = logits.argmax(dim=-1)  # [N]
+            else:
+                tok = sample_next(logits, temperature=temperature, top_p=top_p, generator=generator)  # [N]
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
             alive.append(~done)
             tokens.append(tok)
