@@ -116,3 +116,27 @@ def test_non_finite_loss_stops_or_skips(template, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     logged = rows(out)
     assert [r["skipped_steps"] for r in logged] == [0, 1, 1]
+
+
+def test_lora_checkpoints_hold_only_the_adapter_and_resume_bitwise(template, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    lora = ["use_lora=true", "max_steps=4", "learning_rate=0.01"]
+    assert train(template, f"output_dir={full}", *lora).returncode == 0
+    result = train(
+        template,
+        f"output_dir={killed}",
+        "save_steps=2",
+        *lora,
+        env_extra={"GRPO_TEST_KILL_AT": "after_commit_step2"},
+    )
+    assert result.returncode == -signal.SIGKILL
+    saved = killed / "checkpoints" / "step-000002" / "model"
+    assert sorted(p.name for p in saved.iterdir() if p.suffix in (".json", ".safetensors"))[:2] == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    assert not (saved / "model.safetensors").exists()
+    assert train(template, f"output_dir={killed}", "save_steps=2", "resume=latest", *lora).returncode == 0
+    assert rows(killed) == rows(full)
+    adapter = "adapter_model.safetensors"
+    assert (killed / "model" / adapter).read_bytes() == (full / "model" / adapter).read_bytes()
