@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from grpo.config import ConfigError, Template
+from grpo.fsio import atomic_write_text, fresh_dir, fsync_tree
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 # Fields that may change between a run and its resume without changing what is computed.
@@ -137,13 +138,6 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
 
 
 # ---------------------------------------------------------------- write / read
-def _fsync_dir(folder: Path) -> None:
-    for p in folder.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-
-
 def _test_kill_point(name: str) -> None:
     """Tests set GRPO_TEST_KILL_AT=<name> to SIGKILL the process between two file writes of a save."""
     if os.environ.get("GRPO_TEST_KILL_AT") == name:
@@ -152,14 +146,12 @@ def _test_kill_point(name: str) -> None:
 
 def staging_dir(output_dir: Path, step: int) -> Path:
     tmp = checkpoint_root(output_dir) / f"step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
+    return fresh_dir(tmp)
 
 
 def commit(tmp: Path, output_dir: Path, step: int, save_total_limit: int) -> Path:
     """fsync, then the rename that makes the checkpoint visible; then prune the oldest beyond the limit."""
-    _fsync_dir(tmp)
+    fsync_tree(tmp)
     final = checkpoint_root(output_dir) / f"step-{step:06d}"
     if final.exists():
         shutil.rmtree(final)
@@ -305,6 +297,4 @@ def _truncate_logs(output_dir: Path, step: int) -> None:
         path = output_dir / name
         if path.is_file():
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(path)
+            atomic_write_text(path, "".join(line + "\n" for line in kept))

@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from grpo.config import ConfigError
+from grpo.fsio import fresh_dir, replace_dir
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
@@ -240,13 +239,12 @@ def save_adapter(
     config = adapter_config(model, base_model_name_or_path=base_model_name_or_path)
     state = adapter_state_dict(model, state)
     tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    fresh_dir(tmp)
     save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    _replace_dir(tmp, folder)
+    replace_dir(tmp, folder)
     return folder
 
 
@@ -334,18 +332,3 @@ def export_merged(
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, leaf = path.rpartition(".")
     setattr(model.get_submodule(parent), leaf, module)
-
-
-def _replace_dir(tmp: Path, folder: Path) -> None:
-    for p in tmp.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    if folder.exists():
-        old = folder.with_name(folder.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(folder)

@@ -36,6 +36,7 @@ from grpo.distributed import (
     wrap_models,
 )
 from grpo.evaluate import EvalResult, evaluate, load_eval_prompts
+from grpo.fsio import atomic_write_text
 from grpo.logging import RunLogger
 from grpo.logprobs import CompletionLogprobs
 from grpo.lora import AdaptersDisabled, inject_lora
@@ -333,7 +334,7 @@ class GRPOTrainer:
         logger = None
         if env.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.output_dir / "template.yaml", yaml.safe_dump(asdict(self.t), sort_keys=False))
+            atomic_write_text(self.output_dir / "template.yaml", yaml.safe_dump(asdict(self.t), sort_keys=False))
             logger = RunLogger(
                 self.output_dir,
                 total_steps=self.total_steps,
@@ -391,8 +392,8 @@ class GRPOTrainer:
         result = self.last_eval[1]
         split = self.t.dataset.eval_split
         summary = {"step": self.step, "model": str(final), "split": split, **result.summary()}
-        _atomic_write(self.output_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
-        _atomic_write(self.output_dir / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in result.records))
+        atomic_write_text(self.output_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(self.output_dir / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in result.records))
         if logger is not None:
             logger.write(
                 f"eval on {split} ({result.num_prompts} problems): accuracy {result.accuracy:.3f}, "
@@ -405,9 +406,3 @@ class GRPOTrainer:
 
 def _as_list(x: Any) -> list[Any]:
     return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
