@@ -62,19 +62,34 @@ def token_logprobs(
     w.r.t. hidden, weight and bias. `impl`: "naive" builds the full [N, V] logits (the specification);
     "chunked" processes `chunk_size` rows at a time and recomputes them in backward; "triton" (CUDA only)
     does the same with Triton kernels for the softmax parts; "auto" takes triton on CUDA tensors when it
-    imports, else chunked. `chunk_size` (rows) defaults to about 128 MB of fp32 logits per chunk.
+    imports, else chunked. `chunk_size` (rows) defaults to about 512 MB of fp32 logits per chunk.
     """
     _check(hidden, weight, targets, bias, impl, chunk_size)
     if impl == "auto":
         impl = "triton" if hidden.is_cuda and _triton_importable() else "chunked"
+    if impl == "triton" and not (hidden.is_cuda and _triton_importable()):
+        allowed = ", ".join(available_impls())
+        raise ValueError(f"impl='triton' needs CUDA tensors and triton; use one of {allowed} here.")
+    hidden, weight, bias = _common_dtype(hidden, weight, bias)
     kw = {"bias": bias, "temperature": temperature, "return_entropy": return_entropy}
     if impl == "naive":
         return naive_token_logprobs(hidden, weight, targets, **kw)
-    if impl == "chunked":
-        return chunked_token_logprobs(hidden, weight, targets, chunk_size=chunk_size, **kw)
-    if not (hidden.is_cuda and _triton_importable()):
-        allowed = ", ".join(available_impls())
-        raise ValueError(f"impl='triton' needs CUDA tensors and triton; use one of {allowed} here.")
-    from kernels.triton_logprobs import triton_token_logprobs
+    # The fast paths pick their own precisions (fp32 buffers, explicit out dtypes): autocast stays out.
+    with torch.autocast(hidden.device.type, enabled=False):
+        if impl == "chunked":
+            return chunked_token_logprobs(hidden, weight, targets, chunk_size=chunk_size, **kw)
+        from kernels.triton_logprobs import triton_token_logprobs
 
-    return triton_token_logprobs(hidden, weight, targets, chunk_size=chunk_size, **kw)
+        return triton_token_logprobs(hidden, weight, targets, chunk_size=chunk_size, **kw)
+
+
+def _common_dtype(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One matmul dtype for all three: autocast's when it is on (what an LM head would use), else promotion."""
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+    else:
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)

@@ -102,14 +102,19 @@ def _cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def _child(args: argparse.Namespace, impl: str, vocab: int) -> dict:
+def _child(args: argparse.Namespace, impl: str, vocab: int) -> dict | None:
     name, _, chunk = impl.partition(":")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--vocab", str(vocab)]
     cmd += ["--rows", str(args.rows), "--hidden", str(args.hidden), "--dtype", args.dtype, "--repeat", "1"]
     chunk = chunk or args.chunk_size
     cmd += ["--chunk-size", str(chunk)] if chunk else []
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:  # e.g. -9: the kernel's out-of-memory killer took the naive step
+        print(
+            f"# {impl} at V={vocab} failed with exit code {proc.returncode}: {proc.stderr[-300:]}", flush=True
+        )
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -147,9 +152,8 @@ def main() -> None:
         runs: dict[str, list[dict]] = {impl: [] for impl in impls}
         for _ in range(args.repeat):  # rounds interleave the impls, so a busy spell hits them alike
             for impl in impls:
-                runs[impl].append(
-                    _child(args, impl, vocab)
-                )  # one child at a time: never two big ones at once
+                r = _child(args, impl, vocab)  # one child at a time: never two big ones at once
+                runs[impl] += [r] if r else []
         best = {
             impl: {
                 "peak": statistics.median(r["peak"] for r in rs),
@@ -158,6 +162,7 @@ def main() -> None:
                 "cpu": min(r["cpu"] for r in rs),
             }
             for impl, rs in runs.items()
+            if rs
         }
         base = best.get("naive")
         for impl, r in best.items():

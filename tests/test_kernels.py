@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import Tensor
@@ -205,6 +210,29 @@ def test_no_grad_inference_and_int32_targets() -> None:
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_mixed_dtypes_and_autocast() -> None:
+    inp = make_inputs()
+    w16 = inp["weight"].detach().bfloat16().requires_grad_()  # a bf16 head on fp32 hidden states: promoted
+    got = kernels.token_logprobs(inp["hidden"], w16, inp["targets"], impl="chunked", chunk_size=7)
+    want = naive_token_logprobs(inp["hidden"], w16.float(), inp["targets"])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got.sum().backward()
+    assert w16.grad.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # like a bf16 LM head under autocast
+        fast = kernels.token_logprobs(
+            inp["hidden"], inp["weight"], inp["targets"], impl="chunked", chunk_size=7
+        )
+        ref = kernels.token_logprobs(inp["hidden"], inp["weight"], inp["targets"], impl="naive")
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, ref, atol=0.1, rtol=0)  # both use bf16 logits
+    exact = naive_token_logprobs(
+        inp["hidden"].detach().bfloat16().double(), inp["weight"].bfloat16().double(), inp["targets"]
+    )
+    assert (fast - exact).abs().max() <= 2 * (ref - exact).abs().max() + 1e-6
+    fast.sum().backward()
+    assert inp["weight"].grad.dtype == torch.float32
+
+
 def test_bad_impl_name_is_one_clear_sentence() -> None:
     inp = make_inputs()
     with pytest.raises(ValueError) as err:
@@ -275,3 +303,37 @@ def test_triton_masked_rows_and_auto() -> None:
     assert kernels.token_logprobs(
         empty["hidden"], empty["weight"], empty["targets"], impl="triton"
     ).shape == (0,)
+
+
+INTERPRETED = """
+import torch, kernels.triton_logprobs as tl_mod
+from kernels.chunked import ChunkedLogprobs
+from kernels.reference import naive_token_logprobs
+tl_mod.BLOCK_V = 32  # several vocabulary blocks per row, a partial last one
+g = torch.Generator().manual_seed(0)
+h, w = torch.randn(94, 16, generator=g) * 2, torch.randn(123, 16, generator=g) / 4
+b, t = torch.randn(123, generator=g), torch.randint(0, 123, (94,), generator=g)
+g1, g2 = torch.randn(94, generator=g), torch.randn(94, generator=g)
+outs = []
+for fast in (True, False):
+    leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+    if fast:
+        lp, en = ChunkedLogprobs.apply(*leaves, t, 0.7, 7, True, tl_mod.TritonChunkOps)
+    else:
+        lp, en = naive_token_logprobs(*leaves[:2], t, bias=leaves[2], temperature=0.7, return_entropy=True)
+    outs.append([lp, en, *torch.autograd.grad((lp * g1).sum() + (en * g2).sum(), leaves)])
+for got, want in zip(*outs):
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(CUDA or importlib.util.find_spec("triton") is None, reason="needs triton, without CUDA")
+def test_triton_kernels_in_interpreter_mode() -> None:
+    # Without a GPU, Triton's interpreter runs the kernels on CPU tensors: the kernels' math, not their speed.
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", INTERPRETED], env=env, cwd=root, capture_output=True, text=True
+    )
+    assert proc.stdout.strip() == "ok", proc.stderr[-2000:]
