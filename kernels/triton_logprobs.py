@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.chunked import ChunkedLogprobs, default_chunk_size
+from kernels.chunked import ChunkedLogprobs, default_chunk_size, eager_hidden_grad
 
 BLOCK_V = 2048  # vocabulary block per loop step; 2048 bf16 = 4 KB per row per step
 
@@ -100,7 +100,9 @@ def _grad_kernel(
 class TritonChunkOps:
     """The two per-chunk operations of ChunkedLogprobs as Triton kernels, on one logits buffer."""
 
-    def __init__(self, rows: int, vocab: int, hidden: Tensor, with_entropy: bool) -> None:
+    def __init__(
+        self, rows: int, vocab: int, hidden: Tensor, with_entropy: bool, *, keep_logits: bool = False
+    ) -> None:  # `stats` only reads the logits: they are always kept
         self.logits_out = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)  # [c, V]
 
     def stats(
@@ -158,6 +160,7 @@ def triton_token_logprobs(
     assert hidden.is_cuda and weight.is_cuda, "the Triton path needs CUDA tensors"
     chunk = chunk_size or default_chunk_size(weight.shape[0])
     targets = targets.long().contiguous()
+    eager = eager_hidden_grad(hidden, weight, bias, return_entropy)
     return ChunkedLogprobs.apply(
-        hidden, weight, bias, targets, float(temperature), chunk, return_entropy, TritonChunkOps
+        hidden, weight, bias, targets, float(temperature), chunk, return_entropy, eager, TritonChunkOps
     )

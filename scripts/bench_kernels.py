@@ -43,7 +43,14 @@ def _maxrss_bytes() -> int:
 
 
 def measure(
-    impl: str, rows: int, vocab: int, hidden: int, dtype: str, repeat: int, chunk: int | None
+    impl: str,
+    rows: int,
+    vocab: int,
+    hidden: int,
+    dtype: str,
+    repeat: int,
+    chunk: int | None,
+    frozen_head: bool = False,
 ) -> dict[str, float | bool | None]:
     """One implementation at one shape, in this process; returns peak bytes and seconds per step."""
     import torch
@@ -57,7 +64,7 @@ def measure(
     h = torch.empty(rows, hidden, dtype=dt, device=dev).normal_(0, 4, generator=gen)  # [N, H]
     w = torch.empty(vocab, hidden, dtype=dt, device=dev).normal_(0, hidden**-0.5, generator=gen)  # [V, H]
     h.requires_grad_()
-    w.requires_grad_()
+    w.requires_grad_(not frozen_head)
     t = torch.randint(0, vocab, (rows,), device=dev, generator=gen)  # [N]
     g = torch.rand(rows, device=dev, generator=gen)  # [N] upstream gradient, like advantage * mask
 
@@ -108,6 +115,7 @@ def _child(args: argparse.Namespace, impl: str, vocab: int) -> dict | None:
     cmd += ["--rows", str(args.rows), "--hidden", str(args.hidden), "--dtype", args.dtype, "--repeat", "1"]
     chunk = chunk or args.chunk_size
     cmd += ["--chunk-size", str(chunk)] if chunk else []
+    cmd += ["--frozen-head"] if args.frozen_head else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:  # e.g. -9: the kernel's out-of-memory killer took the naive step
         print(
@@ -130,6 +138,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="rounds; each runs every impl once, in turn")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="fp32 on CPU, bf16 on CUDA")
     p.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: the kernels' own)")
+    p.add_argument("--frozen-head", action="store_true", help="no gradient for the LM head (as with LoRA)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -139,12 +148,14 @@ def main() -> None:
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
     if args.child:
         shape = (args.rows, args.vocab[0], args.hidden)
-        print(json.dumps(measure(args.child, *shape, args.dtype, args.repeat, args.chunk_size)))
+        res = measure(args.child, *shape, args.dtype, args.repeat, args.chunk_size, args.frozen_head)
+        print(json.dumps(res))
         return
     impls = args.impls.split(",") if args.impls else ["naive", "chunked"] + (["triton"] if cuda else [])
     device = torch.cuda.get_device_name() if cuda else f"{_cpu_name()}, {os.cpu_count()} cores"
     print(
         f"# {device}, torch {torch.__version__}, {args.dtype}, N={args.rows}, H={args.hidden}, {args.repeat} rounds"
+        + (", frozen LM head" if args.frozen_head else "")
     )
     print("| V | impl | peak memory (MiB) | vs naive | wall (s) | vs naive | CPU (s) | vs naive |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")

@@ -61,13 +61,12 @@ def run(
     )
     logp, ent = out if entropy else (out, None)
     loss = (logp * g).sum() + ((ent * g2).sum() if entropy else 0)
-    leaves = [x for x in (inp["hidden"], inp["weight"], inp["bias"]) if x is not None]
+    names = [k for k in ("hidden", "weight", "bias") if inp[k] is not None and inp[k].requires_grad]
+    leaves = [inp[k] for k in names]
     grads = torch.autograd.grad(loss, leaves) if n else [torch.zeros_like(x) for x in leaves]
-    res = {"logp": logp.detach(), "grad_hidden": grads[0], "grad_weight": grads[1]}
+    res = {"logp": logp.detach(), **{f"grad_{k}": gr for k, gr in zip(names, grads)}}
     if entropy:
         res["entropy"] = ent.detach()
-    if inp["bias"] is not None:
-        res["grad_bias"] = grads[2]
     return res
 
 
@@ -117,6 +116,27 @@ def test_masked_rows_get_exactly_zero_grads(impl: str) -> None:
     assert_matches(got, run(inp, impl="naive", mask=mask.flatten(), entropy=True))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_head_computes_hidden_grad_in_forward(dtype: torch.dtype) -> None:
+    # LoRA: the LM head is frozen, so d log p / d hidden is computed in forward (2 matmuls instead of 3).
+    inp = make_inputs(dtype=dtype, bias=True)
+    inp["weight"].requires_grad_(False)
+    inp["bias"].requires_grad_(False)
+    mask = torch.ones(B * T)
+    mask[:T] = 0
+    got = run(inp, impl="chunked", chunk_size=7, temperature=0.7, mask=mask)
+    assert set(got) == {"logp", "grad_hidden"} and got["grad_hidden"][:T].abs().max() == 0
+    assert got["grad_hidden"].dtype == dtype
+    ref = run(inp, impl="naive", temperature=0.7, mask=mask)
+    if dtype == torch.float32:
+        assert_matches(got, ref)
+    else:
+        exact = run({k: _f64(v) for k, v in inp.items()}, impl="naive", temperature=0.7, mask=mask)
+        for k in exact:
+            e_fast, e_ref = ((x[k].double() - exact[k].double()).abs().max() for x in (got, ref))
+            assert e_fast <= 2 * e_ref + 1e-6, (k, e_fast, e_ref)
+
+
 def test_all_rows_masked_gives_zero_weight_grad() -> None:
     inp = make_inputs(bias=True)
     got = run(inp, impl="chunked", mask=torch.zeros(B * T), entropy=True, chunk_size=7)
@@ -149,7 +169,7 @@ def bf16_errors(impl: str, **kw) -> tuple[dict[str, float], dict[str, float]]:
 def _f64(x: Tensor | None) -> Tensor | None:
     if x is None or not x.is_floating_point():
         return x
-    return x.detach().double().requires_grad_()
+    return x.detach().double().requires_grad_(x.requires_grad)
 
 
 @pytest.mark.parametrize("chunk_size", [7, 1000])
@@ -314,16 +334,20 @@ g = torch.Generator().manual_seed(0)
 h, w = torch.randn(94, 16, generator=g) * 2, torch.randn(123, 16, generator=g) / 4
 b, t = torch.randn(123, generator=g), torch.randint(0, 123, (94,), generator=g)
 g1, g2 = torch.randn(94, generator=g), torch.randn(94, generator=g)
-outs = []
-for fast in (True, False):
-    leaves = [x.clone().requires_grad_() for x in (h, w, b)]
-    if fast:
-        lp, en = ChunkedLogprobs.apply(*leaves, t, 0.7, 7, True, tl_mod.TritonChunkOps)
-    else:
-        lp, en = naive_token_logprobs(*leaves[:2], t, bias=leaves[2], temperature=0.7, return_entropy=True)
-    outs.append([lp, en, *torch.autograd.grad((lp * g1).sum() + (en * g2).sum(), leaves)])
-for got, want in zip(*outs):
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+for frozen_head in (False, True):  # frozen: d log p / d hidden computed in forward (no entropy then)
+    outs = []
+    for fast in (True, False):
+        leaves = [x.clone().requires_grad_(not frozen_head or x is h) for x in (h, w, b)]
+        if fast:
+            args = (t, 0.7, 7, not frozen_head, frozen_head, tl_mod.TritonChunkOps)
+            res = ChunkedLogprobs.apply(*leaves, *args)
+        else:
+            res = naive_token_logprobs(*leaves[:2], t, bias=leaves[2], temperature=0.7, return_entropy=not frozen_head)
+        lp, en = res if not frozen_head else (res, torch.zeros(94))
+        wrt = [x for x in leaves if x.requires_grad]
+        outs.append([lp, en, *torch.autograd.grad((lp * g1).sum() + (en * g2).sum(), wrt)])
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 print("ok")
 """
 
