@@ -243,13 +243,9 @@ def save_checkpoint(trainer: Any) -> Path:
     return final
 
 
-def resume(trainer: Any) -> Path | None:
-    """Load the checkpoint named by resume_from_checkpoint into a freshly built trainer (None: fresh run)."""
+def resume(trainer: Any, path: Path) -> Path:
+    """Load a checkpoint (already checked with check_compatible) into a freshly built trainer."""
     c, env = trainer.c, trainer.env
-    path = resolve_resume(c.resume_from_checkpoint, trainer.output_dir)
-    if path is None:
-        return None
-    check_compatible(path, trainer.t, force=c.force_resume)
     _load_weights(trainer, path / "model")
     optim = torch.load(path / "optimizer.pt", weights_only=False)
     if env.enabled and c.distributed_strategy == "fsdp":

@@ -78,6 +78,9 @@ class GRPOTrainer:
 
             require_unsloth(self.device)  # no CUDA or no package: stop before anything loads
         self.output_dir = Path(c.output_dir)
+        resume_path = ckpt.resolve_resume(c.resume_from_checkpoint, self.output_dir)
+        if resume_path is not None:  # a template that changes the math is refused before anything loads
+            ckpt.check_compatible(resume_path, template, force=c.force_resume)
         self.tokenizer = load_tokenizer(template.model)
         rows = load_rows(template.dataset)
         self.prompts = build_prompts(
@@ -102,7 +105,22 @@ class GRPOTrainer:
             else []
         )
         self.last_eval: tuple[int, EvalResult | None] | None = None
-        # Heavy part: models and optimizer.
+        self._build_models()
+        self.step = 0
+        self.eos_ids = sorted(
+            {
+                i
+                for i in [self.tokenizer.eos_token_id, *_as_list(self.model.generation_config.eos_token_id)]
+                if i is not None
+            }
+        )
+        self.stop_requested = False
+        self.skipped_steps = 0
+        self.resumed_from = ckpt.resume(self, resume_path) if resume_path is not None else None
+
+    def _build_models(self) -> None:
+        """The heavy part: policy (+ LoRA), reference, DDP/FSDP wrapping, optimizer, sampling generator."""
+        c, template = self.c, self.t
         torch.manual_seed(c.seed)
         # unsloth always trains a LoRA adapter (its own PEFT layers); ours is injected after loading.
         self.lora = c.use_lora or c.backend == "unsloth"
@@ -137,17 +155,6 @@ class GRPOTrainer:
             params, c, total_updates=self.total_steps * c.num_iterations
         )
         self.generator = torch.Generator(device=self.device).manual_seed(c.seed + 1000 * self.env.rank)
-        self.step = 0
-        self.eos_ids = sorted(
-            {
-                i
-                for i in [self.tokenizer.eos_token_id, *_as_list(self.model.generation_config.eos_token_id)]
-                if i is not None
-            }
-        )
-        self.stop_requested = False
-        self.skipped_steps = 0
-        self.resumed_from = ckpt.resume(self)  # None for a fresh run
 
     # ---------------------------------------------------------------- one step
     def rollout(self, batch: list[int]) -> tuple[Rollout, list[str], list[str], list[dict[str, Any]]]:
@@ -334,7 +341,9 @@ class GRPOTrainer:
         logger = None
         if env.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.output_dir / "template.yaml", yaml.safe_dump(asdict(self.t), sort_keys=False))
+            atomic_write_text(
+                self.output_dir / "template.yaml", yaml.safe_dump(asdict(self.t), sort_keys=False)
+            )
             logger = RunLogger(
                 self.output_dir,
                 total_steps=self.total_steps,
@@ -393,7 +402,9 @@ class GRPOTrainer:
         split = self.t.dataset.eval_split
         summary = {"step": self.step, "model": str(final), "split": split, **result.summary()}
         atomic_write_text(self.output_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
-        atomic_write_text(self.output_dir / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in result.records))
+        atomic_write_text(
+            self.output_dir / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in result.records)
+        )
         if logger is not None:
             logger.write(
                 f"eval on {split} ({result.num_prompts} problems): accuracy {result.accuracy:.3f}, "
