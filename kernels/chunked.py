@@ -50,15 +50,13 @@ def chunk_logits(
 class TorchChunkOps:
     """Per-chunk statistics and logit gradients in plain PyTorch, in place in one fp32 buffer."""
 
-    def __init__(
-        self, rows: int, vocab: int, hidden: Tensor, with_entropy: bool, *, keep_logits: bool = False
-    ) -> None:
+    def __init__(self, rows: int, vocab: int, hidden: Tensor, with_entropy: bool) -> None:
         self.buf = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)  # [c, V]
         self.buf2 = torch.empty_like(self.buf) if with_entropy else None  # [c, V]
-        # fp32: the matmul writes straight into the fp32 buffer, which `stats` then overwrites, unless the
-        # logits must survive it (keep_logits); bf16: the matmul needs its own buffer of its dtype anyway.
+        self.sum_exp: Tensor | None = None  # [c] left by `stats` for `dlogp_dlogits`
+        # fp32: the matmul writes straight into the fp32 buffer; bf16: it needs its own buffer of its dtype.
         self.logits_out = self.buf  # [c, V] in hidden's dtype
-        if hidden.dtype != torch.float32 or keep_logits:
+        if hidden.dtype != torch.float32:
             self.logits_out = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)
 
     def _scaled(self, logits: Tensor, temperature: float) -> Tensor:
@@ -84,9 +82,16 @@ class TorchChunkOps:
             # H = log s - sum_j e_j z_j / s on the shifted logits: both terms are small, so no cancellation.
             ent = s.log() - e.mul_(z).sum(-1) / s
         else:
-            s = z.exp_().sum(-1)  # [c]
+            s = z.exp_().sum(-1)  # [c]; the buffer now holds exp(z - m), which dlogp_dlogits reuses
+            self.sum_exp = s
         log_s = s.log()
         return z_t - log_s, m.squeeze(1) + log_s, ent
+
+    def dlogp_dlogits(self, logits: Tensor, targets: Tensor, temperature: float, lse: Tensor) -> Tensor:
+        """(onehot - p) / T, fp32 [c, V], for the chunk that `stats` (without entropy) has just processed."""
+        z = self.buf[: logits.shape[0]]  # exp(z - m), so p = z / sum_exp
+        z.mul_((-1.0 / (self.sum_exp * temperature)).unsqueeze(1))
+        return z.scatter_add_(1, targets.unsqueeze(1), torch.full_like(z[:, :1], 1.0 / temperature))
 
     def grad_logits(
         self,
@@ -159,11 +164,10 @@ class ChunkedLogprobs(torch.autograd.Function):
         lse = torch.empty_like(logp)  # [N]
         ent = torch.empty_like(logp) if with_entropy else None  # [N]
         rows = min(chunk_size, n)
-        ops = make_ops(rows, vocab, hidden, with_entropy, keep_logits=eager)
+        ops = make_ops(rows, vocab, hidden, with_entropy)
         dlogp_dh = (
             torch.empty(n, hidden.shape[1], dtype=hidden.dtype, device=hidden.device) if eager else None
         )
-        inv_t = torch.full((rows,), 1.0 / temperature, dtype=torch.float32, device=hidden.device)  # [c]
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             logits = chunk_logits(hidden[s:e], weight, bias, out=ops.logits_out[: e - s])  # [c, V]
@@ -172,7 +176,8 @@ class ChunkedLogprobs(torch.autograd.Function):
             if with_entropy:
                 ent[s:e] = en
             if eager:
-                dz = ops.grad_logits(logits, targets[s:e], temperature, ls, None, inv_t[: e - s], None)
+                assert not with_entropy
+                dz = ops.dlogp_dlogits(logits, targets[s:e], temperature, ls)  # [c, V]
                 dz_in = dz if dz.dtype == hidden.dtype else logits.copy_(dz)  # [c, V]
                 torch.mm(dz_in, weight, out=dlogp_dh[s:e])
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent, dlogp_dh)
@@ -201,7 +206,7 @@ class ChunkedLogprobs(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, **f32) if need_w else None  # [V, H] fp32 accumulator
         grad_b = torch.zeros(vocab, **f32) if need_b else None  # [V]
         rows = min(chunk, n)
-        ops = ctx.make_ops(rows, vocab, hidden, g_ent is not None, keep_logits=False)
+        ops = ctx.make_ops(rows, vocab, hidden, g_ent is not None)
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             logits = chunk_logits(hidden[s:e], weight, bias, out=ops.logits_out[: e - s])  # [c, V]

@@ -100,9 +100,7 @@ def _grad_kernel(
 class TritonChunkOps:
     """The two per-chunk operations of ChunkedLogprobs as Triton kernels, on one logits buffer."""
 
-    def __init__(
-        self, rows: int, vocab: int, hidden: Tensor, with_entropy: bool, *, keep_logits: bool = False
-    ) -> None:  # `stats` only reads the logits: they are always kept
+    def __init__(self, rows: int, vocab: int, hidden: Tensor, with_entropy: bool) -> None:
         self.logits_out = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)  # [c, V]
 
     def stats(
@@ -115,6 +113,11 @@ class TritonChunkOps:
                 logits, logits.stride(0), targets, logp, lse, ent, vocab, 1.0 / temperature, BLOCK_V=BLOCK_V
             )
         return logp, lse, ent if with_entropy else None
+
+    def dlogp_dlogits(self, logits: Tensor, targets: Tensor, temperature: float, lse: Tensor) -> Tensor:
+        """(onehot - p) / T in place of the logits (which `stats` only read), in the input dtype."""
+        inv_t = torch.full((logits.shape[0],), 1.0 / temperature, dtype=torch.float32, device=logits.device)
+        return self.grad_logits(logits, targets, temperature, lse, None, inv_t, None)
 
     def grad_logits(
         self,
