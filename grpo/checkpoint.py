@@ -105,9 +105,14 @@ def math_differences(saved: dict[str, Any], current: Template) -> list[str]:
     return sorted(k for k in set(a) | set(b) if k not in RESUME_SAFE_FIELDS and a.get(k) != b.get(k))
 
 
-def check_compatible(path: Path, current: Template, *, force: bool) -> None:
+def check_compatible(path: Path, current: Template, *, force: bool, world_size: int = 1) -> None:
+    """Refuse a resume whose template changes the math. batch_size is per process: a different process count
+    is fine as long as the global batch (batch_size x processes) stays the same."""
     saved = yaml.safe_load((path / "template.yaml").read_text())
     diffs = math_differences(saved, current)
+    saved_world = int(read_trainer_state(path).get("world_size", 1))
+    if saved["config"]["batch_size"] * saved_world == current.config.batch_size * world_size:
+        diffs = [d for d in diffs if d != "config.batch_size"]
     if diffs and not force:
         raise ConfigError(
             f"Cannot resume from {path}: the template differs in fields that change the run "

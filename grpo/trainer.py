@@ -80,7 +80,7 @@ class GRPOTrainer:
         self.output_dir = Path(c.output_dir)
         resume_path = ckpt.resolve_resume(c.resume_from_checkpoint, self.output_dir)
         if resume_path is not None:  # a template that changes the math is refused before anything loads
-            ckpt.check_compatible(resume_path, template, force=c.force_resume)
+            ckpt.check_compatible(resume_path, template, force=c.force_resume, world_size=self.env.world_size)
         self.tokenizer = load_tokenizer(template.model)
         rows = load_rows(template.dataset)
         self.prompts = build_prompts(

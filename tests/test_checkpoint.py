@@ -140,3 +140,57 @@ def test_lora_checkpoints_hold_only_the_adapter_and_resume_bitwise(template, tmp
     assert rows(killed) == rows(full)
     adapter = "adapter_model.safetensors"
     assert (killed / "model" / adapter).read_bytes() == (full / "model" / adapter).read_bytes()
+
+
+def torchrun(path, *overrides, nproc=2, env_extra=None):
+    from tests.test_distributed import free_port
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    head = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_port",
+        str(free_port()),
+    ]
+    return subprocess.run(
+        [*head, "scripts/train.py", str(path), *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_run_killed_and_resumed_bitwise(template, tmp_path, strategy):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    common = ["max_steps=4", "batch_size=1", f"distributed_strategy={strategy}"]
+    assert torchrun(template, f"output_dir={full}", *common).returncode == 0
+    result = torchrun(
+        template,
+        f"output_dir={killed}",
+        "save_steps=2",
+        *common,
+        env_extra={"GRPO_TEST_KILL_AT": "after_commit_step2"},
+    )
+    assert result.returncode != 0
+    ckpt = killed / "checkpoints" / "step-000002"
+    assert sorted(p.name for p in ckpt.glob("rng-rank*.pt")) == ["rng-rank0.pt", "rng-rank1.pt"]
+    result = torchrun(template, f"output_dir={killed}", "save_steps=2", "resume=latest", *common)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert rows(killed) == rows(full)
+    assert weights(killed) == weights(full)
+
+
+def test_resume_with_a_different_number_of_processes(template, tmp_path):
+    out = tmp_path / "run"
+    common = ["batch_size=1", "save_steps=2"]
+    assert torchrun(template, f"output_dir={out}", "max_steps=2", *common).returncode == 0
+    result = train(
+        template, f"output_dir={out}", "max_steps=4", "batch_size=2", "save_steps=2", "resume=latest"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [r["step"] for r in rows(out)] == [1, 2, 3, 4]
