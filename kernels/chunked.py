@@ -3,9 +3,10 @@
 Rows are processed `chunk_size` at a time. Forward keeps only the inputs and, per row, the log-sum-exp (and
 the entropy when asked); backward recomputes a chunk's logits with one matmul, turns them into d loss / d
 logits in place and feeds two more matmuls. Peak extra memory is one or two [chunk, V] fp32 buffers plus,
-for bf16 weights, an fp32 [V, H] gradient accumulator, instead of several [N, V] tensors.
+for bf16 weights, an fp32 [V, H] gradient accumulator, instead of several [N, V] tensors. With a frozen LM
+head (LoRA) and no entropy, forward computes d log p / d hidden directly and backward skips the recompute.
 
-The per-chunk math lives in `TorchChunkOps`; `kernels/triton_logprobs.py` supplies the same two operations as
+The per-chunk math lives in `TorchChunkOps`; `kernels/triton_logprobs.py` supplies the same operations as
 Triton kernels and reuses the autograd Function below.
 
 Math, with z = logits / T, p = softmax(z), lse = logsumexp(z), t the target and H = -sum_j p_j log p_j:

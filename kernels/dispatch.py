@@ -19,7 +19,7 @@ def _triton_importable() -> bool:
         return False  # never import triton on a machine without CUDA
     try:
         import kernels.triton_logprobs  # noqa: F401  (imports triton)
-    except ImportError:
+    except Exception:  # triton missing, or present but unusable here (driver, version): fall back
         return False
     return True
 
