@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_ERROR = 1
+
+
+def say_line(text: str) -> None:
+    """Write one line to stderr in a single write(2) call.
+
+    Several torchrun ranks share one stderr pipe; print() issues the text and the newline as two writes,
+    so two ranks' lines could interleave. One write of under PIPE_BUF bytes is atomic on a pipe.
+    """
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), (text + "\n").encode())
 
 
 def run_cli(job: Callable[[], int]) -> int:
@@ -17,11 +28,11 @@ def run_cli(job: Callable[[], int]) -> int:
     try:
         return job()
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say_line(f"error: {e}")
         return EXIT_USER_ERROR
     except (RewardError, NonFiniteError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        say_line(f"error: {e}")
         return EXIT_RUN_ERROR
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        say_line("interrupted")
         return 130

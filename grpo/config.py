@@ -158,12 +158,15 @@ class TrainConfig:
     # -- checkpoints and resume
     save_steps: int = doc("Write a resumable checkpoint every N steps (0 = only the final model).", default=0)
     save_total_limit: int = doc("Keep only the newest K checkpoints (0 = keep all).", default=0)
-    resume_from_checkpoint: str | None = doc("latest or a checkpoints/step-N folder: continue that run.",
-                                             default=None)
-    force_resume: bool = doc("Resume even when the template differs in fields that change the math.",
-                             default=False)
-    skip_nonfinite_steps: bool = doc("Skip a step whose loss or gradient is not finite instead of stopping.",
-                                     default=False)
+    resume_from_checkpoint: str | None = doc(
+        "latest or a checkpoints/step-N folder: continue that run.", default=None
+    )
+    force_resume: bool = doc(
+        "Resume even when the template differs in fields that change the math.", default=False
+    )
+    skip_nonfinite_steps: bool = doc(
+        "Skip a step whose loss or gradient is not finite instead of stopping.", default=False
+    )
 
 
 @dataclass

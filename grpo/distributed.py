@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from grpo.cli_common import say_line
 from grpo.config import ConfigError, TrainConfig
 
 
@@ -240,7 +241,7 @@ def run_rank(main: Callable[[], int]) -> int:
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:
-        print(f"error: rank {env.rank} failed:", file=sys.stderr)
+        say_line(f"error: rank {env.rank} failed:")
         traceback.print_exc()
         code = 1
     if code != 0:

@@ -133,4 +133,6 @@ def test_shipped_configs_load():
     g = load_template("configs/gsm8k.yaml", ["dataset.path=../shared/data/gsm8k/train.jsonl"])
     assert g.template.input == "{{question}}" and g.config.start_answer_string == "<answer>"
     lora = load_template("configs/lora.yaml")
-    assert lora.config.use_lora and lora.config.export_merged and lora.config.adaptor_name == "arithmetic-lora"
+    assert (
+        lora.config.use_lora and lora.config.export_merged and lora.config.adaptor_name == "arithmetic-lora"
+    )
