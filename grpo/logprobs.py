@@ -1,10 +1,18 @@
 """Per-token log-probs of the sampled completion tokens, without building [B, T, V] log-softmax in fp32.
 
-`CompletionLogprobs` is an nn.Module so that DDP/FSDP can wrap it as the root of the training forward: the
-decoder runs once over prompt + completion, and the LM head + log-softmax go through kernels/ in chunks.
+`CompletionLogprobs` is an nn.Module so that DDP/FSDP can wrap it as the root of the training forward. The LM
+head + log-softmax go through kernels/ in chunks. Two ways to run the decoder:
+
+- shared prefix (`prompt_index` given): each distinct prompt runs once, its key/value cache is gathered to the
+  G completions that share it, and only the completion tokens run G times. Gradients flow back through the
+  gathered cache into the single prompt pass, so the result equals the concatenated pass (to rounding) at
+  about (P + G*T) / (G*(P + T)) of the token work.
+- concatenated (`prompt_index` None): one decoder pass over prompt + completion per row.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -25,24 +33,66 @@ class CompletionLogprobs(nn.Module):
         prompt_mask: torch.Tensor,
         completion_ids: torch.Tensor,
         completion_mask: torch.Tensor,
+        prompt_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Returns [B, T] fp32 log-probs of completion_ids under softmax(logits / temperature)."""
-        ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P+T]
-        mask = torch.cat([prompt_mask, completion_mask], dim=1)  # [B, P+T]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
-        decoder = self.model.get_decoder()
-        hidden = decoder(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
-        ).last_hidden_state  # [B, P+T, H]
-        p, t = prompt_ids.shape[1], completion_ids.shape[1]
-        h = hidden[:, p - 1 : p + t - 1]  # [B, T, H]: position i predicts token i + 1
+        """Returns [B, T] fp32 log-probs of completion_ids under softmax(logits / temperature), 0 at padding.
+
+        prompt_ids/prompt_mask: [U, P] left-padded; completion_ids/completion_mask: [B, T];
+        prompt_index: [B], the prompt row of each completion (None: U == B, row i goes with prompt i).
+        """
+        width = int(completion_mask.sum(-1).max())  # trailing all-padding columns need no compute
+        ids, mask = completion_ids[:, :width], completion_mask[:, :width]
+        if prompt_index is None:
+            h = self._concatenated_hidden(prompt_ids, prompt_mask, ids, mask)
+        else:
+            h = self._shared_prefix_hidden(prompt_ids, prompt_mask, ids, mask, prompt_index)
         head = self.model.get_output_embeddings()
         logps = token_logprobs(
             h.reshape(-1, h.shape[-1]),
             head.weight,
-            completion_ids.reshape(-1),
+            ids.reshape(-1),
             bias=getattr(head, "bias", None),
             temperature=self.temperature,
             impl=self.impl,
+        ).view(ids.shape)  # [B, width]
+        logps = logps.masked_fill(mask == 0, 0.0)  # padding carries no value and no gradient
+        return nn.functional.pad(logps, (0, completion_ids.shape[1] - width))  # [B, T]
+
+    def _concatenated_hidden(self, prompt_ids, prompt_mask, ids, mask) -> torch.Tensor:
+        full_mask = torch.cat([prompt_mask, mask], dim=1)  # [B, P+T]
+        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
+        hidden = self.model.get_decoder()(
+            input_ids=torch.cat([prompt_ids, ids], dim=1),
+            attention_mask=full_mask,
+            position_ids=positions,
+            use_cache=False,
+        ).last_hidden_state  # [B, P+T, H]
+        p, t = prompt_ids.shape[1], ids.shape[1]
+        return hidden[:, p - 1 : p + t - 1]  # [B, T, H]: position i predicts token i + 1
+
+    def _shared_prefix_hidden(self, prompt_ids, prompt_mask, ids, mask, prompt_index) -> torch.Tensor:
+        decoder = self.model.get_decoder()
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # [U, P]
+        out = decoder(
+            input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True
         )
-        return logps.view(completion_ids.shape)  # [B, T]
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        cache.reorder_cache(prompt_index)  # [U, ...] -> [B, ...], a differentiable gather
+        first = out.last_hidden_state[:, -1][prompt_index]  # [B, H]: predicts completion token 0
+        if ids.shape[1] == 1:
+            return first[:, None]
+        start = positions[:, -1][prompt_index, None] + 1  # [B, 1]
+        steps = torch.arange(ids.shape[1] - 1, device=ids.device)
+        rest = decoder(
+            input_ids=ids[:, :-1],  # token t predicts token t + 1; the last token predicts nothing
+            attention_mask=torch.cat([prompt_mask[prompt_index], mask[:, :-1]], dim=1),
+            position_ids=start + steps,
+            use_cache=True,
+            **{cache_argument(decoder): cache},
+        ).last_hidden_state  # [B, T-1, H]
+        return torch.cat([first[:, None], rest], dim=1)  # [B, T, H]
+
+
+def cache_argument(module: nn.Module) -> str:
+    """transformers 5.x renamed past_key_values to cache; pass whichever this forward takes."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"

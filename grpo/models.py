@@ -16,6 +16,7 @@ from grpo.config import EMBEDDED_MODEL, ConfigError, TrainConfig
 from grpo.fsio import fresh_dir, replace_dir
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERSION_VERSION = 2  # 2: no gguf quantization_config in config.json
 
 
 def resolve_device(c: TrainConfig) -> torch.device:
@@ -62,7 +63,9 @@ def resolve_model_source(model: str) -> tuple[str, dict[str, Any]]:
 def _converted_gguf(gguf: Path) -> Path:
     """De-quantising a GGUF takes ~15 s; a safetensors copy keyed by the file's identity loads in ~1 s."""
     stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    # CONVERSION_VERSION changes when the written folder does, so stale caches are rebuilt, not reused.
+    identity = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERSION_VERSION}"
+    key = hashlib.sha1(identity.encode()).hexdigest()[:12]
     target = cache_dir() / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file():
         return target
@@ -136,6 +139,10 @@ def save_model(
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]
     config["use_cache"] = True
+    if (config.get("quantization_config") or {}).get("quant_method") == "gguf":
+        # The weights were de-quantised on load and are written in full precision; a leftover gguf entry
+        # makes transformers treat the folder as quantized and refuse to fine-tune it (Trainer, TRL).
+        del config["quantization_config"]
     (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(tmp)

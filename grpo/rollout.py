@@ -6,10 +6,11 @@ the B*G sequences decode together; decoding stops as soon as every sequence has 
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
+
+from grpo.logprobs import cache_argument
 
 
 @dataclass
@@ -21,6 +22,18 @@ class Rollout:
     completion_ids: torch.Tensor  # [N, T] padded with pad_id after the end token
     completion_mask: torch.Tensor  # [N, T] 1 up to and including the end token
     truncated: torch.Tensor  # [N] bool: hit the length limit without an end token
+    group_size: int = 1  # rows i and j share a prompt when i // group_size == j // group_size
+
+    def prompt_groups(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The distinct prompts of rows[start:stop], without all-padding columns, and each row's index into
+        them: ids [U, P'], mask [U, P'], index [B]. Lets the log-prob passes run each prompt once."""
+        g, device = self.group_size, self.prompt_ids.device
+        first, last = rows.start // g, (rows.stop - 1) // g
+        take = torch.arange(first, last + 1, device=device) * g  # [U] one row per distinct prompt
+        index = torch.arange(rows.start, rows.stop, device=device) // g - first  # [B]
+        ids, mask = self.prompt_ids[take], self.prompt_mask[take]
+        start = int(mask.any(dim=0).long().argmax())  # left padding shared by all U prompts is skipped
+        return ids[:, start:], mask[:, start:], index
 
     @property
     def num_completion_tokens(self) -> int:
@@ -50,11 +63,6 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [N]
 
 
-def _cache_argument(model: torch.nn.Module) -> str:
-    """transformers 5.x renamed past_key_values to cache; pass whichever this model's forward takes."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -80,7 +88,7 @@ def generate(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
         )
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
-        cache_arg = _cache_argument(model)
+        cache_arg = cache_argument(model)
         cache.batch_repeat_interleave(num_generations)
         logits = out.logits[:, -1].repeat_interleave(num_generations, dim=0)  # [N, V]
         mask = mask.repeat_interleave(num_generations, dim=0)  # [N, P]
@@ -120,6 +128,7 @@ def generate(
             completion_ids=completion,
             completion_mask=completion_mask,
             truncated=~done,
+            group_size=num_generations,
         )
     finally:
         model.train(was_training)

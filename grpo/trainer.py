@@ -116,6 +116,7 @@ class GRPOTrainer:
         )
         self.stop_requested = False
         self.skipped_steps = 0
+        self.optimizer_seconds = 0.0
         self.resumed_from = ckpt.resume(self, resume_path) if resume_path is not None else None
 
     def _build_models(self) -> None:
@@ -140,6 +141,8 @@ class GRPOTrainer:
                 )
         if self.lora:
             self.model.train()  # from_pretrained returns eval mode; LoRA dropout acts in training forwards
+        # unsloth patches the model's forward in ways a cache-with-gradients pass may not survive.
+        self.shared_prefix = c.backend != "unsloth"
         self.policy = CompletionLogprobs(self.model, temperature=c.temperature, impl=c.logprob_impl)
         self.ref = None
         if c.beta > 0 and not self.lora:
@@ -184,14 +187,22 @@ class GRPOTrainer:
         size = self.c.micro_batch_size or n
         return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
-    @torch.no_grad()
+    def logprob_inputs(self, ro: Rollout, s: slice) -> tuple[torch.Tensor, ...]:
+        """CompletionLogprobs arguments for rows s: each distinct prompt once, unless the backend opts out."""
+        if not self.shared_prefix:
+            return ro.prompt_ids[s], ro.prompt_mask[s], ro.completion_ids[s], ro.completion_mask[s]
+        prompt_ids, prompt_mask, index = ro.prompt_groups(s)
+        return prompt_ids, prompt_mask, ro.completion_ids[s], ro.completion_mask[s], index
+
     def frozen_logprobs(self, module: CompletionLogprobs, ro: Rollout) -> torch.Tensor:
-        return torch.cat(
-            [
-                module(ro.prompt_ids[s], ro.prompt_mask[s], ro.completion_ids[s], ro.completion_mask[s])
-                for s in self.micro_batches(ro.completion_ids.shape[0])
-            ]
-        )  # [N, T]
+        """Reference / old-policy log-probs [N, T]: no graph. inference_mode also skips version counters,
+        but FSDP's parameter all-gathers must stay ordinary tensors, so it gets plain no_grad."""
+        fsdp = self.env.enabled and self.c.distributed_strategy == "fsdp"
+        with torch.no_grad() if fsdp else torch.inference_mode():
+            out = torch.cat(
+                [module(*self.logprob_inputs(ro, s)) for s in self.micro_batches(ro.completion_ids.shape[0])]
+            )
+        return out.clone()  # an ordinary tensor that the loss may save for backward
 
     def update(
         self,
@@ -209,9 +220,7 @@ class GRPOTrainer:
         slices = self.micro_batches(n)
         for s in slices:
             with grad_sync(self.policy, last=s is slices[-1]):
-                logps = self.policy(
-                    ro.prompt_ids[s], ro.prompt_mask[s], ro.completion_ids[s], ro.completion_mask[s]
-                )
+                logps = self.policy(*self.logprob_inputs(ro, s))
                 loss, stats = self.loss_fn(
                     logps,
                     None if old is None else old[s],
@@ -233,6 +242,7 @@ class GRPOTrainer:
         bad_loss = any_over_ranks(not all(torch.isfinite(torch.tensor(v)) for v in totals.values()), self.env)
         if bad_loss and not self._skip_nonfinite(f"Non-finite loss at step {self.step + 1}: {totals}."):
             return totals
+        t_opt = time.perf_counter()
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -245,6 +255,7 @@ class GRPOTrainer:
         self.optimizer.step()
         self.scheduler.step()
         totals["grad_norm"] = float(grad_norm)
+        self.optimizer_seconds += time.perf_counter() - t_opt
         return totals
 
     def _skip_nonfinite(self, message: str) -> bool:
@@ -281,10 +292,12 @@ class GRPOTrainer:
         ref = self.frozen_logprobs(self.ref, ro) if self.ref is not None else None
         old = self.frozen_logprobs(self.policy, ro) if c.num_iterations > 1 else None
         timings["time/logprob_s"] = time.perf_counter() - t2
-        t3 = time.perf_counter()
+        t3, self.optimizer_seconds = time.perf_counter(), 0.0
         for _ in range(c.num_iterations):
             stats = self.update(ro, advantages, loss_mask, old, ref)
         timings["time/update_s"] = time.perf_counter() - t3
+        timings["time/optimizer_s"] = self.optimizer_seconds  # grad clip + step; the rest is fwd/bwd
+        timings["time/fwd_bwd_s"] = timings["time/update_s"] - self.optimizer_seconds
         step_time = time.perf_counter() - t0
         lengths = ro.completion_mask.sum(-1).float()  # [N]
         metrics = {

@@ -39,6 +39,7 @@ def fixed_rollout(trainer: GRPOTrainer, batch: list[int]):
         completion_ids=completion.to(trainer.device),
         completion_mask=completion_mask.to(trainer.device),
         truncated=completion_mask.sum(-1).eq(T).to(trainer.device),
+        group_size=g,
     )
     texts = trainer.tokenizer.batch_decode(
         completion.masked_fill(completion_mask == 0, pad), skip_special_tokens=True

@@ -1,0 +1,114 @@
+"""Side-by-side step benchmark of our trainer and TRL's GRPOTrainer on identical work (scripts/bench.py).
+
+Both sides get the same model files, the same prompt token ids in the same order (ours samples them with its
+seeded PromptSampler; TRL gets that sequence unshuffled), the same G, completion length, beta, temperature,
+learning rate and reward functions. Each system runs in its own child process so its peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+LOCAL_GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    name: str
+    device: str  # cpu | cuda
+    dtype: str  # float32 | bfloat16
+    prompts_per_step: int
+    num_generations: int
+    completion_tokens: int
+    beta: float = 0.04
+    steps: int = 6
+    warmup_steps: int = 1  # not counted in the medians: first-call allocations, lazy inits
+    learning_rate: float = 1e-6
+    temperature: float = 1.0
+    seed: int = 0
+    model: str = "embedded:smollm2-135m-instruct"
+    data: str = ""  # empty: the shared GSM8K train file when present, else the hub's openai/gsm8k
+    ignore_eos: bool = False  # sample every completion to full length on both sides (equal work)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+CONFIGS = {
+    # The issue's CPU setting: fp32, one GSM8K prompt per step, G=4, 64 tokens, beta 0.04.
+    "cpu": BenchConfig("cpu", "cpu", "float32", 1, 4, 64),
+    "gpu": BenchConfig("gpu", "cuda", "bfloat16", 16, 8, 256, steps=8, warmup_steps=2),
+}
+
+
+def resolve_config(name: str, overrides: dict[str, Any]) -> BenchConfig:
+    if name not in CONFIGS:
+        raise ValueError(f"benchmark config {name!r} is unknown: use one of {', '.join(CONFIGS)}.")
+    cfg = replace(CONFIGS[name], **overrides)
+    if cfg.steps <= cfg.warmup_steps:
+        raise ValueError(f"--steps = {cfg.steps} must be larger than the {cfg.warmup_steps} warm-up step(s).")
+    return cfg
+
+
+def gsm8k_template(cfg: BenchConfig, output_dir: str) -> dict[str, Any]:
+    """The seed's GSM8K template (configs/gsm8k.yaml) with the benchmark's sizes."""
+    data = yaml.safe_load((REPO / "configs" / "gsm8k.yaml").read_text())
+    path = cfg.data or (str(LOCAL_GSM8K) if LOCAL_GSM8K.is_file() else "openai/gsm8k")
+    data["model"] = cfg.model
+    data["dataset"] = {"path": path, "split": "train", "limit": cfg.steps * cfg.prompts_per_step}
+    if path == "openai/gsm8k":
+        data["dataset"]["config"] = "main"
+    data["config"].update(
+        train_device=cfg.device,
+        dtype=cfg.dtype,
+        batch_size=cfg.prompts_per_step,
+        num_generations=cfg.num_generations,
+        maximum_completion_length=cfg.completion_tokens,
+        maximum_sequence_length=512 + cfg.completion_tokens,  # no GSM8K prompt is cut
+        beta=cfg.beta,
+        learning_rate=cfg.learning_rate,
+        learning_rate_schedule="constant",
+        warmup_ratio=0.0,
+        temperature=cfg.temperature,
+        max_steps=cfg.steps,
+        loss_type="grpo",
+        seed=cfg.seed,
+        output_dir=output_dir,
+        log_to_wandb=False,
+    )
+    return data
+
+
+def peak_memory_bytes(device: str) -> int:
+    """Max allocated on GPU; the process's peak resident set on CPU (ru_maxrss is KiB on Linux)."""
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    scale = 1 if sys.platform == "darwin" else 1024
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+
+
+def step_record(step_s: float, rollout_s: float, tokens: int) -> dict[str, float]:
+    return {"step_s": step_s, "rollout_s": rollout_s, "tokens": tokens}
+
+
+def prompts_in_step_order(cfg: BenchConfig) -> list[Any]:
+    """The Prompt objects our trainer draws, in the order it draws them (TRL gets them in this order)."""
+    from grpo.config import template_from_dict
+    from grpo.data import PromptSampler, build_prompts, load_rows
+    from grpo.models import load_tokenizer
+
+    t = template_from_dict(gsm8k_template(cfg, "unused"))
+    tokenizer = load_tokenizer(t.model)
+    max_prompt = t.config.maximum_sequence_length - t.config.maximum_completion_length
+    prompts = build_prompts(load_rows(t.dataset), t.template, tokenizer, max_prompt_tokens=max_prompt)
+    sampler = PromptSampler(len(prompts), batch_size=cfg.prompts_per_step, seed=cfg.seed)
+    return [prompts[i] for _ in range(cfg.steps) for i in sampler.next_batch()]

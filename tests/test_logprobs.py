@@ -1,0 +1,79 @@
+"""The shared-prefix log-prob pass (each prompt once) equals the concatenated pass in values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grpo.logprobs import CompletionLogprobs
+from grpo.models import load_model
+from grpo.rollout import Rollout, left_pad
+
+CPU, F32 = torch.device("cpu"), torch.float32
+
+
+def make_rollout(pad_id: int, *, prompt_lengths: list[int], completion_lengths: list[int], g: int) -> Rollout:
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(100, 2000, (n,), generator=gen).tolist() for n in prompt_lengths]
+    ids, mask = left_pad(prompts, pad_id, CPU)
+    t = max(completion_lengths)
+    completion = torch.full((len(completion_lengths), t), pad_id)
+    completion_mask = torch.zeros((len(completion_lengths), t), dtype=torch.long)
+    for row, n in enumerate(completion_lengths):
+        completion[row, :n] = torch.randint(100, 2000, (n,), generator=gen)
+        completion_mask[row, :n] = 1
+    return Rollout(
+        prompt_ids=ids.repeat_interleave(g, dim=0),
+        prompt_mask=mask.repeat_interleave(g, dim=0),
+        completion_ids=completion,
+        completion_mask=completion_mask,
+        truncated=completion_mask.sum(-1).eq(t),
+        group_size=g,
+    )
+
+
+@pytest.mark.parametrize(
+    "rows, completion_lengths",
+    [
+        (slice(0, 6), [5, 3, 1, 5, 2, 4]),  # whole groups, mixed lengths
+        (slice(1, 5), [5, 3, 1, 5, 2, 4]),  # a micro-batch that cuts both groups
+        (slice(0, 6), [1, 1, 1, 1, 1, 1]),  # one completion token: only the prompt pass predicts
+        (slice(3, 6), [2, 2, 2, 6, 6, 6]),  # trailing columns all padding for these rows
+    ],
+)
+def test_shared_prefix_matches_concatenated_pass(tokenizer, tiny_model_dir, rows, completion_lengths):
+    model = load_model(str(tiny_model_dir), device=CPU, dtype=F32)
+    module = CompletionLogprobs(model, temperature=0.7, impl="naive")
+    ro = make_rollout(
+        tokenizer.pad_token_id, prompt_lengths=[4, 9], completion_lengths=completion_lengths, g=3
+    )
+    concat_args = (ro.prompt_ids[rows], ro.prompt_mask[rows], ro.completion_ids[rows], ro.completion_mask[rows])
+    prompt_ids, prompt_mask, index = ro.prompt_groups(rows)
+    assert prompt_ids.shape[0] == len(set(range(rows.start // 3, (rows.stop - 1) // 3 + 1)))
+    shared_args = (prompt_ids, prompt_mask, ro.completion_ids[rows], ro.completion_mask[rows], index)
+    weights = torch.randn(ro.completion_ids[rows].shape, generator=torch.Generator().manual_seed(3))
+
+    grads = []
+    for args in (concat_args, shared_args):
+        model.zero_grad()
+        logps = module(*args)
+        assert logps.shape == ro.completion_ids[rows].shape
+        (logps * weights).sum().backward()
+        grads.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (concat, concat_grads), (shared, shared_grads) = grads
+    mask = ro.completion_mask[rows].bool()
+    torch.testing.assert_close(shared[mask], concat[mask], atol=2e-5, rtol=1e-5)
+    assert torch.all(shared[~mask] == 0) and torch.all(concat[~mask] == 0)
+    for name, g in concat_grads.items():
+        torch.testing.assert_close(shared_grads[name], g, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_prompt_groups_drops_shared_left_padding(tokenizer):
+    ro = make_rollout(tokenizer.pad_token_id, prompt_lengths=[4, 9, 6], completion_lengths=[2] * 6, g=2)
+    ids, mask, index = ro.prompt_groups(slice(4, 6))  # only the 6-token prompt: 3 padding columns go
+    assert ids.shape == (1, 6) and mask.all()
+    assert index.tolist() == [0, 0]
+    ids, mask, index = ro.prompt_groups(slice(1, 5))  # rows 1-4 touch prompts 0, 1, 2; 9 tokens wide
+    assert ids.shape == (3, 9)
+    assert mask.sum(-1).tolist() == [4, 9, 6]
+    assert index.tolist() == [0, 1, 1, 2]
