@@ -17,7 +17,12 @@ def say_line(text: str) -> None:
     so two ranks' lines could interleave. One write of under PIPE_BUF bytes is atomic on a pipe.
     """
     sys.stderr.flush()
-    os.write(sys.stderr.fileno(), (text + "\n").encode())
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a replaced stderr (pytest capsys, a notebook)
+        sys.stderr.write(text + "\n")
+        return
+    os.write(fd, (text + "\n").encode())
 
 
 def run_cli(job: Callable[[], int]) -> int:

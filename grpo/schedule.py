@@ -34,6 +34,9 @@ def build_optimizer(
         betas=(c.adam_beta1, c.adam_beta2),
         eps=c.adam_epsilon,
         weight_decay=c.weight_decay,
+        # One fused kernel per parameter group instead of ~10 ops per tensor: faster and no temporaries.
+        # FSDP's DTensor parameters keep the default implementation.
+        fused=bool(params) and all(type(p) is torch.nn.Parameter and p.is_floating_point() for p in params),
     )
     warmup = int(round(c.warmup_ratio * total_updates))
     if c.learning_rate_schedule == "constant_with_warmup" and warmup == 0:

@@ -47,7 +47,12 @@ def test_shared_prefix_matches_concatenated_pass(tokenizer, tiny_model_dir, rows
     ro = make_rollout(
         tokenizer.pad_token_id, prompt_lengths=[4, 9], completion_lengths=completion_lengths, g=3
     )
-    concat_args = (ro.prompt_ids[rows], ro.prompt_mask[rows], ro.completion_ids[rows], ro.completion_mask[rows])
+    concat_args = (
+        ro.prompt_ids[rows],
+        ro.prompt_mask[rows],
+        ro.completion_ids[rows],
+        ro.completion_mask[rows],
+    )
     prompt_ids, prompt_mask, index = ro.prompt_groups(rows)
     assert prompt_ids.shape[0] == len(set(range(rows.start // 3, (rows.stop - 1) // 3 + 1)))
     shared_args = (prompt_ids, prompt_mask, ro.completion_ids[rows], ro.completion_mask[rows], index)

@@ -1,0 +1,92 @@
+"""A lean decode step for Llama-style decoders: a preallocated KV cache and the model's own layers.
+
+transformers' model forward rebuilds the 4-D attention mask and grows a DynamicCache by concatenation at every
+token, which costs about as much as the matmuls themselves when a step is 4 rows x 1 token on a CPU. Here the
+keys/values live in buffers sized for the whole rollout (each step writes one column), the additive mask is
+one small `where`, and the decoder layers are transformers' own modules (so LoRA layers, biases and q/k norms
+behave exactly as in training). Architectures whose model forward does anything else fall back to HF decoding.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+# Model types whose decoder forward is exactly embed -> rotary -> layers -> norm with full causal attention.
+STATIC_DECODE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def static_decode_supported(model: nn.Module, capacity: int) -> bool:
+    config = model.config
+    if config.model_type not in STATIC_DECODE_MODEL_TYPES:
+        return False
+    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return False
+    window = getattr(config, "sliding_window", None)
+    uses_window = getattr(config, "use_sliding_window", config.model_type == "mistral")
+    return not (uses_window and window is not None and window < capacity)
+
+
+class StaticKVCache:
+    """Keys/values [N, kv_heads, capacity, head_dim] per layer; quacks like transformers' Cache for layers."""
+
+    def __init__(self, prefill_cache: Any, repeats: int, capacity: int):
+        layers = prefill_cache.layers
+        k0 = layers[0].keys  # [B, kv_heads, P, D]
+        b, heads, p, d = k0.shape
+        shape = (b * repeats, heads, capacity, d)
+        self.keys = [k0.new_empty(shape) for _ in layers]
+        self.values = [k0.new_empty(shape) for _ in layers]
+        for i, layer in enumerate(layers):  # each prompt's prefix copied to its G rows
+            self.keys[i][:, :, :p] = layer.keys.repeat_interleave(repeats, dim=0)
+            self.values[i][:, :, :p] = layer.values.repeat_interleave(repeats, dim=0)
+        self.length = p  # columns filled; grows by one per decode step
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_, **__):
+        end = self.length + key_states.shape[2]
+        self.keys[layer_idx][:, :, self.length : end] = key_states
+        self.values[layer_idx][:, :, self.length : end] = value_states
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+
+class StaticDecoder:
+    """One token per row per call: logits [N, V] for tokens [N] at positions [N]."""
+
+    def __init__(self, model: nn.Module, cache: StaticKVCache, attention_mask: torch.Tensor, capacity: int):
+        self.model, self.cache = model, cache
+        self.decoder = model.get_decoder()
+        self.head = model.get_output_embeddings()
+        n, p = attention_mask.shape
+        self.allowed = torch.zeros((n, capacity), dtype=torch.bool, device=attention_mask.device)
+        self.allowed[:, :p] = attention_mask.bool()  # left padding of the prompts stays masked
+        self.dtype = cache.keys[0].dtype
+        self.cache_arg = _layer_cache_argument(self.decoder.layers[0])
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        end = self.cache.length + 1
+        self.allowed[:, end - 1] = True
+        mask = torch.zeros((), dtype=self.dtype, device=tokens.device).masked_fill(
+            ~self.allowed[:, None, None, :end], torch.finfo(self.dtype).min
+        )  # [N, 1, 1, end] additive, as transformers' sdpa and eager attention expect
+        hidden = self.decoder.embed_tokens(tokens[:, None])  # [N, 1, H]
+        pos = positions[:, None]
+        rope = self.decoder.rotary_emb(hidden, position_ids=pos)
+        for layer in self.decoder.layers:
+            out = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=pos,
+                position_embeddings=rope,
+                **{self.cache_arg: self.cache},
+            )
+            hidden = out[0] if isinstance(out, tuple) else out
+        self.cache.length = end
+        return self.head(self.decoder.norm(hidden[:, -1]))  # [N, V]
+
+
+def _layer_cache_argument(layer: nn.Module) -> str:
+    params = inspect.signature(layer.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
