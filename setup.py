@@ -22,7 +22,7 @@ setup(
         "wandb": ["wandb>=0.17"],
         "test": ["pytest>=8", "ruff>=0.5", "peft>=0.13", "wandb>=0.17"],
         "unsloth": ["unsloth"],
-        "bench": ["trl"],
+        "bench": ["trl>=1.16"],
     },
     entry_points={"console_scripts": ["grpo=grpo.jobs.cli:main"]},
 )

@@ -1,0 +1,60 @@
+"""scripts/bench.py end to end on a tiny model: our trainer and TRL's GRPOTrainer on the same forced-length work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "scripts/bench.py", *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_side_by_side_rows_for_equal_work(tiny_model_dir, tmp_path):
+    pytest.importorskip("trl", reason="the TRL side needs pip install -e '.[bench]'")
+    out = tmp_path / "bench.jsonl"
+    result = bench("cpu", "--systems", "ours,trl", "--steps", "3", "--model", str(tiny_model_dir), "--ignore-eos",
+                   "--out", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [r["system"] for r in rows] == ["ours", "trl"]
+    assert out.read_text().splitlines() == result.stdout.strip().splitlines()
+    ours, trl = rows
+    for row in rows:
+        assert row["measured_steps"] == 2  # 3 steps, the first is warm-up
+        assert row["completion_tokens_per_step"] == 1 * 4 * 64  # every completion forced to 64 tokens
+        assert row["median_step_s"] > 0 and row["rollout_tokens_per_s"] > 0
+        assert 0.3 < row["peak_memory_gb"] < 20 and row["memory_kind"] == "peak_rss"
+        assert row["settings"]["beta"] == 0.04 and row["settings"]["num_generations"] == 4
+    assert ours["step_time_vs_trl"] == round(ours["median_step_s"] / trl["median_step_s"], 3)
+    assert set(ours["phase_median_s"]) == {"rollout", "reward", "logprob", "fwd_bwd", "optimizer"}
+    assert trl["trl_version"]
+
+
+def test_ours_alone_and_bad_arguments(tiny_model_dir):
+    result = bench("cpu", "--systems", "ours", "--steps", "2", "--model", str(tiny_model_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert row["system"] == "ours" and row["measured_steps"] == 1
+    assert 0 < row["completion_tokens_per_step"] <= 256 and "step_time_vs_trl" not in row
+
+    result = bench("cpu", "--systems", "ours,vllm")
+    assert result.returncode != 0
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "error: --systems = 'ours,vllm': use a comma list of ours, trl."
+    )
+    result = bench("cpu", "--steps", "1")
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "error: --steps = 1 must be larger than the 1 warm-up step(s)."
+    )
+    result = bench("cpu", "--repeats", "0")
+    assert result.stderr.strip().splitlines()[-1] == "error: --repeats = 0: it must be 1 or more."
