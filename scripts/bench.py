@@ -5,7 +5,8 @@
     python scripts/bench.py gpu --systems ours
 
 Runs alternate (ours, trl, ours, trl, ...), each in a fresh child process so peak memory is per system.
-Prints one JSON line per system: median step time, rollout tokens/s, peak memory and ours/TRL ratios.
+Prints one JSON line per system: median step time, rollout tokens/s, peak memory and ours/TRL ratios, and
+rollout tokens/s against the memory-bandwidth bound (rows x measured copy bandwidth / weight bytes).
 """
 
 from __future__ import annotations
@@ -121,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         ours, trl = rows[0], rows[1]
         ours["step_time_vs_trl"] = round(ours["median_step_s"] / trl["median_step_s"], 3)
         ours["peak_memory_vs_trl"] = round(ours["peak_memory_gb"] / trl["peak_memory_gb"], 3)
+    bound = [
+        r["rollout_bound_tokens_per_s"] for r in runs.get("ours", []) if "rollout_bound_tokens_per_s" in r
+    ]
+    for row in rows if bound else []:  # same model and rows on both sides, so one bound serves both
+        row["rollout_bound_tokens_per_s"] = round(statistics.median(bound), 1)
+        row["rollout_vs_bound"] = round(row["rollout_tokens_per_s"] / row["rollout_bound_tokens_per_s"], 3)
     lines = [json.dumps({**row, "settings": cfg.to_dict()}) for row in rows]
     print("\n".join(lines))
     if args.out:

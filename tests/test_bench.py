@@ -36,6 +36,11 @@ def test_side_by_side_rows_for_equal_work(tiny_model_dir, tmp_path):
     assert ours["step_time_vs_trl"] == round(ours["median_step_s"] / trl["median_step_s"], 3)
     assert set(ours["phase_median_s"]) == {"rollout", "reward", "logprob", "fwd_bwd", "optimizer"}
     assert trl["trl_version"]
+    for row in rows:  # one bandwidth bound, measured on our side, for both
+        assert row["rollout_bound_tokens_per_s"] == ours["rollout_bound_tokens_per_s"] > 0
+        assert row["rollout_vs_bound"] == round(
+            row["rollout_tokens_per_s"] / row["rollout_bound_tokens_per_s"], 3
+        )
 
 
 def test_ours_alone_and_bad_arguments(tiny_model_dir):

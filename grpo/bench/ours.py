@@ -6,6 +6,8 @@ import tempfile
 import time
 from typing import Any
 
+import torch
+
 from grpo.bench import BenchConfig, gsm8k_template, peak_memory_bytes, step_record
 from grpo.config import template_from_dict
 from grpo.trainer import GRPOTrainer
@@ -28,7 +30,30 @@ def run_ours(cfg: BenchConfig) -> dict[str, Any]:
                 step_record(time.perf_counter() - t0, metrics["time/rollout_s"], _tokens(metrics, cfg))
             )
             phases.append({k: metrics[k] for k in PHASES if k in metrics})
-        return {"steps": steps, "phases": phases, "peak_memory_bytes": peak_memory_bytes(cfg.device)}
+        peak = peak_memory_bytes(cfg.device)  # before the bandwidth probe allocates its buffers
+        weight_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+        rows = cfg.prompts_per_step * cfg.num_generations
+        # A decode step reads every weight once, so rows * bandwidth / weight bytes bounds tokens/s.
+        bound = rows * copy_bandwidth(trainer.device) / weight_bytes
+        return {
+            "steps": steps,
+            "phases": phases,
+            "peak_memory_bytes": peak,
+            "rollout_bound_tokens_per_s": bound,
+        }
+
+
+def copy_bandwidth(device: torch.device, mib: int = 512) -> float:
+    """Achievable memory bandwidth in bytes/s: a large device-to-device copy reads and writes every byte."""
+    src = torch.ones(mib * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device.type)
+    t0, repeats = time.perf_counter(), 5
+    for _ in range(repeats):
+        dst.copy_(src)
+    _sync(device.type)
+    return 2 * src.nbytes * repeats / (time.perf_counter() - t0)
 
 
 def _tokens(metrics: dict[str, float], cfg: BenchConfig) -> int:
@@ -37,6 +62,4 @@ def _tokens(metrics: dict[str, float], cfg: BenchConfig) -> int:
 
 def _sync(device: str) -> None:
     if device == "cuda":
-        import torch
-
         torch.cuda.synchronize()
