@@ -89,6 +89,11 @@ class TrainConfig:
     maximum_completion_length: int = doc("Most tokens sampled per completion.", default=256)
     batch_size: int = doc("Prompts per device per step (each sampled num_generations times).", default=4)
     micro_batch_size: int = doc("Sequences per forward/backward of the loss (0 = all at once).", default=0)
+    gradient_checkpointing: bool = doc(
+        "Recompute each decoder layer in backward instead of keeping its activations: much less memory for "
+        "about one more forward of time; the log-prob passes then run prompt + completion per sequence.",
+        default=False,
+    )
     # -- optimisation
     learning_rate_schedule: Literal["constant", "linear", "cosine", "constant_with_warmup"] = doc(
         "Learning-rate schedule after warmup.", default="constant"

@@ -139,10 +139,16 @@ class GRPOTrainer:
                     dropout=c.lora_dropout,
                     target_modules=c.lora_target_modules,
                 )
-        if self.lora:
-            self.model.train()  # from_pretrained returns eval mode; LoRA dropout acts in training forwards
-        # unsloth patches the model's forward in ways a cache-with-gradients pass may not survive.
-        self.shared_prefix = c.backend != "unsloth"
+        if self.lora or c.gradient_checkpointing:
+            # from_pretrained returns eval mode; LoRA dropout acts only in training forwards, and
+            # transformers recomputes (checkpoints) layers only in training mode.
+            self.model.train()
+        # The shared-prefix pass writes each layer's keys/values into a cache during forward, which a
+        # recomputing (checkpointed) layer would write twice; unsloth patches the forward in ways it may not
+        # survive. Both take the concatenated pass instead.
+        self.shared_prefix = c.backend != "unsloth" and not c.gradient_checkpointing
+        if c.gradient_checkpointing and c.backend != "unsloth":  # unsloth turns on its own variant
+            enable_checkpointing(self.model)
         self.policy = CompletionLogprobs(self.model, temperature=c.temperature, impl=c.logprob_impl)
         self.ref = None
         if c.beta > 0 and not self.lora:
@@ -430,3 +436,12 @@ class GRPOTrainer:
 
 def _as_list(x: Any) -> list[Any]:
     return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant recomputation (works with DDP/FSDP and frozen inputs); transformers 5 renamed the call."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

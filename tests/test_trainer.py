@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from grpo.config import load_template, template_from_dict
-from grpo.trainer import GRPOTrainer
+from grpo.trainer import GRPOTrainer, enable_checkpointing
 from tests.conftest import GSM8K, REPO, tiny_template, write_template
 
 VOLATILE = ("time/", "tokens_per_s")
@@ -88,26 +88,54 @@ def test_same_seed_same_run(tiny_model_dir, tmp_path):
 
 
 def test_training_changes_weights_and_micro_batches_agree(tiny_model_dir, tmp_path):
-    """One update on fixed samples: micro-batches of 1 give the full batch's weights (fp32 tolerance)."""
+    """One update on the same samples: micro-batches of 1 (shared prefix split across groups) and gradient
+    checkpointing (concatenated pass, layers recomputed) give the full batch's weights (fp32 tolerance)."""
     results = []
-    for mb in (0, 1):
+    for mb, checkpointing in ((0, False), (1, False), (0, True)):
         data = tiny_template(
             tiny_model_dir,
-            tmp_path / f"m{mb}",
+            tmp_path / f"m{mb}{checkpointing}",
             micro_batch_size=mb,
+            gradient_checkpointing=checkpointing,
             loss_type="dapo",
             beta=0.1,
             rewards=["tests.user_rewards:length"],
         )  # random completions differ in length
         trainer = GRPOTrainer(template_from_dict(data))
+        assert trainer.model.is_activation_checkpointing == checkpointing
+        if checkpointing:  # recomputation is on: only layer inputs are kept for backward, no MLP products
+            assert saved_tensor_bytes(trainer) < saved_tensor_bytes(trainer, checkpointing=False) / 3
+        assert trainer.shared_prefix == (not checkpointing)
         before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
         metrics, _ = trainer.train_step()
         assert metrics["reward/zero_spread_groups"] < 1.0
         results.append(trainer.model.state_dict())
         changed = [k for k in before if not torch.equal(before[k], results[-1][k])]
         assert len(changed) == len(before), "every weight should move"
-    for k in results[0]:
-        torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-4, atol=1e-6)
+    for other in results[1:]:
+        for k in results[0]:
+            torch.testing.assert_close(results[0][k], other[k], rtol=1e-4, atol=1e-6)
+
+
+def saved_tensor_bytes(trainer: GRPOTrainer, *, checkpointing: bool = True) -> int:
+    """Activation bytes (weights left out) that autograd keeps for backward after one policy forward."""
+    storages: dict[int, int] = {}
+    weights = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    if not checkpointing:
+        trainer.model.activation_checkpointing_disable()
+    rng = trainer.generator.get_state()
+    ro, *_ = trainer.rollout(list(range(trainer.c.batch_size)))
+    trainer.generator.set_state(rng)  # the step that follows samples as if this never ran
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        trainer.policy(*trainer.logprob_inputs(ro, slice(0, ro.completion_ids.shape[0])))
+    if not checkpointing:
+        enable_checkpointing(trainer.model)
+    return sum(size for ptr, size in storages.items() if ptr not in weights)
 
 
 @pytest.mark.parametrize(
