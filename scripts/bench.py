@@ -111,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {e}") from None
     if args.repeats < 1:
         raise SystemExit(f"error: --repeats = {args.repeats}: it must be 1 or more.")
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(
+                f"error: the {cfg.name} benchmark needs a CUDA GPU and none is visible; use cpu."
+            )
     systems = pick_systems(args.systems)
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
     for r in range(args.repeats):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import REPO
 
@@ -63,3 +64,10 @@ def test_ours_alone_and_bad_arguments(tiny_model_dir):
     )
     result = bench("cpu", "--repeats", "0")
     assert result.stderr.strip().splitlines()[-1] == "error: --repeats = 0: it must be 1 or more."
+    result = bench("nvme")
+    assert result.returncode == 2 and "argument config: invalid choice: 'nvme'" in result.stderr
+    if not torch.cuda.is_available():
+        result = bench("gpu", "--systems", "ours")
+        assert result.stderr.strip().splitlines()[-1] == (
+            "error: the gpu benchmark needs a CUDA GPU and none is visible; use cpu."
+        )
