@@ -9,11 +9,12 @@ behave exactly as in training). Architectures whose model forward does anything 
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch import nn
+
+from grpo.logprobs import cache_argument
 
 # Model types whose decoder forward is exactly embed -> rotary -> layers -> norm with full causal attention.
 STATIC_DECODE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -56,14 +57,14 @@ class StaticDecoder:
     """One token per row per call: logits [N, V] for tokens [N] at positions [N]."""
 
     def __init__(self, model: nn.Module, cache: StaticKVCache, attention_mask: torch.Tensor, capacity: int):
-        self.model, self.cache = model, cache
+        self.cache = cache
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
         n, p = attention_mask.shape
         self.allowed = torch.zeros((n, capacity), dtype=torch.bool, device=attention_mask.device)
         self.allowed[:, :p] = attention_mask.bool()  # left padding of the prompts stays masked
         self.dtype = cache.keys[0].dtype
-        self.cache_arg = _layer_cache_argument(self.decoder.layers[0])
+        self.cache_arg = cache_argument(self.decoder.layers[0])
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         end = self.cache.length + 1
@@ -85,8 +86,3 @@ class StaticDecoder:
             hidden = out[0] if isinstance(out, tuple) else out
         self.cache.length = end
         return self.head(self.decoder.norm(hidden[:, -1]))  # [N, V]
-
-
-def _layer_cache_argument(layer: nn.Module) -> str:
-    params = inspect.signature(layer.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"

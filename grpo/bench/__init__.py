@@ -96,6 +96,14 @@ def peak_memory_bytes(device: str) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
 
 
+def sync(device: str) -> None:
+    """Wait for queued GPU work so wall-clock timings cover it; nothing to wait for on CPU."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def step_record(step_s: float, rollout_s: float, tokens: int) -> dict[str, float]:
     return {"step_s": step_s, "rollout_s": rollout_s, "tokens": tokens}
 

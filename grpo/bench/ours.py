@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from grpo.bench import BenchConfig, gsm8k_template, peak_memory_bytes, step_record
+from grpo.bench import BenchConfig, gsm8k_template, peak_memory_bytes, step_record, sync
 from grpo.config import template_from_dict
 from grpo.trainer import GRPOTrainer
 
@@ -25,7 +25,7 @@ def run_ours(cfg: BenchConfig) -> dict[str, Any]:
             t0 = time.perf_counter()
             metrics, _ = trainer.train_step()
             trainer.step += 1
-            _sync(cfg.device)
+            sync(cfg.device)
             steps.append(
                 step_record(time.perf_counter() - t0, metrics["time/rollout_s"], _tokens(metrics, cfg))
             )
@@ -48,18 +48,13 @@ def copy_bandwidth(device: torch.device, mib: int = 512) -> float:
     src = torch.ones(mib * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    _sync(device.type)
+    sync(device.type)
     t0, repeats = time.perf_counter(), 5
     for _ in range(repeats):
         dst.copy_(src)
-    _sync(device.type)
+    sync(device.type)
     return 2 * src.nbytes * repeats / (time.perf_counter() - t0)
 
 
 def _tokens(metrics: dict[str, float], cfg: BenchConfig) -> int:
     return round(metrics["completion/length_mean"] * cfg.prompts_per_step * cfg.num_generations)
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()

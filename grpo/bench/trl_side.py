@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from grpo import rewards as rw
-from grpo.bench import BenchConfig, peak_memory_bytes, prompts_in_step_order, step_record
+from grpo.bench import BenchConfig, peak_memory_bytes, prompts_in_step_order, step_record, sync
 from grpo.models import resolve_model_source
 
 SEED_REWARDS = ("correctness", "int_answer", "strict_format", "soft_format", "tag_count")
@@ -96,8 +96,7 @@ class _StepTimer:
             self.last = time.perf_counter()
 
         def on_step_end(_, args, state, control, **kw):
-            if self.cfg.device == "cuda":
-                torch.cuda.synchronize()
+            sync(self.cfg.device)
             now = time.perf_counter()
             self.pending = step_record(now - self.last, self.generate_s, 0)
             self.last, self.generate_s = now, 0.0
@@ -119,8 +118,7 @@ def _time_generate(model: torch.nn.Module, timer: _StepTimer) -> None:
     def timed_generate(*args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
         out = original(*args, **kwargs)
-        if timer.cfg.device == "cuda":
-            torch.cuda.synchronize()
+        sync(timer.cfg.device)
         timer.generate_s += time.perf_counter() - t0
         return out
 
