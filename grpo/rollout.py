@@ -13,6 +13,7 @@ import torch
 
 from grpo.decode import StaticDecoder, StaticKVCache, static_decode_supported
 from grpo.logprobs import cache_argument
+from grpo.packed_decode import PackedDecoder, packed_decode_supported
 
 
 @dataclass
@@ -89,10 +90,14 @@ def generate(
 ) -> Rollout:
     """greedy=True takes the argmax token at every step (evaluation); temperature and top_p are then unused.
 
-    decode_impl: "static" decodes with grpo.decode (preallocated cache, the model's own layers), "hf" with
-    the model's forward and a DynamicCache; "auto" takes static where the architecture allows it.
+    decode_impl: "packed" decodes with grpo.packed_decode (CPU fp32: MKL-packed fused weights), "static" with
+    grpo.decode (preallocated cache, the model's own layers), "hf" with the model's forward and a
+    DynamicCache; "auto" takes the first of those that the architecture and device allow.
     """
-    device = next(model.parameters()).device
+    if decode_impl not in DECODE_IMPLS:
+        raise ValueError(f"decode_impl must be one of {', '.join(DECODE_IMPLS)}; got {decode_impl!r}")
+    first = next(model.parameters())
+    device = first.device
     was_training = model.training
     model.eval()  # no dropout (LoRA or otherwise) while sampling
     try:
@@ -104,10 +109,7 @@ def generate(
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
         mask = mask.repeat_interleave(num_generations, dim=0)  # [N, P]
         capacity = ids.shape[1] + max_new_tokens
-        if decode_impl == "static" or (decode_impl == "auto" and static_decode_supported(model, capacity)):
-            decode = StaticDecoder(model, StaticKVCache(cache, num_generations, capacity), mask, capacity)
-        else:
-            decode = HFDecoder(model, cache, num_generations, mask)
+        decode = make_decoder(decode_impl, model, cache, num_generations, mask, capacity, first.dtype)
         logits = out.logits[:, -1].repeat_interleave(num_generations, dim=0)  # [N, V]
         ids = ids.repeat_interleave(num_generations, dim=0)
         next_pos = positions[:, -1].repeat_interleave(num_generations, dim=0) + 1  # [N]
@@ -140,6 +142,27 @@ def generate(
         )
     finally:
         model.train(was_training)
+
+
+DECODE_IMPLS = ("auto", "packed", "static", "hf")
+
+
+def make_decoder(
+    impl: str,
+    model: torch.nn.Module,
+    cache: Any,
+    repeats: int,
+    mask: torch.Tensor,
+    capacity: int,
+    dtype: torch.dtype,
+) -> Any:
+    static = impl in ("packed", "static") or (impl == "auto" and static_decode_supported(model, capacity))
+    if not static:
+        return HFDecoder(model, cache, repeats, mask)
+    static_cache = StaticKVCache(cache, repeats, capacity)
+    if impl == "packed" or (impl == "auto" and packed_decode_supported(model, mask.device, dtype)):
+        return PackedDecoder(model, static_cache, mask, capacity)
+    return StaticDecoder(model, static_cache, mask, capacity)
 
 
 class HFDecoder:

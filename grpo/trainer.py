@@ -259,6 +259,9 @@ class GRPOTrainer:
         ):
             return {**totals, "grad_norm": float(grad_norm)}
         self.optimizer.step()
+        self.optimizer.zero_grad(
+            set_to_none=True
+        )  # the next rollout runs without a model's worth of gradients
         self.scheduler.step()
         totals["grad_norm"] = float(grad_norm)
         self.optimizer_seconds += time.perf_counter() - t_opt

@@ -90,9 +90,13 @@ class TorchChunkOps:
 
     def dlogp_dlogits(self, logits: Tensor, targets: Tensor, temperature: float, lse: Tensor) -> Tensor:
         """(onehot - p) / T, fp32 [c, V], for the chunk that `stats` (without entropy) has just processed."""
-        z = self.buf[: logits.shape[0]]  # exp(z - m), so p = z / sum_exp
-        z.mul_((-1.0 / (self.sum_exp * temperature)).unsqueeze(1))
-        return z.scatter_add_(1, targets.unsqueeze(1), torch.full_like(z[:, :1], 1.0 / temperature))
+        return self.grad_from_stats(targets, torch.full_like(self.sum_exp, 1.0 / temperature))
+
+    def grad_from_stats(self, targets: Tensor, g_logp: Tensor) -> Tensor:
+        """g (onehot - p), fp32 [c, V], from the exp(z - m) that `stats` left in the buffer; g already / T."""
+        z = self.buf[: targets.shape[0]]  # exp(z - m), so p = z / sum_exp
+        z.mul_((-g_logp / self.sum_exp).unsqueeze(1))
+        return z.scatter_add_(1, targets.unsqueeze(1), g_logp.unsqueeze(1))
 
     def grad_logits(
         self,
@@ -123,12 +127,15 @@ class TorchChunkOps:
 _mm_out_dtype_works = True
 
 
-def _add_matmul_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b with fp32 accumulation; acc is fp32, a and b share a dtype."""
+def _add_matmul_fp32(acc: Tensor, a: Tensor, b: Tensor, first: bool = False) -> None:
+    """acc += a @ b with fp32 accumulation; acc is fp32, a and b share a dtype. first: acc is uninitialised,
+    so the fp32 case writes a @ b straight into it (no zero-fill of a [V, H] buffer: ~20 ms at 49k x 576)."""
     global _mm_out_dtype_works
     if a.dtype == torch.float32:
-        acc.addmm_(a, b)
+        torch.mm(a, b, out=acc) if first else acc.addmm_(a, b)
         return
+    if first:
+        acc.zero_()
     if a.is_cuda and _mm_out_dtype_works:
         try:  # bf16 operands, fp32 result: no rounding of each chunk's partial sum to bf16
             acc.add_(torch.mm(a, b, out_dtype=torch.float32))
@@ -169,6 +176,16 @@ class ChunkedLogprobs(torch.autograd.Function):
         dlogp_dh = (
             torch.empty(n, hidden.shape[1], dtype=hidden.dtype, device=hidden.device) if eager else None
         )
+        # One chunk, no entropy, gradients wanted: backward takes p from the exp(z - m) that `stats` leaves in
+        # the buffer instead of recomputing the logits (one [N, V] matmul less). The buffer is chunk-sized and
+        # the LM head is the last op of forward, so its backward runs next: holding it adds no peak memory.
+        keep = (
+            n <= chunk_size
+            and not (with_entropy or eager)
+            and any(ctx.needs_input_grad[:3])
+            and hasattr(ops, "grad_from_stats")
+        )
+        ctx.kept_ops = ops if keep else None
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             logits = chunk_logits(hidden[s:e], weight, bias, out=ops.logits_out[: e - s])  # [c, V]
@@ -204,22 +221,29 @@ class ChunkedLogprobs(torch.autograd.Function):
         g_ent = None if g_ent is None else g_ent.float() / t  # [N]
         grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
         f32 = {"dtype": torch.float32, "device": weight.device}
-        grad_w = torch.zeros(weight.shape, **f32) if need_w else None  # [V, H] fp32 accumulator
+        # [V, H] fp32, written by the first chunk's matmul (zeros when there are no rows at all)
+        grad_w = (torch.empty if n else torch.zeros)(weight.shape, **f32) if need_w else None
         grad_b = torch.zeros(vocab, **f32) if need_b else None  # [V]
+        kept, ctx.kept_ops = ctx.kept_ops, None
         rows = min(chunk, n)
-        ops = ctx.make_ops(rows, vocab, hidden, g_ent is not None)
+        ops = kept or ctx.make_ops(rows, vocab, hidden, g_ent is not None)
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
-            logits = chunk_logits(hidden[s:e], weight, bias, out=ops.logits_out[: e - s])  # [c, V]
-            dz = ops.grad_logits(
-                logits,
-                targets[s:e],
-                t,
-                lse[s:e],
-                None if ent is None else ent[s:e],
-                None if g_logp is None else g_logp[s:e],
-                None if g_ent is None else g_ent[s:e],
-            )  # [c, V], fp32 or the input dtype
+            logits = ops.logits_out[: e - s]  # [c, V]
+            if kept is not None:
+                g = g_logp[s:e] if g_logp is not None else torch.zeros_like(lse[s:e])
+                dz = ops.grad_from_stats(targets[s:e], g)  # [c, V] fp32
+            else:
+                logits = chunk_logits(hidden[s:e], weight, bias, out=logits)
+                dz = ops.grad_logits(
+                    logits,
+                    targets[s:e],
+                    t,
+                    lse[s:e],
+                    None if ent is None else ent[s:e],
+                    None if g_logp is None else g_logp[s:e],
+                    None if g_ent is None else g_ent[s:e],
+                )  # [c, V], fp32 or the input dtype
             # grad hidden runs in the input dtype, like autograd does for the reference; the logits buffer
             # is free again once the ops have read it.
             dz_in = dz if dz.dtype == hidden.dtype else logits.copy_(dz)  # [c, V]
@@ -227,7 +251,7 @@ class ChunkedLogprobs(torch.autograd.Function):
                 torch.mm(dz_in, weight, out=grad_h[s:e])
             if need_w:
                 # fp32 dz for the fp32 accumulation when we have it (CPU path), else the input dtype.
-                _add_matmul_fp32(grad_w, dz.T, hidden[s:e].to(dz.dtype))
+                _add_matmul_fp32(grad_w, dz.T, hidden[s:e].to(dz.dtype), first=s == 0)
             if need_b:
                 grad_b.add_(dz.sum(0, dtype=torch.float32))
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)

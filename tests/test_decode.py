@@ -6,15 +6,18 @@ import pytest
 import torch
 
 from grpo.decode import StaticDecoder, StaticKVCache, static_decode_supported
+from grpo.lora import inject_lora
+from grpo.packed_decode import PackedDecoder, PackedProjection, packed_decode_supported
 from grpo.rollout import HFDecoder, generate, left_pad, sample_next
 
 CPU = torch.device("cpu")
 
 
-def tiny(model_type: str, vocab: int):
+def tiny(model_type: str, vocab: int, **extra):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    extra = {"use_sliding_window": False} if model_type in ("qwen2", "qwen3") else {}
+    if model_type in ("qwen2", "qwen3"):
+        extra["use_sliding_window"] = False
     config = AutoConfig.for_model(
         model_type,
         vocab_size=vocab,
@@ -38,10 +41,40 @@ def prefill(model, prompts, pad_id):
     return (out.cache if hasattr(out, "cache") else out.past_key_values), mask, positions[:, -1] + 1
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral"])
+ARCHITECTURES = [
+    ("llama", {}),
+    ("llama", {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True}),
+    ("qwen2", {}),  # q/k/v biases
+    ("qwen3", {}),  # per-head q/k RMSNorm
+    ("mistral", {}),
+]
+
+
+def with_lora(model):
+    """Adapters with a non-zero B, so the packed decoder must merge a real delta."""
+    inject_lora(model, r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("decoder", [StaticDecoder, PackedDecoder])
+@pytest.mark.parametrize("model_type,extra", ARCHITECTURES)
 @torch.no_grad()
-def test_static_decoder_logits_match_transformers(model_type):
-    model = tiny(model_type, vocab=300)
+def test_static_decoders_match_transformers_logits(model_type, extra, decoder):
+    model = tiny(model_type, vocab=300, **extra)
+    check_decoder_against_transformers(model, decoder)
+
+
+@pytest.mark.parametrize("decoder", [StaticDecoder, PackedDecoder])
+@torch.no_grad()
+def test_static_decoders_apply_lora_adapters(decoder):
+    check_decoder_against_transformers(with_lora(tiny("qwen2", vocab=300)), decoder)
+
+
+def check_decoder_against_transformers(model, decoder):
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14]]  # different lengths: left padding in the cache
     g, steps = 2, 6
     assert static_decode_supported(model, capacity=7 + steps)
@@ -49,7 +82,7 @@ def test_static_decoder_logits_match_transformers(model_type):
     cache_b, _, _ = prefill(model, prompts, pad_id=0)
     mask = mask.repeat_interleave(g, dim=0)
     hf = HFDecoder(model, cache_a, g, mask)
-    static = StaticDecoder(model, StaticKVCache(cache_b, g, 7 + steps), mask, 7 + steps)
+    static = decoder(model, StaticKVCache(cache_b, g, 7 + steps), mask, 7 + steps)
     positions = start.repeat_interleave(g)
     tokens = torch.tensor([20, 21, 22, 23])
     for step in range(steps):
@@ -64,10 +97,36 @@ def test_generate_is_the_same_with_either_decoder(tiny_model_dir, tokenizer):
     model = load_model(str(tiny_model_dir), device=CPU, dtype=torch.float32)
     prompts = [tokenizer("Hi there", add_special_tokens=False)["input_ids"], [7, 8, 9, 10, 11, 12]]
     kw = dict(num_generations=3, max_new_tokens=10, eos_ids=[], pad_id=tokenizer.pad_token_id)
-    a = generate(model, prompts, generator=torch.Generator().manual_seed(4), decode_impl="hf", **kw)
-    b = generate(model, prompts, generator=torch.Generator().manual_seed(4), decode_impl="static", **kw)
-    assert torch.equal(a.completion_ids, b.completion_ids)
-    assert a.completion_ids.shape == (6, 10)
+    runs = {
+        impl: generate(model, prompts, generator=torch.Generator().manual_seed(4), decode_impl=impl, **kw)
+        for impl in ("hf", "static", "packed", "auto")
+    }
+    for impl, ro in runs.items():
+        assert torch.equal(ro.completion_ids, runs["hf"].completion_ids), impl
+    assert runs["hf"].completion_ids.shape == (6, 10)
+    with pytest.raises(ValueError, match="decode_impl must be one of auto, packed, static, hf; got 'fast'"):
+        generate(model, prompts, decode_impl="fast", **kw)
+
+
+def test_packed_decoding_is_only_chosen_for_cpu_fp32_linear_layers():
+    model = tiny("llama", vocab=100)
+    assert packed_decode_supported(model, CPU, torch.float32)
+    assert not packed_decode_supported(model, CPU, torch.bfloat16)
+    assert not packed_decode_supported(model, torch.device("meta"), torch.float32)
+    model.model.layers[1].mlp.up_proj = torch.nn.Sequential(
+        model.model.layers[1].mlp.up_proj
+    )  # a foreign wrapper
+    assert not packed_decode_supported(model, CPU, torch.float32)
+
+
+def test_packed_projection_fuses_weights_and_biases_and_rejects_other_row_counts():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(6, 5), torch.nn.Linear(6, 3, bias=False)
+    proj = PackedProjection([a, b], rows=4)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(proj(x), torch.cat([a(x), b(x)], dim=1), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="packed projection built for 4 rows got 3"):
+        proj(x[:3])
 
 
 def test_unsupported_architectures_fall_back_to_transformers():

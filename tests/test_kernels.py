@@ -191,6 +191,27 @@ def test_bf16_weight_grad_accumulates_in_fp32_across_chunks() -> None:
         assert ((a - b).abs() <= b.abs() * 2**-7 + 1e-6).all(), k
 
 
+@pytest.mark.parametrize("chunk_size,matmuls", [(B * T, 3), (B * T - 1, 8)])
+def test_backward_reuses_a_single_chunk_instead_of_recomputing_it(chunk_size: int, matmuls: int) -> None:
+    # One chunk: forward's matmul + grad hidden + grad weight. Two chunks: 2 forward, then per chunk a
+    # recomputation of its logits + grad hidden + grad weight.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+                CountMatmuls.count += 1
+            return func(*args, **(kwargs or {}))
+
+    inp = make_inputs()
+    with CountMatmuls():
+        got = run(inp, impl="chunked", chunk_size=chunk_size)
+    assert CountMatmuls.count == matmuls
+    assert_matches(got, run(inp, impl="naive"))
+
+
 def test_only_inputs_and_row_stats_are_saved_for_backward() -> None:
     # Records every tensor autograd keeps: the chunked path must keep nothing of size N x V.
     inp = make_inputs(n=400, vocab=1000, bias=True)
