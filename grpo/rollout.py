@@ -145,6 +145,7 @@ def generate(
 
 
 DECODE_IMPLS = ("auto", "packed", "static", "hf")
+PACK_MIN_NEW_TOKENS = 32
 
 
 def make_decoder(
@@ -160,7 +161,11 @@ def make_decoder(
     if not static:
         return HFDecoder(model, cache, repeats, mask)
     static_cache = StaticKVCache(cache, repeats, capacity)
-    if impl == "packed" or (impl == "auto" and packed_decode_supported(model, mask.device, dtype)):
+    # Packing costs ~0.2 s per rollout for 135M parameters and saves ~10 ms per token: worth it from ~20 tokens.
+    long_enough = capacity - mask.shape[1] >= PACK_MIN_NEW_TOKENS
+    if impl == "packed" or (
+        impl == "auto" and long_enough and packed_decode_supported(model, mask.device, dtype)
+    ):
         return PackedDecoder(model, static_cache, mask, capacity)
     return StaticDecoder(model, static_cache, mask, capacity)
 
