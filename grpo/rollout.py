@@ -62,15 +62,32 @@ def sample_next(
     torch.multinomial draws an exponential variate per vocabulary entry instead, ~4 ms per call at V=49k.
     """
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # [N, V]
+    order = None
     if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keeps at least the top token
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    cdf = probs.cumsum(dim=-1)  # [N, V]
+        probs, order = nucleus(probs, top_p)  # [N, K] descending, and their token ids
+    cdf = probs.cumsum(dim=-1)  # [N, K]
     u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device) * cdf[:, -1:]
     # right=True: the first entry whose cumulative mass exceeds u, so zero-probability tokens never win
-    return torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[1] - 1).squeeze(-1)  # [N]
+    pick = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[1] - 1)  # [N, 1]
+    return (pick if order is None else order.gather(1, pick)).squeeze(-1)  # [N]
+
+
+NUCLEUS_CANDIDATES = 1024
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-p nucleus of each row: probabilities [N, K] in descending order (0 outside the nucleus) and
+    their token ids [N, K]. A token is outside when the mass ranked above it already exceeds top_p.
+
+    Sorting the whole vocabulary costs ~8 ms per token at V=49k on a CPU; the top 1024 suffice whenever their
+    mass exceeds top_p in every row (everything ranked lower is then outside), else the full sort runs.
+    """
+    k = min(NUCLEUS_CANDIDATES, probs.shape[-1])
+    top, order = probs.topk(k, dim=-1)  # sorted, descending
+    if k < probs.shape[-1] and not bool((top.sum(-1) > top_p).all()):
+        top, order = probs.sort(dim=-1, descending=True)
+    outside = top.cumsum(-1) - top > top_p  # keeps at least the top token
+    return top.masked_fill(outside, 0.0), order
 
 
 @torch.no_grad()

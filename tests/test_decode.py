@@ -8,7 +8,7 @@ import torch
 from grpo.decode import StaticDecoder, StaticKVCache, static_decode_supported
 from grpo.lora import inject_lora
 from grpo.packed_decode import PackedDecoder, PackedProjection, packed_decode_supported
-from grpo.rollout import HFDecoder, generate, left_pad, sample_next
+from grpo.rollout import HFDecoder, generate, left_pad, nucleus, sample_next
 
 CPU = torch.device("cpu")
 
@@ -155,3 +155,20 @@ def test_sampler_follows_the_distribution_and_the_nucleus():
     torch.testing.assert_close(freq, torch.tensor([2 / 3, 1 / 3, 0, 0, 0]), atol=0.012, rtol=0)
     hot = sample_next(logits[:4], temperature=1e-4, top_p=1.0, generator=gen)
     assert hot.tolist() == [0, 0, 0, 0]  # temperature -> 0 is greedy
+
+
+@pytest.mark.parametrize("sharpness", [8.0, 0.01])  # peaked: the top 1024 hold the nucleus; flat: full sort
+def test_nucleus_of_a_large_vocabulary_matches_a_full_sort(sharpness):
+    gen = torch.Generator().manual_seed(3)
+    probs = torch.softmax(torch.randn(3, 5000, generator=gen) * sharpness, dim=-1)  # [3, 5000]
+    kept, ids = nucleus(probs, 0.9)
+    got = torch.zeros_like(probs).scatter_(1, ids, kept)  # [3, 5000] back in vocabulary order
+    order = probs.argsort(dim=-1, descending=True)
+    ranked = probs.gather(1, order)
+    keep = ranked.cumsum(-1) - ranked <= 0.9
+    want = torch.zeros_like(probs).scatter_(1, order, ranked * keep)
+    assert torch.equal(got, want)
+    assert ids.shape[1] == (1024 if sharpness > 1 else 5000)
+    assert (want.sum(-1) >= 0.9).all() and ((want > 0).sum(-1) < 5000).all()
+    draws = sample_next(probs.log().expand(4, 3, 5000)[:, 0], temperature=1.0, top_p=0.9, generator=gen)
+    assert all(got[0, t] > 0 for t in draws.tolist())  # samples come from the nucleus only
