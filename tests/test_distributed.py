@@ -58,7 +58,10 @@ def test_two_process_run_saves_a_loadable_model(tiny_model_dir, tmp_path, strate
         tmp_path / "t.yaml",
         tiny_template(tiny_model_dir, out, beta=0.1, rewards=["tests.user_rewards:length"]),
     )
-    result = launch("scripts/train.py", path, f"distributed_strategy={strategy}")
+    # 40 new tokens: sampling takes the packed CPU decoder, which must see full tensors under FSDP too
+    result = launch(
+        "scripts/train.py", path, f"distributed_strategy={strategy}", "maximum_completion_length=40"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     before = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
