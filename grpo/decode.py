@@ -66,12 +66,17 @@ class StaticDecoder:
         self.dtype = cache.keys[0].dtype
         self.cache_arg = cache_argument(self.decoder.layers[0])
 
+    def step_mask(self, end: int) -> torch.Tensor:
+        """Opens column end - 1 (the token being decoded) and returns the additive mask [N, 1, 1, end], as
+        transformers' sdpa and eager attention expect it."""
+        self.allowed[:, end - 1] = True
+        return torch.zeros((), dtype=self.dtype, device=self.allowed.device).masked_fill(
+            ~self.allowed[:, None, None, :end], torch.finfo(self.dtype).min
+        )
+
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         end = self.cache.length + 1
-        self.allowed[:, end - 1] = True
-        mask = torch.zeros((), dtype=self.dtype, device=tokens.device).masked_fill(
-            ~self.allowed[:, None, None, :end], torch.finfo(self.dtype).min
-        )  # [N, 1, 1, end] additive, as transformers' sdpa and eager attention expect
+        mask = self.step_mask(end)  # [N, 1, 1, end]
         hidden = self.decoder.embed_tokens(tokens[:, None])  # [N, 1, H]
         pos = positions[:, None]
         rope = self.decoder.rotary_emb(hidden, position_ids=pos)

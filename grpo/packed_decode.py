@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -86,6 +87,7 @@ def mapped_allocations() -> Iterator[None]:
         libc.mallopt(M_TRIM_THRESHOLD, 64 * 1024 * 1024)
 
 
+@functools.cache  # find_library runs ldconfig in a subprocess: once per process, not once per rollout
 def _glibc() -> ctypes.CDLL | None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
@@ -160,12 +162,9 @@ class PackedDecoder(StaticDecoder):
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         end = self.cache.length + 1
-        self.allowed[:, end - 1] = True
         n, h, kvh, d = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
-        mask = torch.zeros((), dtype=self.dtype).masked_fill(
-            ~self.allowed[:, None, None, :end], torch.finfo(self.dtype).min
-        )
-        mask = mask.expand(n, kvh, h // kvh, end).reshape(n * kvh, h // kvh, end)  # one per layer-shared step
+        # one additive mask per step, shaped for the [N * kvh] batch of attentions below and shared by all layers
+        mask = self.step_mask(end).expand(n, kvh, h // kvh, end).reshape(n * kvh, h // kvh, end)
         x = self.decoder.embed_tokens(tokens)  # [N, H]
         cos, sin = self.decoder.rotary_emb(x, position_ids=positions[:, None])  # [N, 1, D]
         signed_sin = torch.cat((-sin[..., : d // 2], sin[..., d // 2 :]), dim=-1)

@@ -259,9 +259,8 @@ class GRPOTrainer:
         ):
             return {**totals, "grad_norm": float(grad_norm)}
         self.optimizer.step()
-        self.optimizer.zero_grad(
-            set_to_none=True
-        )  # the next rollout runs without a model's worth of gradients
+        # Free the gradients now, so the next rollout runs without a model's worth of them.
+        self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         totals["grad_norm"] = float(grad_norm)
         self.optimizer_seconds += time.perf_counter() - t_opt

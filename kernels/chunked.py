@@ -230,9 +230,8 @@ class ChunkedLogprobs(torch.autograd.Function):
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             logits = ops.logits_out[: e - s]  # [c, V]
-            if kept is not None:
-                g = g_logp[s:e] if g_logp is not None else torch.zeros_like(lse[s:e])
-                dz = ops.grad_from_stats(targets[s:e], g)  # [c, V] fp32
+            if kept is not None:  # no entropy was asked for, so g_logp is set (both None returned above)
+                dz = ops.grad_from_stats(targets[s:e], g_logp[s:e])  # [c, V] fp32
             else:
                 logits = chunk_logits(hidden[s:e], weight, bias, out=logits)
                 dz = ops.grad_logits(
