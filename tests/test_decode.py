@@ -7,7 +7,13 @@ import torch
 
 from grpo.decode import StaticDecoder, StaticKVCache, static_decode_supported
 from grpo.lora import inject_lora
-from grpo.packed_decode import PackedDecoder, PackedProjection, packed_decode_supported
+from grpo.packed_decode import (
+    MATMUL_STRATEGIES,
+    PackedDecoder,
+    PackedProjection,
+    fastest_strategy,
+    packed_decode_supported,
+)
 from grpo.rollout import HFDecoder, generate, left_pad, nucleus, sample_next
 
 CPU = torch.device("cpu")
@@ -60,7 +66,15 @@ def with_lora(model):
     return model.eval()
 
 
-@pytest.mark.parametrize("decoder", [StaticDecoder, PackedDecoder])
+def packed(strategy):
+    """A PackedDecoder factory with its GEMM form forced, so each form is held to transformers' logits."""
+    return lambda *args: PackedDecoder(*args, strategy=strategy)
+
+
+DECODERS = [StaticDecoder, *(packed(s) for s in MATMUL_STRATEGIES)]
+
+
+@pytest.mark.parametrize("decoder", DECODERS, ids=["static", *MATMUL_STRATEGIES])
 @pytest.mark.parametrize("model_type,extra", ARCHITECTURES)
 @torch.no_grad()
 def test_static_decoders_match_transformers_logits(model_type, extra, decoder):
@@ -68,7 +82,7 @@ def test_static_decoders_match_transformers_logits(model_type, extra, decoder):
     check_decoder_against_transformers(model, decoder)
 
 
-@pytest.mark.parametrize("decoder", [StaticDecoder, PackedDecoder])
+@pytest.mark.parametrize("decoder", DECODERS, ids=["static", *MATMUL_STRATEGIES])
 @torch.no_grad()
 def test_static_decoders_apply_lora_adapters(decoder):
     check_decoder_against_transformers(with_lora(tiny("qwen2", vocab=300)), decoder)
@@ -119,14 +133,35 @@ def test_packed_decoding_is_only_chosen_for_cpu_fp32_linear_layers():
     assert not packed_decode_supported(model, CPU, torch.float32)
 
 
-def test_packed_projection_fuses_weights_and_biases_and_rejects_other_row_counts():
+@pytest.mark.parametrize("strategy", MATMUL_STRATEGIES)
+def test_packed_projection_fuses_weights_and_biases_and_rejects_other_row_counts(strategy):
     torch.manual_seed(0)
     a, b = torch.nn.Linear(6, 5), torch.nn.Linear(6, 3, bias=False)
-    proj = PackedProjection([a, b], rows=4)
     x = torch.randn(4, 6)
-    torch.testing.assert_close(proj(x), torch.cat([a(x), b(x)], dim=1), atol=1e-6, rtol=1e-6)
+    proj = PackedProjection([a, b], rows=4, strategy=strategy)
+    out = proj(x)
+    torch.testing.assert_close(out, torch.cat([a(x), b(x)], dim=1), atol=1e-6, rtol=1e-6)
+    assert out.is_contiguous()  # the decoder views it per head
+    alone = PackedProjection([b], rows=4, strategy=strategy)  # no bias at all
+    torch.testing.assert_close(alone(x), b(x), atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="packed projection built for 4 rows got 3"):
         proj(x[:3])
+
+
+def test_streamed_projection_uses_an_unfused_weight_in_place():
+    layer = torch.nn.Linear(8, 16, bias=False)
+    proj = PackedProjection([layer], rows=2, strategy="streamed")
+    assert proj.weight.data_ptr() == layer.weight.data_ptr()  # no second copy of the weight
+    with pytest.raises(ValueError, match="strategy must be one of mkl_packed, streamed; got 'fast'"):
+        PackedProjection([layer], rows=2, strategy="fast")
+
+
+def test_fastest_strategy_is_measured_once_per_shape():
+    fastest_strategy.cache_clear()
+    assert fastest_strategy(4, 48, 32) in MATMUL_STRATEGIES
+    assert fastest_strategy(4, 48, 32) in MATMUL_STRATEGIES
+    info = fastest_strategy.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
 
 
 def test_unsupported_architectures_fall_back_to_transformers():
