@@ -19,18 +19,14 @@ grpo.decode.StaticDecoder, which runs transformers' own layers.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
-import platform
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grpo.cpu_memory import mapped_allocations
 from grpo.decode import STATIC_DECODE_MODEL_TYPES, StaticDecoder, StaticKVCache
 from grpo.lora import LoRALinear
 
@@ -123,38 +119,6 @@ class _Weight(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.weight, self.bias = weight, None
-
-
-# glibc mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-
-
-@contextmanager
-def mapped_allocations() -> Iterator[None]:
-    """Large allocations made inside get their own mmap, so freeing them returns the pages to the system.
-
-    glibc serves blocks under its mmap threshold (which grows to 32 MiB as big blocks are freed) from the
-    heap. Packed weights placed there leave ~0.5 GB of freed-but-resident heap behind each rollout that the
-    next backward pass does not fit into, which raised peak RSS by ~0.3 GB. Afterwards the thresholds are
-    pinned at the values glibc's own adaptation settles on (32 MiB, trim at twice that).
-    """
-    libc = _glibc()
-    if libc is None:
-        yield
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, 256 * 1024)
-    try:
-        yield
-    finally:
-        libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
-        libc.mallopt(M_TRIM_THRESHOLD, 64 * 1024 * 1024)
-
-
-@functools.cache  # find_library runs ldconfig in a subprocess: once per process, not once per rollout
-def _glibc() -> ctypes.CDLL | None:
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    return ctypes.CDLL(ctypes.util.find_library("c"))
 
 
 def packed_decode_supported(model: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:

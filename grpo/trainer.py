@@ -22,6 +22,7 @@ from grpo import checkpoint as ckpt
 from grpo import rewards as rw
 from grpo.advantages import group_advantages, zero_spread_share
 from grpo.config import ConfigError, Template
+from grpo.cpu_memory import keep_freed_memory
 from grpo.data import PromptSampler, build_prompts, load_rows
 from grpo.distributed import (
     DistEnv,
@@ -73,6 +74,8 @@ class GRPOTrainer:
         self.env = env or init_distributed(c, resolve_device(c).type)
         self.device = resolve_device(c)
         self.dtype = resolve_dtype(c, self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # no page faults on memory the last step freed (grpo/cpu_memory.py)
         if c.backend == "unsloth":
             from grpo.unsloth_backend import require_unsloth
 
