@@ -51,8 +51,10 @@ def huge_pages_always() -> bool:
 
 def test_kept_heap_serves_later_steps_from_mapped_pages():
     kept = step_faults("keep")
-    assert kept < STEPS * STEP_PAGES // 20  # measured ~1% here
+    assert kept < STEPS * STEP_PAGES // 8, kept  # measured 0-2% here
     if huge_pages_always():  # 2 MiB pages make a fresh mapping ~30 faults: no contrast left to measure
         return
-    assert step_faults("default") > 8 * kept  # glibc's own policy gives much of each step back
-    assert step_faults("mapped") > STEPS * STEP_PAGES * 9 // 10  # every block its own mmap: all pages again
+    default = step_faults("default")  # glibc's own policy gives much of each step back: ~30% here
+    assert default > 2 * kept + STEPS * STEP_PAGES // 10, (default, kept)
+    mapped = step_faults("mapped")  # every block its own mmap: all pages again
+    assert mapped > STEPS * STEP_PAGES * 9 // 10, mapped
