@@ -52,7 +52,7 @@ class PackedProjection:
     - "mkl_packed": the weight reordered by MKL for exactly `rows` rows (cblas_sgemm_pack); the fast form on
       the Xeon this was first tuned on, where plain `x @ W.T` at 4 rows ran at half the streaming rate.
     - "streamed": `W @ x.T`, the weight as the tall left operand, which BLAS streams row by row like a GEMV.
-      On a 2-core AMD EPYC (Zen 4) MKL's packed path ran at ~7 GB/s and this one at ~30 GB/s. It needs no
+      On a 2-core AMD EPYC (Zen 4) MKL's packed path ran at ~7 GB/s and this one at ~25 GB/s. It needs no
       packed copy: an unfused, unmerged weight is used in place.
 
     Which one a machine prefers is measured once per process (`fastest_strategy`).
