@@ -20,7 +20,14 @@ setup(
     ],
     extras_require={
         "wandb": ["wandb>=0.17"],
-        "test": ["pytest>=8", "ruff>=0.5", "peft>=0.13", "wandb>=0.17"],
+        # triton: its interpreter runs the Triton log-prob kernels on CPU tensors in the tests
+        "test": [
+            "pytest>=8",
+            "ruff>=0.5",
+            "peft>=0.13",
+            "wandb>=0.17",
+            "triton>=3.4; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        ],
         "unsloth": ["unsloth"],
         "bench": ["trl>=1.16"],
     },

@@ -46,6 +46,7 @@ RESUME_SAFE_FIELDS = {
     "config.micro_batch_size",
     "config.skip_nonfinite_steps",
     "config.logprob_impl",
+    "config.decode_impl",
     "config.export_merged",
     "dataset.eval_split",
 }

@@ -150,6 +150,11 @@ class TrainConfig:
     logprob_impl: Literal["auto", "chunked", "naive", "triton"] = doc(
         "How per-token log-probs are computed (kernels/).", default="auto"
     )
+    decode_impl: Literal["auto", "graph", "packed", "static", "hf"] = doc(
+        "How rollouts decode: graph (CUDA graphs on GPU), packed (CPU fp32), static, hf (transformers' "
+        "generation path, the slowest and the reference); auto picks the fastest the model and device allow.",
+        default="auto",
+    )
     # -- outputs
     output_dir: str = doc("Run folder: model, metrics.jsonl, TensorBoard, samples.", default="runs/default")
     logging_steps: int = doc("Write samples of completions every N steps.", default=1)

@@ -121,6 +121,7 @@ def evaluate(
     response_prefix: str = "",
     generator: torch.Generator | None = None,
     progress: bool = True,
+    decode_impl: str = "auto",
 ) -> EvalResult:
     """Answer every prompt (greedy when samples == 1, else `samples` draws) and score the answers.
 
@@ -149,6 +150,7 @@ def evaluate(
             top_p=top_p,
             generator=generator,
             greedy=samples == 1,
+            decode_impl=decode_impl,
         )
         ids = ro.completion_ids.masked_fill(ro.completion_mask == 0, tokenizer.pad_token_id)
         texts += [response_prefix + t for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]

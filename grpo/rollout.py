@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from grpo.decode import StaticDecoder, StaticKVCache, static_decode_supported
+from grpo.graph_decode import CUDAGraphDecoder, FixedShapeDecoder, graph_decode_supported
 from grpo.logprobs import cache_argument
 from grpo.packed_decode import PackedDecoder, packed_decode_supported
 
@@ -104,17 +105,25 @@ def generate(
     generator: torch.Generator | None = None,
     greedy: bool = False,
     decode_impl: str = "auto",
+    check_done_every: int | None = None,
 ) -> Rollout:
     """greedy=True takes the argmax token at every step (evaluation); temperature and top_p are then unused.
 
-    decode_impl: "packed" decodes with grpo.packed_decode (CPU fp32: MKL-packed fused weights), "static" with
-    grpo.decode (preallocated cache, the model's own layers), "hf" with the model's forward and a
-    DynamicCache; "auto" takes the first of those that the architecture and device allow.
+    decode_impl: "graph" decodes with grpo.graph_decode (fixed shapes; a CUDA graph on GPU, eager on CPU),
+    "packed" with grpo.packed_decode (CPU fp32: MKL-packed fused weights), "static" with grpo.decode
+    (preallocated cache, the model's own layers), "hf" with the model's forward and a DynamicCache; "auto"
+    takes graph on CUDA, packed on CPU, when the architecture allows, else static, else hf.
+
+    check_done_every: how many tokens between checks that every sequence has ended. Each check waits for the
+    device, which on a GPU stalls the queue of launched work, so CUDA checks every 8 tokens (tokens drawn after
+    every row ended are all padding and are trimmed); CPU checks every token.
     """
     if decode_impl not in DECODE_IMPLS:
         raise ValueError(f"decode_impl must be one of {', '.join(DECODE_IMPLS)}; got {decode_impl!r}")
     first = next(model.parameters())
     device = first.device
+    if check_done_every is None:
+        check_done_every = CUDA_CHECK_DONE_EVERY if device.type == "cuda" else 1
     was_training = model.training
     model.eval()  # no dropout (LoRA or otherwise) while sampling
     try:
@@ -143,12 +152,14 @@ def generate(
             alive.append(~done)
             tokens.append(tok)
             done = done | torch.isin(tok, eos)
-            if bool(done.all()) or step == max_new_tokens - 1:
+            if step == max_new_tokens - 1 or ((step + 1) % check_done_every == 0 and bool(done.all())):
                 break
             logits = decode(tok, next_pos)
             next_pos = next_pos + 1
-        completion = torch.stack(tokens, dim=1)  # [N, T]
         completion_mask = torch.stack(alive, dim=1).long()  # [N, T]
+        width = int(completion_mask.any(dim=0).nonzero().max()) + 1  # drops steps taken after all rows ended
+        completion = torch.stack(tokens[:width], dim=1)  # [N, T]
+        completion_mask = completion_mask[:, :width]
         return Rollout(
             prompt_ids=ids,
             prompt_mask=mask,
@@ -161,8 +172,10 @@ def generate(
         model.train(was_training)
 
 
-DECODE_IMPLS = ("auto", "packed", "static", "hf")
+DECODE_IMPLS = ("auto", "graph", "packed", "static", "hf")
 PACK_MIN_NEW_TOKENS = 32
+GRAPH_MIN_NEW_TOKENS = 8  # recording costs about two steps (a warm-up and the capture)
+CUDA_CHECK_DONE_EVERY = 8
 
 
 def make_decoder(
@@ -174,12 +187,21 @@ def make_decoder(
     capacity: int,
     dtype: torch.dtype,
 ) -> Any:
-    static = impl in ("packed", "static") or (impl == "auto" and static_decode_supported(model, capacity))
+    static = impl != "hf" and (impl != "auto" or static_decode_supported(model, capacity))
     if not static:
         return HFDecoder(model, cache, repeats, mask)
     static_cache = StaticKVCache(cache, repeats, capacity)
+    new_tokens = capacity - mask.shape[1]
+    if impl == "graph" or (
+        impl == "auto"
+        and mask.is_cuda
+        and new_tokens >= GRAPH_MIN_NEW_TOKENS
+        and graph_decode_supported(model)
+    ):
+        fixed = FixedShapeDecoder(model, static_cache, mask, capacity)
+        return CUDAGraphDecoder(fixed) if mask.is_cuda else fixed
     # Packing costs ~0.2 s per rollout for 135M parameters and saves ~10 ms per token: worth it from ~20 tokens.
-    long_enough = capacity - mask.shape[1] >= PACK_MIN_NEW_TOKENS
+    long_enough = new_tokens >= PACK_MIN_NEW_TOKENS
     if impl == "packed" or (
         impl == "auto" and long_enough and packed_decode_supported(model, mask.device, dtype)
     ):

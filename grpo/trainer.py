@@ -183,6 +183,7 @@ class GRPOTrainer:
                 temperature=c.temperature,
                 top_p=c.top_p,
                 generator=self.generator,
+                decode_impl=c.decode_impl,
             )
         ids = ro.completion_ids.masked_fill(ro.completion_mask == 0, self.tokenizer.pad_token_id)
         prefix = self.t.template.response_prefix  # prefilled in the prompt, but part of the reply to score
@@ -353,6 +354,7 @@ class GRPOTrainer:
                     max_new_tokens=c.maximum_completion_length,
                     batch_size=c.batch_size * c.num_generations,
                     response_prefix=self.t.template.response_prefix,
+                    decode_impl=c.decode_impl,
                 )
         self.last_eval = (self.step, result)  # on every rank, so all agree whether the final one is due
         if self.env.enabled and torch.distributed.is_initialized():

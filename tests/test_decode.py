@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from grpo.decode import StaticDecoder, StaticKVCache, static_decode_supported
+from grpo.graph_decode import CUDAGraphDecoder, FixedShapeDecoder, graph_decode_supported
 from grpo.lora import inject_lora
 from grpo.packed_decode import (
     MATMUL_STRATEGIES,
@@ -17,6 +22,7 @@ from grpo.packed_decode import (
 from grpo.rollout import HFDecoder, generate, left_pad, nucleus, sample_next
 
 CPU = torch.device("cpu")
+CUDA = torch.device("cuda")
 
 
 def tiny(model_type: str, vocab: int, **extra):
@@ -40,8 +46,8 @@ def tiny(model_type: str, vocab: int, **extra):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def prefill(model, prompts, pad_id):
-    ids, mask = left_pad(prompts, pad_id, CPU)
+def prefill(model, prompts, pad_id, device=CPU):
+    ids, mask = left_pad(prompts, pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     return (out.cache if hasattr(out, "cache") else out.past_key_values), mask, positions[:, -1] + 1
@@ -71,10 +77,18 @@ def packed(strategy):
     return lambda *args: PackedDecoder(*args, strategy=strategy)
 
 
-DECODERS = [StaticDecoder, *(packed(s) for s in MATMUL_STRATEGIES)]
+def fixed_shape_on_stale_memory(model, cache, mask, capacity):
+    """The fixed-shape step attends to columns not written yet: whatever memory held there must not leak in."""
+    for buffer in (*cache.keys, *cache.values):
+        buffer[:, :, cache.length :] = float("nan")
+    return FixedShapeDecoder(model, cache, mask, capacity)
 
 
-@pytest.mark.parametrize("decoder", DECODERS, ids=["static", *MATMUL_STRATEGIES])
+DECODERS = [StaticDecoder, fixed_shape_on_stale_memory, *(packed(s) for s in MATMUL_STRATEGIES)]
+DECODER_IDS = ["static", "fixed_shape", *MATMUL_STRATEGIES]
+
+
+@pytest.mark.parametrize("decoder", DECODERS, ids=DECODER_IDS)
 @pytest.mark.parametrize("model_type,extra", ARCHITECTURES)
 @torch.no_grad()
 def test_static_decoders_match_transformers_logits(model_type, extra, decoder):
@@ -82,23 +96,23 @@ def test_static_decoders_match_transformers_logits(model_type, extra, decoder):
     check_decoder_against_transformers(model, decoder)
 
 
-@pytest.mark.parametrize("decoder", DECODERS, ids=["static", *MATMUL_STRATEGIES])
+@pytest.mark.parametrize("decoder", DECODERS, ids=DECODER_IDS)
 @torch.no_grad()
 def test_static_decoders_apply_lora_adapters(decoder):
     check_decoder_against_transformers(with_lora(tiny("qwen2", vocab=300)), decoder)
 
 
-def check_decoder_against_transformers(model, decoder):
+def check_decoder_against_transformers(model, decoder, device=CPU):
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14]]  # different lengths: left padding in the cache
     g, steps = 2, 6
     assert static_decode_supported(model, capacity=7 + steps)
-    cache_a, mask, start = prefill(model, prompts, pad_id=0)
-    cache_b, _, _ = prefill(model, prompts, pad_id=0)
+    cache_a, mask, start = prefill(model, prompts, pad_id=0, device=device)
+    cache_b, _, _ = prefill(model, prompts, pad_id=0, device=device)
     mask = mask.repeat_interleave(g, dim=0)
     hf = HFDecoder(model, cache_a, g, mask)
     static = decoder(model, StaticKVCache(cache_b, g, 7 + steps), mask, 7 + steps)
     positions = start.repeat_interleave(g)
-    tokens = torch.tensor([20, 21, 22, 23])
+    tokens = torch.tensor([20, 21, 22, 23], device=device)
     for step in range(steps):
         expected, got = hf(tokens, positions), static(tokens, positions)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=f"step {step}")
@@ -113,13 +127,58 @@ def test_generate_is_the_same_with_either_decoder(tiny_model_dir, tokenizer):
     kw = dict(num_generations=3, max_new_tokens=10, eos_ids=[], pad_id=tokenizer.pad_token_id)
     runs = {
         impl: generate(model, prompts, generator=torch.Generator().manual_seed(4), decode_impl=impl, **kw)
-        for impl in ("hf", "static", "packed", "auto")
+        for impl in ("hf", "static", "graph", "packed", "auto")
     }
     for impl, ro in runs.items():
         assert torch.equal(ro.completion_ids, runs["hf"].completion_ids), impl
     assert runs["hf"].completion_ids.shape == (6, 10)
-    with pytest.raises(ValueError, match="decode_impl must be one of auto, packed, static, hf; got 'fast'"):
+    with pytest.raises(
+        ValueError, match="decode_impl must be one of auto, graph, packed, static, hf; got 'fast'"
+    ):
         generate(model, prompts, decode_impl="fast", **kw)
+
+
+@pytest.mark.parametrize("every", [2, 3, 7])
+def test_checking_for_the_end_less_often_gives_the_same_rollout(every):
+    model = tiny("llama", vocab=40)  # a quarter of the vocabulary ends a row: rows end within a few steps
+    prompts = [[15, 16, 17], [18, 19]]
+    kw = dict(
+        num_generations=3, max_new_tokens=30, eos_ids=list(range(1, 11)), pad_id=0, decode_impl="static"
+    )
+    want = generate(model, prompts, generator=torch.Generator().manual_seed(2), **kw)
+    got = generate(model, prompts, generator=torch.Generator().manual_seed(2), check_done_every=every, **kw)
+    assert not want.truncated.any() and want.completion_ids.shape[1] < 30  # every row ended early
+    assert want.completion_mask[:, -1].any()  # the last column belongs to some row: nothing left to trim
+    for field in ("completion_ids", "completion_mask", "truncated"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+
+
+def test_graph_decoding_is_skipped_for_length_dependent_rope_and_fsdp():
+    assert graph_decode_supported(tiny("llama", vocab=50))
+    dynamic = tiny(
+        "llama", vocab=50, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}
+    )
+    assert not graph_decode_supported(dynamic)
+    script = (
+        "import sys, torch, torch.distributed as dist; sys.path.insert(0, 'tests')\n"
+        "from test_decode import tiny; from grpo.graph_decode import graph_decode_supported\n"
+        "from torch.distributed.fsdp import fully_shard\n"
+        "dist.init_process_group('gloo', rank=0, world_size=1, store=dist.HashStore())\n"
+        "model = tiny('llama', vocab=50); [fully_shard(layer) for layer in model.model.layers]\n"
+        "print(graph_decode_supported(model)); dist.destroy_process_group()\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True)
+    assert proc.stdout.strip() == "False", proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("model_type,extra", ARCHITECTURES)
+@torch.no_grad()
+def test_cuda_graph_decoder_matches_transformers_logits(model_type, extra):
+    model = tiny(model_type, vocab=300, **extra).cuda()
+    graph = lambda *args: CUDAGraphDecoder(fixed_shape_on_stale_memory(*args))  # noqa: E731
+    check_decoder_against_transformers(model, graph, device=CUDA)
 
 
 def test_packed_decoding_is_only_chosen_for_cpu_fp32_linear_layers():
