@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import json
+import resource
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
+
+
+def peak_memory_bytes(device: torch.device | str) -> int:
+    """The process's peak so far: max allocated on a GPU, the peak resident set on CPU (ru_maxrss: KiB on
+    Linux, bytes on macOS)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    scale = 1 if sys.platform == "darwin" else 1024
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+
+
+def peak_memory_metric(device: torch.device) -> dict[str, float]:
+    """{'memory/peak_allocated_gb' or 'memory/peak_rss_gb': GB}, named by what was measured."""
+    key = "memory/peak_allocated_gb" if device.type == "cuda" else "memory/peak_rss_gb"
+    return {key: peak_memory_bytes(device) / 1e9}
 
 
 class RunLogger:

@@ -38,7 +38,7 @@ from grpo.distributed import (
 )
 from grpo.evaluate import EvalResult, evaluate, load_eval_prompts
 from grpo.fsio import atomic_write_text
-from grpo.logging import RunLogger
+from grpo.logging import RunLogger, peak_memory_metric
 from grpo.logprobs import CompletionLogprobs
 from grpo.lora import AdaptersDisabled, inject_lora
 from grpo.loss import LOSS_TYPES, micro_batch_weight, policy_loss
@@ -327,6 +327,7 @@ class GRPOTrainer:
             "tokens_per_s": ro.num_completion_tokens / max(timings["time/rollout_s"], 1e-9),
             "time/step_s": step_time,
             **timings,
+            **peak_memory_metric(self.device),
         }
         samples = [
             {

@@ -12,6 +12,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
+VOLATILE = ("time/", "tokens_per_s", "memory/")  # metrics that differ between identical runs
 
 # Converting the GGUF once per machine, not once per test run: tests share the user's cache unless CI sets one.
 os.environ.setdefault("GRPO_CACHE", str(Path(tempfile.gettempdir()) / "grpo-test-cache"))

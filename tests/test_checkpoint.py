@@ -8,9 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, tiny_template, write_template
-
-VOLATILE = ("time/", "tokens_per_s")
+from tests.conftest import REPO, VOLATILE, tiny_template, write_template
 
 
 def train(path, *overrides, env_extra=None):

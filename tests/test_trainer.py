@@ -9,10 +9,9 @@ import torch
 import yaml
 
 from grpo.config import load_template, template_from_dict
+from grpo.logging import peak_memory_bytes
 from grpo.trainer import GRPOTrainer, enable_checkpointing
-from tests.conftest import GSM8K, REPO, tiny_template, write_template
-
-VOLATILE = ("time/", "tokens_per_s")
+from tests.conftest import GSM8K, REPO, VOLATILE, tiny_template, write_template
 
 
 def run(data):
@@ -61,6 +60,13 @@ def test_run_writes_a_loadable_model_and_every_log(tiny_model_dir, tmp_path):
         assert key in rows[0], key
     assert rows[0]["learning_rate"] == pytest.approx(1e-3)
     assert 1 <= rows[0]["completion/length_mean"] <= 8
+    # This process's peak resident set so far: it never falls, and no step reports more than the peak now.
+    peaks = [r["memory/peak_rss_gb"] for r in rows]
+    assert peaks == sorted(peaks) and 0.1 < peaks[0]
+    assert (
+        peaks[-1] <= peak_memory_bytes(torch.device("cpu")) / 1e9
+        and "memory/peak_allocated_gb" not in rows[0]
+    )
 
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()

@@ -7,8 +7,6 @@ learning rate and reward functions. Each system runs in its own child process so
 
 from __future__ import annotations
 
-import resource
-import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -84,16 +82,6 @@ def gsm8k_template(cfg: BenchConfig, output_dir: str) -> dict[str, Any]:
         log_to_wandb=False,
     )
     return data
-
-
-def peak_memory_bytes(device: str) -> int:
-    """Max allocated on GPU; the process's peak resident set on CPU (ru_maxrss is KiB on Linux)."""
-    if device == "cuda":
-        import torch
-
-        return int(torch.cuda.max_memory_allocated())
-    scale = 1 if sys.platform == "darwin" else 1024
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
 
 
 def sync(device: str) -> None:

@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
-from grpo.bench import BenchConfig, gsm8k_template, peak_memory_bytes, step_record, sync
+from grpo.bench import BenchConfig, gsm8k_template, step_record, sync
 from grpo.config import template_from_dict
+from grpo.logging import peak_memory_bytes
 from grpo.trainer import GRPOTrainer
 
 PHASES = ("time/rollout_s", "time/reward_s", "time/logprob_s", "time/fwd_bwd_s", "time/optimizer_s")

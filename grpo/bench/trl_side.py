@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from grpo import rewards as rw
-from grpo.bench import BenchConfig, peak_memory_bytes, prompts_in_step_order, step_record, sync
+from grpo.bench import BenchConfig, prompts_in_step_order, step_record, sync
+from grpo.logging import peak_memory_bytes
 from grpo.models import resolve_model_source
 
 SEED_REWARDS = ("correctness", "int_answer", "strict_format", "soft_format", "tag_count")
