@@ -71,3 +71,39 @@ def test_ours_alone_and_bad_arguments(tiny_model_dir):
         assert result.stderr.strip().splitlines()[-1] == (
             "error: the gpu benchmark needs a CUDA GPU and none is visible; use cpu."
         )
+
+
+def bench_decode(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "scripts/bench_decode.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_decode_bench_times_each_implementation_on_equal_work(tiny_model_dir):
+    args = ("--model", str(tiny_model_dir), "--prompts", "2", "--generations", "3", "--tokens", "5")
+    result = bench_decode(*args, "--impls", "static,graph,hf", "--prompt-tokens", "7", "--repeat", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [r["impl"] for r in rows] == ["static", "graph", "hf"]
+    for row in rows:
+        assert (row["device"], row["dtype"], row["rows"], row["tokens"]) == ("cpu", "float32", 6, 5)
+        assert row["tokens_per_s"] == pytest.approx(6 * 5 / row["median_rollout_s"], rel=1e-3)
+        assert row["ms_per_token"] == pytest.approx(1000 * row["median_rollout_s"] / 5, abs=1e-3)
+        assert row["vs_bound"] == pytest.approx(row["tokens_per_s"] / row["bound_tokens_per_s"], abs=1e-3)
+
+    result = bench_decode(*args, "--impls", "static,fast")
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith("error: --impls: fast is not one of graph, packed, static, hf.")
+    )
+    result = bench_decode(*args, "--tokens", "0")
+    assert result.stderr.strip().splitlines()[-1].endswith("error: --tokens = 0: it must be at least 1.")
+    if not torch.cuda.is_available():
+        result = bench_decode(*args, "--device", "cuda")
+        assert result.stderr.strip() == "error: --device cuda, but no CUDA GPU is visible."

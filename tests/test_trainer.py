@@ -68,6 +68,33 @@ def test_run_writes_a_loadable_model_and_every_log(tiny_model_dir, tmp_path):
         and "memory/peak_allocated_gb" not in rows[0]
     )
 
+    summary = json.loads(
+        subprocess.run(
+            [sys.executable, "scripts/run_summary.py", str(out)], cwd=REPO, capture_output=True, text=True
+        ).stdout
+    )
+    step_times = sorted(r["time/step_s"] for r in rows[1:])  # the first step is left out
+    assert summary == {
+        "run": str(out),
+        "steps": 3,
+        "median_step_s": round((step_times[0] + step_times[1]) / 2, 3),
+        "median_rollout_s": round((rows[1]["time/rollout_s"] + rows[2]["time/rollout_s"]) / 2, 3),
+        "reward_first": round(rows[0]["reward/total_mean"], 4),
+        "reward_last": round(rows[2]["reward/total_mean"], 4),
+        "peak_memory_gb": round(peaks[-1], 3),
+        "memory_kind": "peak_rss",
+    }
+    missing = subprocess.run(
+        [sys.executable, "scripts/run_summary.py", str(out), str(out / "model")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and missing.stdout == ""
+    assert missing.stderr.strip() == (
+        f"error: {out / 'model' / 'metrics.jsonl'} not found: pass a run folder (a template's config.output_dir)."
+    )
+
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     scalars = events.Scalars("reward/total_mean")
