@@ -230,7 +230,8 @@ def run_rank(main: Callable[[], int]) -> int:
 
     A rank that fails (its own error, an uncaught exception, OOM) prints the error and leaves at once with
     os._exit: no interpreter shutdown that could block on a process group whose peers sit in a collective.
-    torchrun sees the non-zero exit and stops the other ranks (SIGTERM, then SIGKILL). Outside torchrun this
+    torchrun sees the non-zero exit and stops the other ranks (SIGTERM, then SIGKILL). A rank that succeeds
+    waits for the others, destroys the process group and leaves with os._exit(0) too. Outside torchrun this
     is just main().
     """
     env = read_env()
@@ -244,12 +245,15 @@ def run_rank(main: Callable[[], int]) -> int:
         say_line(f"error: rank {env.rank} failed:")
         traceback.print_exc()
         code = 1
-    if code != 0:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    cleanup(env)
-    return 0
+    if code == 0:
+        cleanup(env)
+    # Leave without interpreter finalization, also on success: gloo's worker threads can still hold finished
+    # work objects whose tensors they release after Python has begun tearing down, and a thread that needs the
+    # GIL then aborts the process ("terminate called without an active exception"), rarely, but fatally for
+    # torchrun, which reports the whole launch as failed. Everything this rank writes is closed by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cleanup(env: DistEnv) -> None:

@@ -15,7 +15,13 @@ from grpo.config import ConfigError, TrainConfig
 from grpo.distributed import DistEnv, check_settings, gradient_scale
 from tests.conftest import REPO, tiny_template, write_template
 
-CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+# PYTHONFAULTHANDLER: a rank that aborts in native code still prints every thread's Python stack.
+CHILD_ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONFAULTHANDLER": "1",
+}
 
 
 def free_port() -> int:
