@@ -83,13 +83,15 @@ def test_logprob_pass_matches_sampling_distribution(tiny_model_dir, tokenizer):
         pad_id=tokenizer.pad_token_id,
         generator=torch.Generator().manual_seed(1),
     )
-    logps = CompletionLogprobs(model, impl="naive")(
-        ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask
-    )
+    with torch.no_grad():
+        logps = CompletionLogprobs(model, impl="naive")(
+            ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask
+        )
     for i in range(4):
         ids = ro.prompt_ids[i][ro.prompt_mask[i].bool()].tolist()
         for t in range(int(ro.completion_mask[i].sum())):
-            logits = model(torch.tensor([ids])).logits[0, -1]
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0, -1]
             expected = torch.log_softmax(logits, -1)[ro.completion_ids[i, t]]
             assert abs(float(logps[i, t]) - float(expected)) < 1e-4
             ids.append(int(ro.completion_ids[i, t]))
