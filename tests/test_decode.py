@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -266,3 +267,47 @@ def test_nucleus_of_a_large_vocabulary_matches_a_full_sort(sharpness):
     assert (want.sum(-1) >= 0.9).all() and ((want > 0).sum(-1) < 5000).all()
     draws = sample_next(probs.log().expand(4, 3, 5000)[:, 0], temperature=1.0, top_p=0.9, generator=gen)
     assert all(got[0, t] > 0 for t in draws.tolist())  # samples come from the nucleus only
+
+
+HOST_READS = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "nonzero", "numpy")
+
+
+class HostReadError(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def host_reads_forbidden():
+    """A CUDA graph can only record a step that never waits for a value on the device: every way a tensor's
+    value reaches Python raises here, so a CPU run of the step shows whether a GPU capture could succeed."""
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def forbid(name):
+        def read(self, *args, **kwargs):
+            raise HostReadError(f"Tensor.{name} read a device value on the host")
+
+        return read
+
+    try:
+        for name in HOST_READS:
+            setattr(torch.Tensor, name, forbid(name))
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+@pytest.mark.parametrize("model_type,extra", ARCHITECTURES)
+@torch.no_grad()
+def test_fixed_shape_step_never_reads_device_values_on_the_host(model_type, extra):
+    model = with_lora(tiny(model_type, vocab=300, **extra))
+    cache, mask, start = prefill(model, [[5, 6, 7], [8, 9, 10, 11]], pad_id=0)
+    mask = mask.repeat_interleave(2, dim=0)
+    fixed = FixedShapeDecoder(model, StaticKVCache(cache, 2, 10), mask, 10)
+    fixed.tokens.copy_(torch.tensor([20, 21, 22, 23]))
+    fixed.positions.copy_(start.repeat_interleave(2))
+    with host_reads_forbidden():
+        logits = fixed.step()
+        with pytest.raises(HostReadError, match="Tensor.item read a device value on the host"):
+            fixed.column.item()  # the guard is live
+    assert logits.shape == (4, 300) and int(fixed.column) == 5
