@@ -77,17 +77,24 @@ class StaticDecoder:
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         end = self.cache.length + 1
         mask = self.step_mask(end)  # [N, 1, 1, end]
-        hidden = self.decoder.embed_tokens(tokens[:, None])  # [N, 1, H]
-        pos = positions[:, None]
-        rope = self.decoder.rotary_emb(hidden, position_ids=pos)
-        for layer in self.decoder.layers:
-            out = layer(
-                hidden,
-                attention_mask=mask,
-                position_ids=pos,
-                position_embeddings=rope,
-                **{self.cache_arg: self.cache},
-            )
-            hidden = out[0] if isinstance(out, tuple) else out
+        logits = decode_step(self.decoder, self.head, tokens, positions, mask, {self.cache_arg: self.cache})
         self.cache.length = end
-        return self.head(self.decoder.norm(hidden[:, -1]))  # [N, V]
+        return logits
+
+
+def decode_step(
+    decoder: nn.Module,
+    head: nn.Module,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    mask: torch.Tensor,
+    cache_kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """The model's own modules for one token per row: tokens [N] at positions [N] -> logits [N, V]."""
+    hidden = decoder.embed_tokens(tokens[:, None])  # [N, 1, H]
+    pos = positions[:, None]
+    rope = decoder.rotary_emb(hidden, position_ids=pos)
+    for layer in decoder.layers:
+        out = layer(hidden, attention_mask=mask, position_ids=pos, position_embeddings=rope, **cache_kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return head(decoder.norm(hidden[:, -1]))  # [N, V]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from grpo.decode import StaticKVCache
+from grpo.decode import StaticKVCache, decode_step
 from grpo.logprobs import cache_argument
 
 
@@ -69,20 +69,10 @@ class FixedShapeDecoder:
         mask = torch.zeros((), dtype=self.dtype, device=self.allowed.device).masked_fill(
             ~self.allowed[:, None, None, :], torch.finfo(self.dtype).min
         )  # [N, 1, 1, capacity]
-        hidden = self.decoder.embed_tokens(self.tokens[:, None])  # [N, 1, H]
-        pos = self.positions[:, None]
-        rope = self.decoder.rotary_emb(hidden, position_ids=pos)
-        for layer in self.decoder.layers:
-            out = layer(
-                hidden,
-                attention_mask=mask,
-                position_ids=pos,
-                position_embeddings=rope,
-                **{self.cache_arg: self.cache},
-            )
-            hidden = out[0] if isinstance(out, tuple) else out
+        cache_kwargs = {self.cache_arg: self.cache}
+        logits = decode_step(self.decoder, self.head, self.tokens, self.positions, mask, cache_kwargs)
         self.column.add_(1)
-        return self.head(self.decoder.norm(hidden[:, -1]))  # [N, V]
+        return logits  # [N, V]
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)
