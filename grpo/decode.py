@@ -70,9 +70,7 @@ class StaticDecoder:
         """Opens column end - 1 (the token being decoded) and returns the additive mask [N, 1, 1, end], as
         transformers' sdpa and eager attention expect it."""
         self.allowed[:, end - 1] = True
-        return torch.zeros((), dtype=self.dtype, device=self.allowed.device).masked_fill(
-            ~self.allowed[:, None, None, :end], torch.finfo(self.dtype).min
-        )
+        return additive_mask(self.allowed[:, :end], self.dtype)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         end = self.cache.length + 1
@@ -80,6 +78,13 @@ class StaticDecoder:
         logits = decode_step(self.decoder, self.head, tokens, positions, mask, {self.cache_arg: self.cache})
         self.cache.length = end
         return logits
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """allowed [N, C] bool -> [N, 1, 1, C]: 0 where a column may be attended to, the dtype's minimum elsewhere."""
+    return torch.zeros((), dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed[:, None, None, :], torch.finfo(dtype).min
+    )
 
 
 def decode_step(

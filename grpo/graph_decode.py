@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from grpo.decode import StaticKVCache, decode_step
-from grpo.logprobs import cache_argument
+from grpo.decode import StaticDecoder, StaticKVCache, additive_mask, decode_step
 
 
 def graph_decode_supported(model: nn.Module) -> bool:
@@ -42,33 +41,25 @@ class ColumnKVCache:
         return self.keys[layer_idx], self.values[layer_idx]
 
 
-class FixedShapeDecoder:
+class FixedShapeDecoder(StaticDecoder):
     """One token per row per call, every tensor the same shape and address on every call: logits [N, V]."""
 
     def __init__(self, model: nn.Module, cache: StaticKVCache, attention_mask: torch.Tensor, capacity: int):
-        n, p = attention_mask.shape
-        device = attention_mask.device
-        self.decoder = model.get_decoder()
-        self.head = model.get_output_embeddings()
-        self.dtype = cache.keys[0].dtype
+        super().__init__(model, cache, attention_mask, capacity)
+        n, device = attention_mask.shape[0], attention_mask.device
         self.start = cache.length  # the first column a decode step writes
         for buffer in (*cache.keys, *cache.values):
             # Masked columns still enter the attention products (0 x NaN is NaN): no stale memory there.
             buffer[:, :, self.start :].zero_()
         self.column = torch.full((1,), self.start, dtype=torch.long, device=device)
         self.cache = ColumnKVCache(cache, self.column)
-        self.cache_arg = cache_argument(self.decoder.layers[0])
-        self.allowed = torch.zeros((n, capacity), dtype=torch.bool, device=device)
-        self.allowed[:, :p] = attention_mask.bool()  # left padding of the prompts stays masked
         self.tokens = torch.zeros(n, dtype=torch.long, device=device)  # inputs, copied in before each step
         self.positions = torch.zeros(n, dtype=torch.long, device=device)
 
     def step(self) -> torch.Tensor:
         """Decodes self.tokens at self.positions into cache column self.column, then advances the column."""
         self.allowed.index_fill_(1, self.column, True)
-        mask = torch.zeros((), dtype=self.dtype, device=self.allowed.device).masked_fill(
-            ~self.allowed[:, None, None, :], torch.finfo(self.dtype).min
-        )  # [N, 1, 1, capacity]
+        mask = additive_mask(self.allowed, self.dtype)  # [N, 1, 1, capacity]
         cache_kwargs = {self.cache_arg: self.cache}
         logits = decode_step(self.decoder, self.head, self.tokens, self.positions, mask, cache_kwargs)
         self.column.add_(1)

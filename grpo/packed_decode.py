@@ -68,7 +68,9 @@ class PackedProjection:
         self.bias = torch.cat(biases) if any(b is not None for _, b in parts) else None
         if strategy == "streamed":
             self.weight = weight.contiguous()
-            self.column_bias = None if self.bias is None else self.bias[:, None]  # [out, 1] for addmm
+            self.bias = (
+                None if self.bias is None else self.bias[:, None]
+            )  # [out, 1]: addmm adds it per column
             return
         self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
         # _mkl_linear reads the unpacked weight only when the row count differs from the packed one, which
@@ -79,10 +81,10 @@ class PackedProjection:
         if x.shape[0] != self.rows:
             raise ValueError(f"packed projection built for {self.rows} rows got {x.shape[0]}")
         if self.strategy == "streamed":
-            if self.column_bias is None:
+            if self.bias is None:
                 out = torch.mm(self.weight, x.t())  # [out, rows]
             else:
-                out = torch.addmm(self.column_bias, self.weight, x.t())
+                out = torch.addmm(self.bias, self.weight, x.t())
             return out.t().contiguous()  # [rows, out]: a few KB to copy, and later views need it dense
         return torch.ops.mkl._mkl_linear(x, self.packed, self.shape_only, self.bias, self.rows)
 
