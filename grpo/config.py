@@ -144,7 +144,8 @@ class TrainConfig:
         "Exclude completions cut at the length limit from the loss.", default=False
     )
     rewards: list[Any] = doc(
-        "Reward functions: names or package.module:function, optionally {name: ..., weight: ...}.",
+        "Reward functions: names or package.module:function, or {name: ..., weight: ..., KEY: VALUE} where "
+        "the other keys are passed to the function.",
         default_factory=lambda: ["correctness", "int_answer", "strict_format", "soft_format", "tag_count"],
     )
     logprob_impl: Literal["auto", "chunked", "naive", "triton"] = doc(

@@ -158,7 +158,13 @@ def evaluate(
         truncated += ro.truncated.tolist()
     expanded = [p for p in prompts for _ in range(samples)]  # the order generate returns: G per prompt
     refs = [p.reference for p in expanded]
-    kwargs = {"tags": tags, "rows": [p.row for p in expanded], "prompts": [p.text for p in expanded]}
+    kwargs = {
+        "tags": tags,
+        "rows": [p.row for p in expanded],
+        "prompts": [p.text for p in expanded],
+        "completion_lengths": [int(n) for n in lengths],
+        "max_completion_length": max_new_tokens,
+    }
     scores = rw.score(rewards, texts, refs, **kwargs)  # [N, R]
     j = correctness_index(rewards)
     correct_scores = scores[:, j] if j is not None else torch.tensor(rw.correctness(texts, refs, tags=tags))

@@ -3,16 +3,19 @@
     def my_reward(completions: list[str], references: list[str], **kwargs) -> list[float]
 
 `completions[i]` is the decoded text of sample i, `references[i]` its prompt's reference answer. kwargs holds
-`prompts` (list[str], chat-formatted), `rows` (list[dict], the dataset rows) and `tags` (a `Tags` with the
-template's four tag strings). Accept **kwargs so that new keys do not break your function.
+`prompts` (list[str], chat-formatted), `rows` (list[dict], the dataset rows), `tags` (a `Tags` with the
+template's four tag strings), `completion_lengths` (list[int], completion tokens) and `max_completion_length` (int,
+config.maximum_completion_length). Accept **kwargs so that new keys do not break your function. A template entry
+{name: ..., weight: ..., KEY: VALUE} also passes KEY=VALUE to its function on every call.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -125,9 +128,82 @@ def answer_mentioned(completions: list[str], references: list[str], **_: Any) ->
     return out
 
 
+def _buffer_problem(buffer: Any, max_completion_length: int | None) -> str | None:
+    """Why `buffer` is not a valid overlong_penalty buffer, or None; max_completion_length None = not known yet."""
+    if isinstance(buffer, int) and not isinstance(buffer, bool) and buffer > 0:
+        if max_completion_length is None or buffer <= max_completion_length:
+            return None
+    if max_completion_length is None:
+        return f"overlong_penalty buffer = {buffer!r} is not allowed: expected an integer of at least 1."
+    return (
+        f"overlong_penalty buffer = {buffer!r} is not allowed: expected an integer from 1 to "
+        f"max_completion_length ({max_completion_length})."
+    )
+
+
+def overlong_penalty(
+    completions: list[str],
+    references: list[str],
+    *,
+    completion_lengths: list[int] | None = None,
+    max_completion_length: int | None = None,
+    buffer: int | None = None,
+    **_: Any,
+) -> list[float]:
+    """DAPO's soft overlong punishment (arXiv:2503.14476, eq. 13), by completion length L in tokens.
+
+    With L_max = max_completion_length and B = buffer: 0 when L <= L_max - B, (L_max - B - L) / B inside the
+    last B tokens (a straight line from just under 0 down to -1), and -1 from L = L_max on: a completion cut at
+    the limit always gets -1. buffer defaults to a fifth of L_max (at least 1), DAPO's 4096 of 20480.
+    """
+    if completion_lengths is None or max_completion_length is None:
+        raise ValueError(
+            "overlong_penalty needs completion_lengths and max_completion_length, which grpo.rewards.score "
+            "gets from the trainer and evaluator."
+        )
+    if len(completion_lengths) != len(completions):
+        raise ValueError(
+            f"overlong_penalty got {len(completion_lengths)} completion_lengths for {len(completions)} completions."
+        )
+    if buffer is None:
+        buffer = max(1, max_completion_length // 5)
+    problem = _buffer_problem(buffer, max_completion_length)
+    if problem:
+        raise ValueError(problem)
+    start = max_completion_length - buffer  # the last length that costs nothing
+    out = []
+    for length in completion_lengths:
+        if length <= start:
+            out.append(0.0)
+        elif length <= max_completion_length:
+            out.append((start - length) / buffer)
+        else:
+            out.append(-1.0)
+    return out
+
+
 BUILTIN: dict[str, RewardFn] = {
-    f.__name__: f for f in (correctness, int_answer, strict_format, soft_format, tag_count, answer_mentioned)
+    f.__name__: f
+    for f in (
+        correctness,
+        int_answer,
+        strict_format,
+        soft_format,
+        tag_count,
+        answer_mentioned,
+        overlong_penalty,
+    )
 }
+# What the trainer and evaluator pass to every reward function; a template entry cannot set these.
+PASSED_KWARGS = (
+    "completions",
+    "references",
+    "tags",
+    "rows",
+    "prompts",
+    "completion_lengths",
+    "max_completion_length",
+)
 
 
 # ---------------------------------------------------------------- registry
@@ -136,6 +212,11 @@ class Reward:
     name: str
     fn: RewardFn
     weight: float = 1.0
+    # The template entry's extra keys, passed to fn as keyword arguments on every call.
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, completions: list[str], references: list[str], **kwargs: Any) -> list[float]:
+        return self.fn(completions, references, **kwargs, **self.kwargs)
 
 
 def resolve_function(spec: str, *, field: str) -> Callable[..., Any]:
@@ -153,18 +234,47 @@ def resolve_function(spec: str, *, field: str) -> Callable[..., Any]:
     return fn
 
 
-def resolve_rewards(entries: list[Any]) -> list[Reward]:
-    """Entries are 'name', 'pkg.mod:fn', or {name: ..., weight: ...}; checked before anything heavy loads."""
-    rewards = []
+def _check_reward_kwargs(fn: Callable[..., Any], name: str, options: dict[str, Any], where: str) -> None:
+    """Each extra key must be a parameter of `fn` (any key when a user function takes **kwargs) and not one the
+    trainer passes. A built-in's **kwargs only swallows the trainer's keys, so it takes its named parameters only."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no signature to check against (a C function)
+        params = None
+    positional = [p.name for p in params or [] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:2]
+    reserved = set(PASSED_KWARGS) | set(positional)
+    for key, value in options.items():
+        if key in reserved:
+            raise ConfigError(f"{where} {key} = {value!r} is not allowed: the trainer passes {key} itself.")
+    if params is None or (fn not in BUILTIN.values() and any(p.kind is p.VAR_KEYWORD for p in params)):
+        return
+    takes = [
+        p.name
+        for p in params
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in reserved
+    ]
+    for key, value in options.items():
+        if key not in takes:
+            allowed = f"takes only {', '.join(takes)}" if takes else "takes no keyword arguments"
+            raise ConfigError(f"{where} {key} = {value!r} is not allowed: {name} {allowed}.")
+
+
+def resolve_rewards(entries: list[Any], *, max_completion_length: int | None = None) -> list[Reward]:
+    """Entries are 'name', 'pkg.mod:fn', or {name: ..., weight: ..., KEY: VALUE...}, the extra keys passed to the
+    function as keyword arguments; checked before anything heavy loads (overlong_penalty's buffer against
+    max_completion_length when given)."""
+    rewards: list[Reward] = []
     for i, entry in enumerate(entries):
         where = f"config.rewards[{i}]"
         weight: Any = 1.0
+        options: dict[str, Any] = {}
         if isinstance(entry, dict):
-            unknown = set(entry) - {"name", "weight"}
-            if "name" not in entry or unknown:
+            if "name" not in entry or not all(isinstance(k, str) for k in entry):
                 raise ConfigError(
-                    f"{where} = {entry!r}: a mapping needs 'name' and may have 'weight', nothing else."
+                    f"{where} = {entry!r}: a mapping needs 'name', may have 'weight', and passes its other "
+                    "keys (strings) to the function as keyword arguments."
                 )
+            options = {k: v for k, v in entry.items() if k not in ("name", "weight")}
             entry, weight = entry["name"], entry.get("weight", 1.0)
         if not isinstance(weight, (int, float)) or isinstance(weight, bool):
             raise ConfigError(f"{where} weight = {weight!r} is not allowed: expected a number.")
@@ -179,7 +289,15 @@ def resolve_rewards(entries: list[Any]) -> list[Reward]:
                 f"{where} = {entry!r} is not a built-in reward; use one of "
                 f"{', '.join(BUILTIN)} or package.module:function."
             )
-        rewards.append(Reward(entry, fn, float(weight)))
+        _check_reward_kwargs(fn, entry, options, where)
+        if fn is overlong_penalty and "buffer" in options:
+            problem = _buffer_problem(options["buffer"], max_completion_length)
+            if problem:
+                raise ConfigError(f"{where} {problem}")
+        # The same function twice (e.g. with other options) is logged apart: reward/<name>, reward/<name>#2.
+        repeats = sum(r.fn is fn for r in rewards)
+        label = entry if not repeats else f"{entry}#{repeats + 1}"
+        rewards.append(Reward(label, fn, float(weight), options))
     return rewards
 
 
@@ -194,7 +312,7 @@ def score(
     columns = []
     for r in rewards:
         try:
-            values = r.fn(completions, references, **kwargs)
+            values = r(completions, references, **kwargs)
             values = [float(v) for v in values]
             if len(values) != len(completions):
                 raise ValueError(f"returned {len(values)} values for {len(completions)} completions")
@@ -214,7 +332,7 @@ def _locate_failure(
             for k, v in kwargs.items()
         }
         try:
-            r.fn(completions[i : i + 1], references[i : i + 1], **one)
+            r(completions[i : i + 1], references[i : i + 1], **one)
         except Exception as e:
             return (
                 f"Reward function {r.name!r} raised {type(e).__name__}: {e}\n"

@@ -67,7 +67,7 @@ class GRPOTrainer:
         self.t, self.c = template, template.config
         c = self.c
         # Cheap checks first: everything a user can get wrong fails here, before a model loads.
-        self.rewards = rw.resolve_rewards(c.rewards)
+        self.rewards = rw.resolve_rewards(c.rewards, max_completion_length=c.maximum_completion_length)
         self.loss_fn = resolve_loss(c.loss_type)
         self.tags = rw.Tags.from_config(c)
         # torchrun: check gpu_ids against the processes, pin this rank's GPU, start the process group.
@@ -292,6 +292,8 @@ class GRPOTrainer:
             tags=self.tags,
             rows=rows,
             prompts=[self.prompts[i].text for i in batch for _ in range(c.num_generations)],
+            completion_lengths=ro.completion_mask.sum(-1).tolist(),
+            max_completion_length=c.maximum_completion_length,
         )  # [N, R]
         weights = torch.tensor([r.weight for r in self.rewards])
         total = (scores * weights).sum(dim=1)  # [N]

@@ -55,6 +55,7 @@ class TorchChunkOps:
         self.buf = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)  # [c, V]
         self.buf2 = torch.empty_like(self.buf) if with_entropy else None  # [c, V]
         self.sum_exp: Tensor | None = None  # [c] left by `stats` for `dlogp_dlogits`
+        self.exp_buf = self.buf  # [c, V] where `stats` leaves exp(z - m)
         # fp32: the matmul writes straight into the fp32 buffer; bf16: it needs its own buffer of its dtype.
         self.logits_out = self.buf  # [c, V] in hidden's dtype
         if hidden.dtype != torch.float32:
@@ -81,10 +82,14 @@ class TorchChunkOps:
             e = torch.exp(z, out=self.buf2[: z.shape[0]])  # [c, V]
             s = e.sum(-1)  # [c]
             # H = log s - sum_j e_j z_j / s on the shifted logits: both terms are small, so no cancellation.
-            ent = s.log() - e.mul_(z).sum(-1) / s
+            # A batched dot product (bmm) leaves e intact and needs no [c, V] temporary.
+            dot = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)  # [c]
+            ent = s.log() - dot / s
+            self.exp_buf = self.buf2
         else:
-            s = z.exp_().sum(-1)  # [c]; the buffer now holds exp(z - m), which dlogp_dlogits reuses
-            self.sum_exp = s
+            s = z.exp_().sum(-1)  # [c]
+            self.exp_buf = self.buf
+        self.sum_exp = s  # with exp_buf = exp(z - m): what dlogp_dlogits and grad_from_stats reuse
         log_s = s.log()
         return z_t - log_s, m.squeeze(1) + log_s, ent
 
@@ -94,7 +99,7 @@ class TorchChunkOps:
 
     def grad_from_stats(self, targets: Tensor, g_logp: Tensor) -> Tensor:
         """g (onehot - p), fp32 [c, V], from the exp(z - m) that `stats` left in the buffer; g already / T."""
-        z = self.buf[: targets.shape[0]]  # exp(z - m), so p = z / sum_exp
+        z = self.exp_buf[: targets.shape[0]]  # exp(z - m), so p = z / sum_exp
         z.mul_((-g_logp / self.sum_exp).unsqueeze(1))
         return z.scatter_add_(1, targets.unsqueeze(1), g_logp.unsqueeze(1))
 
@@ -161,10 +166,13 @@ class ChunkedLogprobs(torch.autograd.Function):
         temperature: float,
         chunk_size: int,
         with_entropy: bool,
+        entropy_grad: bool,
         eager: bool,
         make_ops,
     ):
-        """`eager`: only hidden needs a gradient (frozen LM head, e.g. LoRA) and the entropy is not asked for.
+        """`entropy_grad` False returns the entropy as a constant (a metric or a mask): no gradient flows
+        through it and the fast paths below stay open.
+        `eager`: only hidden needs a gradient (frozen LM head, e.g. LoRA) and no entropy gradient is wanted.
         Then d log p / d hidden = (onehot - p) @ W / T is computed here, from the logits already at hand, and
         backward only scales it by the upstream gradient: 2 matmuls in all instead of 3."""
         n, vocab = hidden.shape[0], weight.shape[0]
@@ -176,12 +184,12 @@ class ChunkedLogprobs(torch.autograd.Function):
         dlogp_dh = (
             torch.empty(n, hidden.shape[1], dtype=hidden.dtype, device=hidden.device) if eager else None
         )
-        # One chunk, no entropy, gradients wanted: backward takes p from the exp(z - m) that `stats` leaves in
+        # One chunk, no entropy gradient, gradients wanted: backward takes p from the exp(z - m) that `stats` leaves in
         # the buffer instead of recomputing the logits (one [N, V] matmul less). The buffer is chunk-sized and
         # the LM head is the last op of forward, so its backward runs next: holding it adds no peak memory.
         keep = (
             n <= chunk_size
-            and not (with_entropy or eager)
+            and not (entropy_grad or eager)
             and any(ctx.needs_input_grad[:3])
             and hasattr(ops, "grad_from_stats")
         )
@@ -194,11 +202,13 @@ class ChunkedLogprobs(torch.autograd.Function):
             if with_entropy:
                 ent[s:e] = en
             if eager:
-                assert not with_entropy
+                assert not entropy_grad
                 dz = ops.dlogp_dlogits(logits, targets[s:e], temperature, ls)  # [c, V]
                 dz_in = dz if dz.dtype == hidden.dtype else logits.copy_(dz)  # [c, V]
                 torch.mm(dz_in, weight, out=dlogp_dh[s:e])
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent, dlogp_dh)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent if entropy_grad else None, dlogp_dh)
+        if with_entropy and not entropy_grad:
+            ctx.mark_non_differentiable(ent)
         ctx.temperature, ctx.chunk_size, ctx.make_ops = temperature, chunk_size, make_ops
         ctx.set_materialize_grads(False)
         return (logp, ent) if with_entropy else logp
@@ -208,7 +218,7 @@ class ChunkedLogprobs(torch.autograd.Function):
     def backward(ctx, g_logp: Tensor | None, g_ent: Tensor | None = None):
         hidden, weight, bias, targets, lse, ent, dlogp_dh = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        nones = (None,) * 6
+        nones = (None,) * 7
         if (g_logp is None and g_ent is None) or not (need_h or need_w or need_b):
             return None, None, None, *nones
         if dlogp_dh is not None:
@@ -230,7 +240,7 @@ class ChunkedLogprobs(torch.autograd.Function):
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             logits = ops.logits_out[: e - s]  # [c, V]
-            if kept is not None:  # no entropy was asked for, so g_logp is set (both None returned above)
+            if kept is not None:  # no entropy gradient, so g_logp is set (both None returned above)
                 dz = ops.grad_from_stats(targets[s:e], g_logp[s:e])  # [c, V] fp32
             else:
                 logits = chunk_logits(hidden[s:e], weight, bias, out=logits)
@@ -267,16 +277,27 @@ def chunked_token_logprobs(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     return_entropy: bool = False,
+    detach_entropy: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Same contract as `naive_token_logprobs`, with memory that grows with `chunk_size`, not with N."""
     chunk = chunk_size or default_chunk_size(weight.shape[0])
-    eager = eager_hidden_grad(hidden, weight, bias, return_entropy)
+    entropy_grad = return_entropy and not detach_entropy
+    eager = eager_hidden_grad(hidden, weight, bias, entropy_grad)
     return ChunkedLogprobs.apply(
-        hidden, weight, bias, targets.long(), float(temperature), chunk, return_entropy, eager, TorchChunkOps
+        hidden,
+        weight,
+        bias,
+        targets.long(),
+        float(temperature),
+        chunk,
+        return_entropy,
+        entropy_grad,
+        eager,
+        TorchChunkOps,
     )
 
 
-def eager_hidden_grad(hidden: Tensor, weight: Tensor, bias: Tensor | None, return_entropy: bool) -> bool:
+def eager_hidden_grad(hidden: Tensor, weight: Tensor, bias: Tensor | None, entropy_grad: bool) -> bool:
     """Whether ChunkedLogprobs should compute d log p / d hidden in forward (see its forward)."""
     frozen_head = not weight.requires_grad and (bias is None or not bias.requires_grad)
-    return torch.is_grad_enabled() and hidden.requires_grad and frozen_head and not return_entropy
+    return torch.is_grad_enabled() and hidden.requires_grad and frozen_head and not entropy_grad

@@ -17,11 +17,13 @@ def naive_token_logprobs(
     bias: Tensor | None = None,  # [V]
     temperature: float = 1.0,
     return_entropy: bool = False,
+    detach_entropy: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """log_softmax((hidden @ weight.T + bias) / temperature)[n, targets[n]] in fp32, optionally the entropy.
 
     The matmul runs in the input dtype (like an LM head would); the softmax is in fp32.
-    Returns fp32 log-probs [N] and, with `return_entropy`, the fp32 entropy [N] of the tempered distribution.
+    Returns fp32 log-probs [N] and, with `return_entropy`, the fp32 entropy [N] of the tempered distribution
+    (a constant without gradient when `detach_entropy`).
     """
     logits = hidden @ weight.T  # [N, V]
     if bias is not None:
@@ -32,4 +34,4 @@ def naive_token_logprobs(
     if not return_entropy:
         return logp
     entropy = -(logp_all.exp() * logp_all).sum(-1)  # [N]
-    return logp, entropy
+    return logp, entropy.detach() if detach_entropy else entropy

@@ -158,12 +158,13 @@ def triton_token_logprobs(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     return_entropy: bool = False,
+    detach_entropy: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Same contract as `naive_token_logprobs`; CUDA tensors only."""
     assert hidden.is_cuda and weight.is_cuda, "the Triton path needs CUDA tensors"
     chunk = chunk_size or default_chunk_size(weight.shape[0])
     targets = targets.long().contiguous()
-    eager = eager_hidden_grad(hidden, weight, bias, return_entropy)
-    return ChunkedLogprobs.apply(
-        hidden, weight, bias, targets, float(temperature), chunk, return_entropy, eager, TritonChunkOps
-    )
+    entropy_grad = return_entropy and not detach_entropy
+    eager = eager_hidden_grad(hidden, weight, bias, entropy_grad)
+    args = (chunk, return_entropy, entropy_grad, eager, TritonChunkOps)
+    return ChunkedLogprobs.apply(hidden, weight, bias, targets, float(temperature), *args)

@@ -212,6 +212,70 @@ def test_backward_reuses_a_single_chunk_instead_of_recomputing_it(chunk_size: in
     assert_matches(got, run(inp, impl="naive"))
 
 
+@pytest.mark.parametrize("case", ["one chunk", "several chunks", "frozen head"])
+def test_detached_entropy_is_a_constant_that_keeps_the_fast_backward(case: str) -> None:
+    # An entropy wanted only as a metric or a mask: values as the reference's, no gradient through it, and the
+    # log-probs' backward takes exactly the matmuls it takes without the entropy.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    chunk = B * T - 1 if case == "several chunks" else B * T
+    counts, results = [], []
+    for detach in (False, True):
+        inp = make_inputs(bias=True)
+        if case == "frozen head":
+            inp["weight"].requires_grad_(False)
+            inp["bias"].requires_grad_(False)
+        leaves = [x for x in (inp["hidden"], inp["weight"], inp["bias"]) if x.requires_grad]
+        with CountMatmuls() as counter:
+            out = kernels.token_logprobs(
+                inp["hidden"],
+                inp["weight"],
+                inp["targets"],
+                bias=inp["bias"],
+                temperature=0.7,
+                impl="chunked",
+                chunk_size=chunk,
+                return_entropy=detach,
+                detach_entropy=detach,
+            )
+            logp = out[0] if detach else out
+            grads = torch.autograd.grad(logp.sum(), leaves)
+        counts.append(counter.count)
+        results.append((logp.detach(), *grads))
+        if detach:
+            assert not out[1].requires_grad
+            _, want = kernels.token_logprobs(
+                *(inp[k].detach() for k in ("hidden", "weight")),
+                inp["targets"],
+                bias=inp["bias"].detach(),
+                temperature=0.7,
+                impl="naive",
+                return_entropy=True,
+            )
+            torch.testing.assert_close(out[1], want, atol=1e-5, rtol=1e-5)
+    assert counts[0] == counts[1], counts
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_naive_detached_entropy_has_no_grad() -> None:
+    inp = make_inputs()
+    logp, ent = kernels.token_logprobs(
+        inp["hidden"], inp["weight"], inp["targets"], impl="naive", return_entropy=True, detach_entropy=True
+    )
+    assert logp.requires_grad and not ent.requires_grad
+
+
 def test_only_inputs_and_row_stats_are_saved_for_backward() -> None:
     # Records every tensor autograd keeps: the chunked path must keep nothing of size N x V.
     inp = make_inputs(n=400, vocab=1000, bias=True)
@@ -355,18 +419,23 @@ g = torch.Generator().manual_seed(0)
 h, w = torch.randn(94, 16, generator=g) * 2, torch.randn(123, 16, generator=g) / 4
 b, t = torch.randn(123, generator=g), torch.randint(0, 123, (94,), generator=g)
 g1, g2 = torch.randn(94, generator=g), torch.randn(94, generator=g)
-for frozen_head in (False, True):  # frozen: d log p / d hidden computed in forward (no entropy then)
+# (frozen head, entropy, entropy gradient); frozen: d log p / d hidden is computed in forward (eager)
+for frozen_head, entropy, entropy_grad in [(0, 1, 1), (1, 0, 0), (1, 1, 0), (0, 1, 0)]:
     outs = []
     for fast in (True, False):
         leaves = [x.clone().requires_grad_(not frozen_head or x is h) for x in (h, w, b)]
         if fast:
-            args = (t, 0.7, 7, not frozen_head, frozen_head, tl_mod.TritonChunkOps)
+            eager = bool(frozen_head and not entropy_grad)
+            args = (t, 0.7, 7, bool(entropy), bool(entropy_grad), eager, tl_mod.TritonChunkOps)
             res = ChunkedLogprobs.apply(*leaves, *args)
         else:
-            res = naive_token_logprobs(*leaves[:2], t, bias=leaves[2], temperature=0.7, return_entropy=not frozen_head)
-        lp, en = res if not frozen_head else (res, torch.zeros(94))
+            res = naive_token_logprobs(*leaves[:2], t, bias=leaves[2], temperature=0.7,
+                                       return_entropy=bool(entropy), detach_entropy=not entropy_grad)
+        lp, en = res if entropy else (res, torch.zeros(94))
+        assert en.requires_grad == bool(entropy_grad)
         wrt = [x for x in leaves if x.requires_grad]
-        outs.append([lp, en, *torch.autograd.grad((lp * g1).sum() + (en * g2).sum(), wrt)])
+        loss = (lp * g1).sum() + ((en * g2).sum() if entropy_grad else 0)
+        outs.append([lp, en, *torch.autograd.grad(loss, wrt)])
     for got, want in zip(*outs):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 print("ok")

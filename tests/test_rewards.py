@@ -1,4 +1,7 @@
-"""Built-in rewards on single- and multi-line completions, number normalisation, user functions, failures."""
+"""Built-in rewards on single- and multi-line completions, number normalisation, user functions, failures,
+per-reward keyword arguments from the template, and the overlong penalty."""
+
+import re
 
 import pytest
 
@@ -71,7 +74,8 @@ def test_resolve_rewards_names_weights_and_user_functions():
         (
             "corectness",
             "config.rewards[0] = 'corectness' is not a built-in reward; use one of correctness, "
-            "int_answer, strict_format, soft_format, tag_count, answer_mentioned or package.module:function.",
+            "int_answer, strict_format, soft_format, tag_count, answer_mentioned, overlong_penalty or "
+            "package.module:function.",
         ),
         (
             "no_such_module_xyz:f",
@@ -84,7 +88,8 @@ def test_resolve_rewards_names_weights_and_user_functions():
         ),
         (
             {"weight": 2},
-            "config.rewards[0] = {'weight': 2}: a mapping needs 'name' and may have 'weight', nothing else.",
+            "config.rewards[0] = {'weight': 2}: a mapping needs 'name', may have 'weight', and passes its other "
+            "keys (strings) to the function as keyword arguments.",
         ),
         (
             {"name": "correctness", "weight": "x"},
@@ -110,3 +115,222 @@ def test_failing_reward_names_function_and_completion():
     rs = rw.resolve_rewards(["tests.user_rewards:wrong_length"])
     with pytest.raises(rw.RewardError, match="returned 1 values for 2 completions"):
         rw.score(rs, ["a", "b"], ["1", "2"], tags=TAGS)
+
+
+# Module-level so the tests can resolve them as tests.test_rewards:NAME.
+def scaled_length(
+    completions,
+    references,
+    *,
+    scale,
+    offset=0.0,
+    tags=None,
+    rows=None,
+    prompts=None,
+    completion_lengths=None,
+    max_completion_length=None,
+):
+    """No **kwargs: a key the template gives must be scale or offset (the trainer fills the rest)."""
+    assert isinstance(tags, rw.Tags)
+    return [scale * len(c) + offset for c in completions]
+
+
+def echo_options(completions, references, **kwargs):
+    """Takes **kwargs: any option goes; scores the option 'value' and fails on a completion 'bad'."""
+    if "bad" in completions:
+        raise ValueError(f"bad with value={kwargs['value']}")
+    return [float(kwargs["value"]) for _ in completions]
+
+
+def plain(c, r, tags=None, **kwargs):
+    return [0.0 for _ in c]
+
+
+def test_overlong_penalty_values():
+    lengths = [10, 80, 81, 90, 99, 100]
+    out = rw.overlong_penalty(
+        [""] * 6, [""] * 6, completion_lengths=lengths, max_completion_length=100, buffer=20
+    )
+    assert out == [0.0, 0.0, -1 / 20, -0.5, -19 / 20, -1.0]
+    # default buffer: a fifth of max_completion_length, so 20 tokens here
+    out = rw.overlong_penalty(
+        [""] * 5, [""] * 5, completion_lengths=[20, 80, 81, 90, 100], max_completion_length=100
+    )
+    assert out == [0.0, 0.0, -1 / 20, -0.5, -1.0]
+    # buffer = max_completion_length: the penalty starts at the first token
+    out = rw.overlong_penalty(
+        [""] * 2, [""] * 2, completion_lengths=[0, 2], max_completion_length=4, buffer=4
+    )
+    assert out == [0.0, -0.5]
+    # a tiny limit: the default buffer is still at least 1 token
+    assert rw.overlong_penalty([""] * 2, [""] * 2, completion_lengths=[2, 3], max_completion_length=3) == [
+        0.0,
+        -1.0,
+    ]
+    assert "overlong_penalty" in rw.BUILTIN
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {},
+            "overlong_penalty needs completion_lengths and max_completion_length, which grpo.rewards.score "
+            "gets from the trainer and evaluator.",
+        ),
+        (
+            {"completion_lengths": [1, 2], "max_completion_length": 10},
+            "overlong_penalty got 2 completion_lengths for 1 completions.",
+        ),
+        (
+            {"completion_lengths": [1], "max_completion_length": 10, "buffer": 11},
+            "overlong_penalty buffer = 11 is not allowed: expected an integer from 1 to max_completion_length (10).",
+        ),
+        (
+            {"completion_lengths": [1], "max_completion_length": 10, "buffer": 0},
+            "overlong_penalty buffer = 0 is not allowed: expected an integer from 1 to max_completion_length (10).",
+        ),
+        (
+            {"completion_lengths": [1], "max_completion_length": 10, "buffer": 2.5},
+            "overlong_penalty buffer = 2.5 is not allowed: expected an integer from 1 to max_completion_length (10).",
+        ),
+    ],
+)
+def test_overlong_penalty_errors(kwargs, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        rw.overlong_penalty([""], [""], **kwargs)
+
+
+def test_reward_kwargs_reach_the_function_through_score():
+    rs = rw.resolve_rewards(
+        [
+            {"name": "overlong_penalty", "weight": 0.5, "buffer": 4},
+            {"name": "tests.test_rewards:scaled_length", "scale": 2.0},
+            {"name": "tests.test_rewards:scaled_length", "scale": 1.0, "offset": 3},
+            {"name": "tests.test_rewards:echo_options", "value": 7},
+            "overlong_penalty",
+        ]
+    )
+    assert [r.name for r in rs] == [
+        "overlong_penalty",
+        "tests.test_rewards:scaled_length",
+        "tests.test_rewards:scaled_length#2",
+        "tests.test_rewards:echo_options",
+        "overlong_penalty#2",
+    ]
+    assert [r.weight for r in rs] == [0.5, 1.0, 1.0, 1.0, 1.0]
+    assert rs[0].kwargs == {"buffer": 4} and rs[4].kwargs == {}
+    scores = rw.score(
+        rs,
+        ["ab", "abcd"],
+        ["", ""],
+        tags=TAGS,
+        rows=[{}, {}],
+        prompts=["p", "p"],
+        completion_lengths=[6, 9],
+        max_completion_length=10,
+    )
+    # overlong buffer 4: 6 -> 0, 9 -> -3/4; default buffer 10 // 5 = 2: 6 -> 0, 9 -> -1/2
+    assert scores.tolist() == [[0.0, 4.0, 5.0, 7.0, 0.0], [-0.75, 8.0, 7.0, 7.0, -0.5]]
+
+
+def test_reward_kwargs_in_failure_report():
+    rs = rw.resolve_rewards([{"name": "tests.test_rewards:echo_options", "value": 3}])
+    with pytest.raises(rw.RewardError) as e:
+        rw.score(rs, ["fine", "bad"], ["1", "2"], tags=TAGS, completion_lengths=[1, 1])
+    assert str(e.value) == (
+        "Reward function 'tests.test_rewards:echo_options' raised ValueError: bad with value=3\n"
+        "on completion 1:\n'bad'"
+    )
+    rs = rw.resolve_rewards([{"name": "overlong_penalty", "buffer": 20}])
+    with pytest.raises(rw.RewardError) as e:
+        rw.score(rs, ["a"], ["1"], tags=TAGS, completion_lengths=[1], max_completion_length=10)
+    assert str(e.value) == (
+        "Reward function 'overlong_penalty' raised ValueError: overlong_penalty buffer = 20 is not allowed: "
+        "expected an integer from 1 to max_completion_length (10).\non completion 0:\n'a'"
+    )
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        (
+            {"name": "overlong_penalty", "bufer": 16},
+            "config.rewards[0] bufer = 16 is not allowed: overlong_penalty takes only buffer.",
+        ),
+        (
+            {"name": "correctness", "scale": 2},
+            "config.rewards[0] scale = 2 is not allowed: correctness takes no keyword arguments.",
+        ),
+        (
+            {"name": "tests.test_rewards:scaled_length", "scale": 1, "size": 3},
+            "config.rewards[0] size = 3 is not allowed: tests.test_rewards:scaled_length takes only scale, "
+            "offset.",
+        ),
+        (
+            {"name": "tests.test_rewards:echo_options", "tags": "x"},
+            "config.rewards[0] tags = 'x' is not allowed: the trainer passes tags itself.",
+        ),
+        (
+            {"name": "tests.test_rewards:scaled_length", "max_completion_length": 5},
+            "config.rewards[0] max_completion_length = 5 is not allowed: the trainer passes "
+            "max_completion_length itself.",
+        ),
+        (
+            {"name": "overlong_penalty", "completion_lengths": [1]},
+            "config.rewards[0] completion_lengths = [1] is not allowed: the trainer passes completion_lengths "
+            "itself.",
+        ),
+        (
+            {"name": "tests.test_rewards:echo_options", "completions": []},
+            "config.rewards[0] completions = [] is not allowed: the trainer passes completions itself.",
+        ),
+        (
+            {"name": "tests.test_rewards:plain", "r": 1},
+            "config.rewards[0] r = 1 is not allowed: the trainer passes r itself.",
+        ),
+        (
+            {"name": "overlong_penalty", "buffer": 0},
+            "config.rewards[0] overlong_penalty buffer = 0 is not allowed: expected an integer of at least 1.",
+        ),
+        (
+            {"name": "overlong_penalty", "buffer": "big"},
+            "config.rewards[0] overlong_penalty buffer = 'big' is not allowed: expected an integer of at "
+            "least 1.",
+        ),
+        (
+            {"name": "correctness", 1: 2},
+            "config.rewards[0] = {'name': 'correctness', 1: 2}: a mapping needs 'name', may have 'weight', and "
+            "passes its other keys (strings) to the function as keyword arguments.",
+        ),
+    ],
+)
+def test_reward_kwargs_errors(entry, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        rw.resolve_rewards([entry])
+
+
+def test_reward_kwargs_any_key_with_var_kwargs():
+    (r,) = rw.resolve_rewards([{"name": "tests.test_rewards:echo_options", "value": 1, "anything": [1, 2]}])
+    assert r.kwargs == {"value": 1, "anything": [1, 2]}
+    assert rw.score([r], ["a"], [""], tags=TAGS).tolist() == [[1.0]]
+
+
+def test_overlong_buffer_is_checked_against_the_completion_length_before_the_run():
+    entry = {"name": "overlong_penalty", "buffer": 65}
+    with pytest.raises(ConfigError) as err:
+        rw.resolve_rewards([entry], max_completion_length=64)
+    assert str(err.value) == (
+        "config.rewards[0] overlong_penalty buffer = 65 is not allowed: expected an integer from 1 to "
+        "max_completion_length (64)."
+    )
+    (r,) = rw.resolve_rewards([{**entry, "buffer": 64}], max_completion_length=64)
+    assert r.kwargs == {"buffer": 64}
+
+
+def test_a_function_named_twice_is_logged_apart():
+    rs = rw.resolve_rewards(
+        ["correctness", "soft_format", {"name": "correctness", "weight": 2}, "correctness"]
+    )
+    assert [r.name for r in rs] == ["correctness", "soft_format", "correctness#2", "correctness#3"]
+    assert rs[2].fn is rs[0].fn and rs[2].weight == 2.0

@@ -251,7 +251,7 @@ def cli(*args, cwd=REPO, env=None):
         (
             ["rewards=[nope]"],
             "error: config.rewards[0] = 'nope' is not a built-in reward; use one of correctness, "
-            "int_answer, strict_format, soft_format, tag_count, answer_mentioned or "
+            "int_answer, strict_format, soft_format, tag_count, answer_mentioned, overlong_penalty or "
             "package.module:function.",
         ),
         (
