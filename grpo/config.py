@@ -140,6 +140,11 @@ class TrainConfig:
     scale_rewards: Literal["group", "batch", "none"] = doc(
         "Divide advantages by the std of the group, the batch, or not at all.", default="group"
     )
+    top_entropy_quantile: float = doc(
+        "Apply the policy term only to the tokens whose entropy is in this top share of the step's tokens "
+        "(arXiv:2506.01939 kept 0.2); 1.0 = every token.",
+        default=1.0,
+    )
     mask_truncated_completions: bool = doc(
         "Exclude completions cut at the length limit from the loss.", default=False
     )
@@ -337,6 +342,12 @@ def _check_ranges(t: Template) -> None:
     need(0 < c.top_p <= 1, "config.top_p", c.top_p, "it must be in (0, 1]")
     need(c.beta >= 0, "config.beta", c.beta, "it must be 0 or more")
     need(c.epsilon >= 0, "config.epsilon", c.epsilon, "it must be 0 or more")
+    need(
+        0 < c.top_entropy_quantile <= 1,
+        "config.top_entropy_quantile",
+        c.top_entropy_quantile,
+        "it must be in (0, 1]",
+    )
     need(
         c.epsilon_high is None or c.epsilon_high >= 0,
         "config.epsilon_high",

@@ -209,6 +209,22 @@ def sum_over_ranks(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return t.to(x.device, x.dtype)
 
 
+def gather_over_ranks(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """The 1-D tensors of all ranks, concatenated in rank order (their lengths may differ)."""
+    if not env.enabled:
+        return x
+    device = _comm_device()
+    size = torch.tensor([x.numel()], device=device)
+    sizes = [torch.zeros_like(size) for _ in range(env.world_size)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=x.dtype, device=device)
+    padded[: x.numel()] = x.detach()
+    parts = [torch.empty_like(padded) for _ in range(env.world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).to(x.device)
+
+
 def any_over_ranks(flag: bool, env: DistEnv) -> bool:
     """A stop requested on one rank (SIGTERM) stops all ranks after the same step."""
     if not env.enabled:

@@ -34,8 +34,11 @@ class CompletionLogprobs(nn.Module):
         completion_ids: torch.Tensor,
         completion_mask: torch.Tensor,
         prompt_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Returns [B, T] fp32 log-probs of completion_ids under softmax(logits / temperature), 0 at padding.
+        return_entropy: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Returns [B, T] fp32 log-probs of completion_ids under softmax(logits / temperature), 0 at padding,
+        and with `return_entropy` also the [B, T] entropy of that distribution at each token (a constant, no
+        gradient; 0 at padding).
 
         prompt_ids/prompt_mask: [U, P] left-padded; completion_ids/completion_mask: [B, T];
         prompt_index: [B], the prompt row of each completion (None: U == B, row i goes with prompt i).
@@ -47,16 +50,23 @@ class CompletionLogprobs(nn.Module):
         else:
             h = self._shared_prefix_hidden(prompt_ids, prompt_mask, ids, mask, prompt_index)
         head = self.model.get_output_embeddings()
-        logps = token_logprobs(
+        out = token_logprobs(
             h.reshape(-1, h.shape[-1]),
             head.weight,
             ids.reshape(-1),
             bias=getattr(head, "bias", None),
             temperature=self.temperature,
             impl=self.impl,
-        ).view(ids.shape)  # [B, width]
-        logps = logps.masked_fill(mask == 0, 0.0)  # padding carries no value and no gradient
-        return nn.functional.pad(logps, (0, completion_ids.shape[1] - width))  # [B, T]
+            return_entropy=return_entropy,
+            detach_entropy=True,
+        )
+        per_token = out if return_entropy else (out,)
+        pad = completion_ids.shape[1] - width
+        # padding carries no value and no gradient; trailing columns come back as zeros: [B, T] each
+        padded = [
+            nn.functional.pad(x.view(ids.shape).masked_fill(mask == 0, 0.0), (0, pad)) for x in per_token
+        ]
+        return tuple(padded) if return_entropy else padded[0]
 
     def _concatenated_hidden(self, prompt_ids, prompt_mask, ids, mask) -> torch.Tensor:
         full_mask = torch.cat([prompt_mask, mask], dim=1)  # [B, P+T]

@@ -37,8 +37,13 @@ def policy_loss(
     importance_sampling_level: str = "token",
     max_completion_length: int | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
+    token_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Returns (scalar loss, stats). old_logps None means the samples are on-policy (ratio exactly 1)."""
+    """Returns (scalar loss, stats). old_logps None means the samples are on-policy (ratio exactly 1).
+
+    token_mask [B, T] (0/1): tokens whose clipped policy term counts, e.g. the high-entropy minority of
+    arXiv:2506.01939; the KL term and every normaliser still use `mask`, so dropping a token scales nothing up.
+    """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type = {loss_type!r} is not allowed: use one of {', '.join(LOSS_TYPES)}.")
     if beta > 0 and ref_logps is None:
@@ -56,6 +61,8 @@ def policy_loss(
     clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + high)
     per_token = -torch.min(ratio * adv, clipped * adv)  # [B, T]
     per_token = per_token.expand_as(mask)
+    if token_mask is not None:
+        per_token = per_token * token_mask.to(per_token.dtype)
 
     kl = None
     if beta > 0:

@@ -29,6 +29,7 @@ from grpo.distributed import (
     any_over_ranks,
     full_params,
     full_state_dict,
+    gather_over_ranks,
     grad_sync,
     gradient_scale,
     init_distributed,
@@ -227,10 +228,20 @@ class GRPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         num_items = sum_over_ranks(loss_mask.sum(), self.env)  # dapo: the token count of all ranks
         totals: dict[str, float] = {}
+        entropy_sum = torch.zeros(
+            (), device=self.device
+        )  # summed on the device: no host read per micro-batch
         slices = self.micro_batches(n)
         for s in slices:
             with grad_sync(self.policy, last=s is slices[-1]):
-                logps = self.policy(*self.logprob_inputs(ro, s))
+                logps, entropy = self.policy(*self.logprob_inputs(ro, s), return_entropy=True)
+                extra, mask = {}, loss_mask[s].bool()
+                entropy_sum += (entropy * mask).sum()
+                if c.top_entropy_quantile < 1:
+                    extra["token_mask"], threshold = self.high_entropy_tokens(entropy, mask)
+                    totals["entropy_threshold"] = totals.get("entropy_threshold", 0.0) + threshold / len(
+                        slices
+                    )
                 loss, stats = self.loss_fn(
                     logps,
                     None if old is None else old[s],
@@ -244,11 +255,14 @@ class GRPOTrainer:
                     importance_sampling_level=c.importance_sampling_level,
                     max_completion_length=c.maximum_completion_length,
                     num_items_in_batch=num_items,
+                    **extra,
                 )
                 weight = micro_batch_weight(c.loss_type, s.stop - s.start, n)
                 (loss * weight * gradient_scale(c.loss_type, self.env)).backward()
             for k, v in {"loss": loss.detach(), **stats}.items():
                 totals[k] = totals.get(k, 0.0) + float(v) * (s.stop - s.start) / n
+        # token mean over this rank's completions
+        totals["entropy"] = float(entropy_sum) / max(float(loss_mask.sum()), 1.0)
         bad_loss = any_over_ranks(not all(torch.isfinite(torch.tensor(v)) for v in totals.values()), self.env)
         if bad_loss and not self._skip_nonfinite(f"Non-finite loss at step {self.step + 1}: {totals}."):
             return totals
@@ -269,6 +283,16 @@ class GRPOTrainer:
         totals["grad_norm"] = float(grad_norm)
         self.optimizer_seconds += time.perf_counter() - t_opt
         return totals
+
+    def high_entropy_tokens(self, entropy: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The tokens of this micro-batch whose entropy reaches the top_entropy_quantile share of its tokens on
+        all ranks (micro-batch k of every rank together, so the split over ranks does not move the threshold).
+        Returns the [B, T] token mask and the threshold."""
+        values = gather_over_ranks(entropy[mask].float(), self.env)  # every rank's unmasked tokens
+        if values.numel() == 0:
+            return mask, 0.0
+        threshold = torch.quantile(values, 1.0 - self.c.top_entropy_quantile)
+        return mask & (entropy >= threshold), float(threshold)
 
     def _skip_nonfinite(self, message: str) -> bool:
         """Raise (the run stops, the last checkpoint stays) unless skip_nonfinite_steps; False = skip it."""

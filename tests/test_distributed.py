@@ -99,14 +99,21 @@ def one_step(tmp_path, tiny_model_dir, name, *overrides, nproc):
 
 
 @pytest.mark.parametrize(
-    "loss_type, strategy, micro",
-    [("grpo", "ddp", 0), ("grpo", "fsdp", 0), ("dapo", "ddp", 1), ("dapo", "fsdp", 3)],
+    "loss_type, strategy, micro, extra",
+    [
+        ("grpo", "ddp", 0, []),
+        ("grpo", "fsdp", 0, []),
+        ("dapo", "ddp", 1, []),
+        ("dapo", "fsdp", 3, []),
+        ("dapo", "ddp", 0, ["top_entropy_quantile=0.3"]),
+    ],
 )
-def test_two_processes_match_one_process(tiny_model_dir, tmp_path, loss_type, strategy, micro):
+def test_two_processes_match_one_process(tiny_model_dir, tmp_path, loss_type, strategy, micro, extra):
     """4 prompts x 2 samples in one process == 2 prompts x 2 samples on each of 2 ranks (fixed completions).
 
-    dapo also runs with other micro-batch sizes on the ranks: its global token normaliser must not care."""
-    one = one_step(tmp_path, tiny_model_dir, "one", "batch_size=4", f"loss_type={loss_type}", nproc=0)
+    dapo also runs with other micro-batch sizes on the ranks: its global token normaliser must not care. The
+    entropy quantile is taken over the tokens of all ranks, so it does not care either."""
+    one = one_step(tmp_path, tiny_model_dir, "one", "batch_size=4", f"loss_type={loss_type}", *extra, nproc=0)
     two = one_step(
         tmp_path,
         tiny_model_dir,
@@ -115,8 +122,12 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path, loss_type, st
         f"loss_type={loss_type}",
         f"distributed_strategy={strategy}",
         f"micro_batch_size={micro}",
+        *extra,
         nproc=2,
     )
+    if extra:
+        threshold = one["metrics"]["entropy_threshold"]
+        assert threshold > 0 and two["metrics"]["entropy_threshold"] == pytest.approx(threshold, rel=1e-6)
     from transformers import AutoModelForCausalLM
 
     start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()

@@ -82,3 +82,26 @@ def test_prompt_groups_drops_shared_left_padding(tokenizer):
     assert ids.shape == (3, 9)
     assert mask.sum(-1).tolist() == [4, 9, 6]
     assert index.tolist() == [0, 1, 1, 2]
+
+
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+def test_entropy_is_the_per_token_entropy_of_the_model_without_gradient(tokenizer, tiny_model_dir, impl):
+    model = load_model(str(tiny_model_dir), device=CPU, dtype=F32)
+    module = CompletionLogprobs(model, temperature=0.7, impl=impl)
+    ro = make_rollout(tokenizer.pad_token_id, prompt_lengths=[4, 9], completion_lengths=[5, 3, 1, 5], g=2)
+    args = (ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask)
+    logps, entropy = module(*args, return_entropy=True)
+    assert logps.requires_grad and not entropy.requires_grad
+    torch.testing.assert_close(logps, module(*args), atol=0, rtol=0)  # the entropy changes nothing else
+    # The specification: the full logits of prompt + completion, the position before each completion token.
+    with torch.no_grad():
+        ids = torch.cat([ro.prompt_ids, ro.completion_ids], 1)
+        mask = torch.cat([ro.prompt_mask, ro.completion_mask], 1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        p = ro.prompt_ids.shape[1]
+        logp_all = torch.log_softmax(logits[:, p - 1 : -1].float() / 0.7, dim=-1)  # [B, T, V]
+        want = -(logp_all.exp() * logp_all).sum(-1)  # [B, T]
+    done = ro.completion_mask.bool()
+    torch.testing.assert_close(entropy[done], want[done], atol=2e-5, rtol=1e-5)
+    assert torch.all(entropy[~done] == 0) and entropy[done].min() > 0

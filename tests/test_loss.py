@@ -168,3 +168,22 @@ def test_group_advantages_zero_spread_and_errors():
         group_advantages(rewards, 4)
     with pytest.raises(ValueError, match="scale = 'rank' is not allowed: use group, batch or none."):
         group_advantages(rewards, 3, scale="rank")
+
+
+def test_token_mask_drops_the_policy_term_but_keeps_kl_and_normalisers():
+    # dapo over 5 tokens with beta 0.5: token (1, 0) leaves the policy term, its KL term stays.
+    token_mask = MASK.clone()
+    token_mask[1, 0] = 0.0
+    ref = torch.tensor([[-1.0, -2.0, -3.0], [-1.5, -1.0, -0.25]])  # KL only at (1, 0): delta = -1
+    kl = math.exp(-1.0) + 1.0 - 1.0
+    kwargs = {"loss_type": "dapo", "beta": 0.5}
+    loss, _ = policy_loss(logps_leaf(), None, ref, ADV, MASK, token_mask=token_mask, **kwargs)
+    # policy terms: -1 (seq 0: 2 tokens of A=+1), +1 x 2 (seq 1: 2 kept tokens of A=-1); KL 0.5 * kl; / 5
+    assert loss.item() == pytest.approx((-2.0 + 2.0 + 0.5 * kl) / 5, abs=1e-7)
+    full, _ = policy_loss(logps_leaf(), None, ref, ADV, MASK, token_mask=MASK, **kwargs)
+    none, _ = policy_loss(logps_leaf(), None, ref, ADV, MASK, **kwargs)
+    assert full.item() == none.item() == pytest.approx((-2.0 + 3.0 + 0.5 * kl) / 5, abs=1e-7)
+    logps = logps_leaf()
+    policy_loss(logps, None, ref, ADV, MASK, token_mask=token_mask, **kwargs)[0].backward()
+    # d/d logp at (1, 0): the policy term is gone, the KL gradient beta * (1 - exp(delta)) / 5 remains
+    assert logps.grad[1, 0].item() == pytest.approx(0.5 * (1 - math.exp(-1.0)) / 5, abs=1e-7)
