@@ -101,8 +101,9 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def math_differences(saved: dict[str, Any], current: Template) -> list[str]:
-    """Fields whose values differ between the checkpoint's template and this run's, ignoring the safe ones."""
-    a, b = _flatten(saved), _flatten(asdict(current))
+    """Fields whose values differ between the checkpoint's template and this run's, ignoring the safe ones. A
+    field the checkpoint lacks (saved by an older version) counts with its default, which that version used."""
+    a, b = {**_flatten(asdict(Template())), **_flatten(saved)}, _flatten(asdict(current))
     return sorted(k for k in set(a) | set(b) if k not in RESUME_SAFE_FIELDS and a.get(k) != b.get(k))
 
 

@@ -145,6 +145,15 @@ class TrainConfig:
         "(arXiv:2506.01939 kept 0.2); 1.0 = every token.",
         default=1.0,
     )
+    dynamic_sampling: bool = doc(
+        "DAPO's dynamic sampling: drop prompts whose G rewards are all equal and sample more prompts until "
+        "batch_size informative ones are found (grpo/dynamic_sampling.py).",
+        default=False,
+    )
+    dynamic_sampling_max_rounds: int = doc(
+        "Most rollouts per step with dynamic_sampling; a batch still short is topped up with dropped prompts.",
+        default=3,
+    )
     mask_truncated_completions: bool = doc(
         "Exclude completions cut at the length limit from the loss.", default=False
     )
@@ -314,6 +323,7 @@ def _check_ranges(t: Template) -> None:
         "batch_size",
         "num_generations",
         "num_iterations",
+        "dynamic_sampling_max_rounds",
         "num_train_epochs",
         "lora_r",
         "logging_steps",

@@ -37,6 +37,7 @@ from grpo.distributed import (
     sum_over_ranks,
     wrap_models,
 )
+from grpo.dynamic_sampling import Samples, concat_samples, informative_groups
 from grpo.evaluate import EvalResult, evaluate, load_eval_prompts
 from grpo.fsio import atomic_write_text
 from grpo.logging import RunLogger, peak_memory_metric
@@ -302,12 +303,11 @@ class GRPOTrainer:
         self.skipped_steps += 1
         return False
 
-    def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        c, timings = self.c, {}
+    def sample_round(self, timings: dict[str, float]) -> Samples:
+        """One batch of prompts: rollout, decoding, rewards."""
         t0 = time.perf_counter()
         batch = self.sampler.next_batch()
         ro, texts, refs, rows = self.rollout(batch)
-        timings["time/rollout_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         scores = rw.score(
             self.rewards,
@@ -315,17 +315,57 @@ class GRPOTrainer:
             refs,
             tags=self.tags,
             rows=rows,
-            prompts=[self.prompts[i].text for i in batch for _ in range(c.num_generations)],
+            prompts=[self.prompts[i].text for i in batch for _ in range(self.c.num_generations)],
             completion_lengths=ro.completion_mask.sum(-1).tolist(),
-            max_completion_length=c.maximum_completion_length,
+            max_completion_length=self.c.maximum_completion_length,
         )  # [N, R]
-        weights = torch.tensor([r.weight for r in self.rewards])
-        total = (scores * weights).sum(dim=1)  # [N]
-        advantages = group_advantages(total, c.num_generations, scale=c.scale_rewards).to(self.device)  # [N]
+        total = (scores * torch.tensor([r.weight for r in self.rewards])).sum(dim=1)  # [N]
+        timings["time/rollout_s"] += t1 - t0
+        timings["time/reward_s"] += time.perf_counter() - t1
+        return Samples(batch, ro, texts, refs, rows, scores, total)
+
+    def sample_step(self, timings: dict[str, float]) -> tuple[Samples, Samples, dict[str, float]]:
+        """(the first round, the batch to train on, dynamic sampling metrics). Without dynamic_sampling both
+        are the same single round; with it, see grpo/dynamic_sampling.py."""
+        c, pad = self.c, self.tokenizer.pad_token_id
+        first = self.sample_round(timings)
+        tokens = first.rollout.num_completion_tokens
+        if not c.dynamic_sampling:
+            return first, first, {"tokens": tokens}
+        kept, dropped, have, rounds, current = [], [], 0, 1, first
+        while True:
+            flags = informative_groups(current.total, c.num_generations)
+            good = [k for k, f in enumerate(flags) if f][: c.batch_size - have]
+            bad = [k for k, f in enumerate(flags) if not f]
+            kept += [current.select(good, pad)] if good else []
+            dropped += [current.select(bad, pad)] if bad else []
+            have += len(good)
+            # Every rank decides the same way, so all run the same number of rollouts.
+            if rounds >= c.dynamic_sampling_max_rounds or not any_over_ranks(have < c.batch_size, self.env):
+                break
+            current = self.sample_round(timings)
+            tokens += current.rollout.num_completion_tokens
+            rounds += 1
+        for part in dropped:  # top up a short batch with groups that teach nothing (zero advantages)
+            short = c.batch_size - sum(k.num_groups for k in kept)
+            if short <= 0:
+                break
+            kept.append(part.select(list(range(min(short, part.num_groups))), pad))
+        stats = {
+            "dynamic_sampling/rounds": float(rounds),
+            "dynamic_sampling/informative_share": have / c.batch_size,
+        }
+        return first, concat_samples(kept, pad), {"tokens": tokens, **stats}
+
+    def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        c, timings = self.c, {"time/rollout_s": 0.0, "time/reward_s": 0.0}
+        t0 = time.perf_counter()
+        first, step, sampling = self.sample_step(timings)
+        ro = step.rollout
+        advantages = group_advantages(step.total, c.num_generations, scale=c.scale_rewards).to(self.device)
         loss_mask = ro.completion_mask.clone()
         if c.mask_truncated_completions:
             loss_mask = loss_mask * (~ro.truncated).long().unsqueeze(-1)
-        timings["time/reward_s"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         ref = self.frozen_logprobs(self.ref, ro) if self.ref is not None else None
         old = self.frozen_logprobs(self.policy, ro) if c.num_iterations > 1 else None
@@ -337,7 +377,12 @@ class GRPOTrainer:
         timings["time/optimizer_s"] = self.optimizer_seconds  # grad clip + step; the rest is fwd/bwd
         timings["time/fwd_bwd_s"] = timings["time/update_s"] - self.optimizer_seconds
         step_time = time.perf_counter() - t0
-        lengths = ro.completion_mask.sum(-1).float()  # [N]
+        # Rewards and lengths describe the first round: the prompts a run without dynamic sampling would see.
+        scores, total, lengths = (
+            first.scores,
+            first.total,
+            first.rollout.completion_mask.sum(-1).float(),
+        )  # [N]
         metrics = {
             **{f"reward/{r.name}": float(scores[:, i].mean()) for i, r in enumerate(self.rewards)},
             "reward/total_mean": float(total.mean()),
@@ -346,24 +391,26 @@ class GRPOTrainer:
             **stats,
             "completion/length_mean": float(lengths.mean()),
             "completion/length_max": float(lengths.max()),
-            "completion/truncated_share": float(ro.truncated.float().mean()),
-            "prompt/truncated": float(sum(self.prompts[i].truncated for i in batch)),
+            "completion/truncated_share": float(first.rollout.truncated.float().mean()),
+            "prompt/truncated": float(sum(self.prompts[i].truncated for i in step.prompts)),
             "learning_rate": self.scheduler.get_last_lr()[0],
             "skipped_steps": float(self.skipped_steps),
-            "tokens_per_s": ro.num_completion_tokens / max(timings["time/rollout_s"], 1e-9),
+            "tokens_per_s": sampling.pop("tokens") / max(timings["time/rollout_s"], 1e-9),
+            **sampling,
             "time/step_s": step_time,
             **timings,
             **peak_memory_metric(self.device),
         }
+        g = c.num_generations
         samples = [
             {
-                "prompt": self.prompts[batch[i // c.num_generations]].row,
-                "completion": texts[i],
-                "reference": refs[i],
-                "reward": float(total[i]),
-                "rewards": {r.name: float(scores[i, j]) for j, r in enumerate(self.rewards)},
+                "prompt": self.prompts[step.prompts[i // g]].row,
+                "completion": step.texts[i],
+                "reference": step.references[i],
+                "reward": float(step.total[i]),
+                "rewards": {r.name: float(step.scores[i, j]) for j, r in enumerate(self.rewards)},
             }
-            for i in range(0, len(texts), max(1, c.num_generations))
+            for i in range(0, len(step.texts), max(1, g))
         ]
         return metrics, samples
 

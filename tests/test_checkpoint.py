@@ -192,3 +192,17 @@ def test_resume_with_a_different_number_of_processes(template, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4]
+
+
+def test_a_field_missing_from_an_older_checkpoint_counts_with_its_default(tmp_path):
+    from dataclasses import asdict
+
+    from grpo.checkpoint import math_differences
+    from grpo.config import template_from_dict
+
+    current = template_from_dict(tiny_template(tmp_path, tmp_path / "out"))
+    saved = asdict(current)
+    del saved["config"]["top_entropy_quantile"], saved["config"]["dynamic_sampling"]  # not written back then
+    assert math_differences(saved, current) == []
+    changed = template_from_dict(tiny_template(tmp_path, tmp_path / "out", top_entropy_quantile=0.2))
+    assert math_differences(saved, changed) == ["config.top_entropy_quantile"]

@@ -54,7 +54,9 @@ def test_kept_heap_serves_later_steps_from_mapped_pages():
     assert kept < STEPS * STEP_PAGES // 8, kept  # measured 0-2% here
     if huge_pages_always():  # 2 MiB pages make a fresh mapping ~30 faults: no contrast left to measure
         return
-    default = step_faults("default")  # glibc's own policy gives much of each step back: ~30% here
+    # glibc's own policy usually gives each step back (~90% of its pages fault again here), but its adaptive
+    # thresholds sometimes keep everything (1 run in ~12 measured): the contrast is taken from 3 runs.
+    default = max(step_faults("default") for _ in range(3))
     assert default > 2 * kept + STEPS * STEP_PAGES // 10, (default, kept)
     mapped = step_faults("mapped")  # every block its own mmap: all pages again
     assert mapped > STEPS * STEP_PAGES * 9 // 10, mapped

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -96,6 +97,27 @@ def one_step(tmp_path, tiny_model_dir, name, *overrides, nproc):
     result = launch("tests/dist_step.py", path, tmp_path / f"{name}.pt", *overrides, nproc=nproc)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(tmp_path / f"{name}.pt")
+
+
+def test_dynamic_sampling_under_fsdp_keeps_the_ranks_in_step(tiny_model_dir, tmp_path):
+    # Ranks draw different prompts, so they would need different numbers of rollouts; each rollout gathers
+    # the sharded weights on all ranks, so they must all run as many as the neediest one (or hang).
+    out = tmp_path / "run"
+    data = tiny_template(
+        tiny_model_dir,
+        out,
+        rewards=["tests.user_rewards:text_code_if_even_answer"],
+        dynamic_sampling=True,
+        dynamic_sampling_max_rounds=4,
+        max_steps=3,
+    )
+    result = launch(
+        "scripts/train.py", write_template(tmp_path / "t.yaml", data), "distributed_strategy=fsdp"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r["dynamic_sampling/rounds"] for r in rows]
+    assert len(rows) == 3 and all(1 <= r <= 4 and r == int(r) for r in rounds) and max(rounds) > 1
 
 
 @pytest.mark.parametrize(

@@ -13,3 +13,17 @@ def fails_on_seven(completions, references, **kwargs):
 
 def wrong_length(completions, references, **kwargs):
     return [0.0]
+
+
+def text_code_if_even_answer(completions, references, **kwargs):
+    """A reward that varies between samples only for prompts with an even answer (the rest: all 0)."""
+    import zlib
+
+    return [
+        float(zlib.crc32(c.encode()) % 1000) if int(r.split()[-1]) % 2 == 0 else 0.0
+        for c, r in zip(completions, references)
+    ]
+
+
+def constant(completions, references, **kwargs):
+    return [1.0 for _ in completions]
