@@ -133,7 +133,7 @@ class TrainConfig:
     epsilon: float = doc("Lower clip range of the importance ratio.", default=0.2)
     epsilon_high: float | None = doc("Upper clip range (null = epsilon).", default=None)
     num_iterations: int = doc("Policy updates per batch of samples (mu).", default=1)
-    loss_type: str = doc("grpo | bnpo | dr_grpo | dapo, or package.module:function.", default="grpo")
+    loss_type: str = doc("grpo | bnpo | dr_grpo | dapo | cispo, or package.module:function.", default="grpo")
     importance_sampling_level: Literal["token", "sequence"] = doc(
         "token (GRPO) or sequence (GSPO).", default="token"
     )

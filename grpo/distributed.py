@@ -30,6 +30,7 @@ from torch import nn
 
 from grpo.cli_common import say_line
 from grpo.config import ConfigError, TrainConfig
+from grpo.loss import GLOBAL_TOKEN_LOSSES
 
 
 @dataclass
@@ -176,9 +177,9 @@ def grad_sync(policy: nn.Module, *, last: bool) -> Any:
 
 
 def gradient_scale(loss_type: str, env: DistEnv) -> float:
-    """Backward averages gradients over ranks. dapo divides by the global token count already (its loss is a
-    sum over all ranks' tokens), so its per-rank loss is scaled back up by the number of ranks."""
-    return float(env.world_size) if env.enabled and loss_type == "dapo" else 1.0
+    """Backward averages gradients over ranks. dapo and cispo divide by the global token count already (their
+    loss is a sum over all ranks' tokens), so the per-rank loss is scaled back up by the number of ranks."""
+    return float(env.world_size) if env.enabled and loss_type in GLOBAL_TOKEN_LOSSES else 1.0
 
 
 def full_state_dict(model: nn.Module, env: DistEnv) -> dict[str, torch.Tensor] | None:

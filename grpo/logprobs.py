@@ -44,7 +44,13 @@ class CompletionLogprobs(nn.Module):
         prompt_index: [B], the prompt row of each completion (None: U == B, row i goes with prompt i).
         """
         width = int(completion_mask.sum(-1).max())  # trailing all-padding columns need no compute
+        if prompt_index is not None:
+            # The shared-prefix pass always makes its second decoder call, which needs 2 columns: under FSDP
+            # each call gathers the weights on every rank, so a rank that skipped it would hang the others.
+            width = max(width, 2)
         ids, mask = completion_ids[:, :width], completion_mask[:, :width]
+        if ids.shape[1] < width:  # a 1-column rollout: one padding column more
+            ids, mask = (nn.functional.pad(x, (0, width - x.shape[1])) for x in (ids, mask))
         if prompt_index is None:
             h = self._concatenated_hidden(prompt_ids, prompt_mask, ids, mask)
         else:
@@ -61,10 +67,11 @@ class CompletionLogprobs(nn.Module):
             detach_entropy=True,
         )
         per_token = out if return_entropy else (out,)
-        pad = completion_ids.shape[1] - width
+        t = completion_ids.shape[1]
         # padding carries no value and no gradient; trailing columns come back as zeros: [B, T] each
         padded = [
-            nn.functional.pad(x.view(ids.shape).masked_fill(mask == 0, 0.0), (0, pad)) for x in per_token
+            nn.functional.pad(x.view(ids.shape).masked_fill(mask == 0, 0.0)[:, :t], (0, max(t - width, 0)))
+            for x in per_token
         ]
         return tuple(padded) if return_entropy else padded[0]
 
@@ -89,8 +96,6 @@ class CompletionLogprobs(nn.Module):
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
         cache.reorder_cache(prompt_index)  # [U, ...] -> [B, ...], a differentiable gather
         first = out.last_hidden_state[:, -1][prompt_index]  # [B, H]: predicts completion token 0
-        if ids.shape[1] == 1:
-            return first[:, None]
         start = positions[:, -1][prompt_index, None] + 1  # [B, 1]
         steps = torch.arange(ids.shape[1] - 1, device=ids.device)
         rest = decoder(

@@ -6,6 +6,9 @@ Shapes: B sequences, T completion tokens. All inputs are [B, T] except advantage
     r_t   = exp(sum_t m_t (logp_t - old_logp_t) / sum_t m_t)          (sequence level, GSPO arXiv:2507.18071)
     l_t   = -min(r_t A, clip(r_t, 1 - epsilon, 1 + epsilon_high) A) + beta * KL_t
     KL_t  = exp(ref_t - logp_t) - (ref_t - logp_t) - 1                 (k3 estimator, always >= 0)
+    cispo: l_t = -sg(min(r_t, 1 + epsilon_high)) A logp_t + beta * KL_t   (CISPO, arXiv:2506.13585)
+           the ratio is capped and held constant instead of clipping the objective: no token loses its
+           gradient, a stale one only counts less; no lower cap (epsilon unused); normalised as dapo
 
 Normalisations (m = completion mask):
     grpo    mean_b [ sum_t m l / sum_t m ]            per-sequence mean, then mean (arXiv:2402.03300)
@@ -20,7 +23,9 @@ from collections.abc import Callable
 
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+# Divided by the token count of the whole global batch (all ranks, all micro-batches), not per micro-batch.
+GLOBAL_TOKEN_LOSSES = ("dapo", "cispo")
 
 
 def policy_loss(
@@ -58,8 +63,11 @@ def policy_loss(
     ratio = torch.exp(log_ratio)  # [B, T] or [B, 1]
     high = epsilon if epsilon_high is None else epsilon_high
     adv = advantages.unsqueeze(-1).to(logps.dtype)  # [B, 1]
-    clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + high)
-    per_token = -torch.min(ratio * adv, clipped * adv)  # [B, T]
+    if loss_type == "cispo":
+        per_token = -(torch.clamp(ratio, max=1.0 + high).detach() * adv) * logps  # [B, T]
+    else:
+        clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + high)
+        per_token = -torch.min(ratio * adv, clipped * adv)  # [B, T]
     per_token = per_token.expand_as(mask)
     if token_mask is not None:
         per_token = per_token * token_mask.to(per_token.dtype)
@@ -81,7 +89,7 @@ def policy_loss(
         count = mask.sum() if num_items_in_batch is None else num_items_in_batch
         loss = (per_token * mask).sum() / torch.as_tensor(count, dtype=logps.dtype).clamp(min=1.0)
 
-    stats = _stats(ratio.expand_as(mask), adv, mask, kl, epsilon, high)
+    stats = _stats(ratio.expand_as(mask), adv, mask, kl, epsilon, high, capped=loss_type == "cispo")
     return loss, stats
 
 
@@ -97,10 +105,16 @@ def _stats(
     kl: torch.Tensor | None,
     low: float,
     high: float,
+    capped: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Clip ratios count tokens where clipping actually removed the gradient (the sign of A decides which side)."""
-    low_clipped = ((ratio < 1.0 - low) & (adv < 0)).to(mask.dtype)
-    high_clipped = ((ratio > 1.0 + high) & (adv > 0)).to(mask.dtype)
+    """Clip ratios count tokens where clipping actually removed the gradient (the sign of A decides which side);
+    `capped` (cispo): tokens whose ratio weight was capped, whatever the sign."""
+    if capped:
+        low_clipped = torch.zeros_like(mask)
+        high_clipped = (ratio > 1.0 + high).to(mask.dtype)
+    else:
+        low_clipped = ((ratio < 1.0 - low) & (adv < 0)).to(mask.dtype)
+        high_clipped = ((ratio > 1.0 + high) & (adv > 0)).to(mask.dtype)
     return {
         "kl": _masked_mean(kl, mask) if kl is not None else mask.new_zeros(()),
         "clip_ratio_low": _masked_mean(low_clipped, mask),
@@ -115,7 +129,7 @@ LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 def micro_batch_weight(loss_type: str, micro_batch: int, local_batch: int) -> float:
     """Factor that makes the sum of micro-batch losses equal the full-batch loss.
 
-    grpo and dr_grpo average over sequences, so each micro-batch counts by its share of sequences. dapo already
-    divides by the global token count. bnpo is a token mean per micro-batch (as in TRL), weighted by sequences.
+    grpo and dr_grpo average over sequences, so each micro-batch counts by its share of sequences. dapo and
+    cispo already divide by the global token count. bnpo is a token mean per micro-batch (as in TRL), weighted by sequences.
     """
-    return 1.0 if loss_type == "dapo" else micro_batch / local_batch
+    return 1.0 if loss_type in GLOBAL_TOKEN_LOSSES else micro_batch / local_batch

@@ -37,7 +37,7 @@ from grpo.distributed import (
     sum_over_ranks,
     wrap_models,
 )
-from grpo.dynamic_sampling import Samples, concat_samples, informative_groups
+from grpo.dynamic_sampling import Samples, fill_batch
 from grpo.evaluate import EvalResult, evaluate, load_eval_prompts
 from grpo.fsio import atomic_write_text
 from grpo.logging import RunLogger, peak_memory_metric
@@ -325,37 +325,19 @@ class GRPOTrainer:
         return Samples(batch, ro, texts, refs, rows, scores, total)
 
     def sample_step(self, timings: dict[str, float]) -> tuple[Samples, Samples, dict[str, float]]:
-        """(the first round, the batch to train on, dynamic sampling metrics). Without dynamic_sampling both
-        are the same single round; with it, see grpo/dynamic_sampling.py."""
-        c, pad = self.c, self.tokenizer.pad_token_id
-        first = self.sample_round(timings)
-        tokens = first.rollout.num_completion_tokens
+        """(the first round, the batch to train on, sampling metrics). Without dynamic_sampling both are the
+        same single round; with it, see grpo/dynamic_sampling.py."""
+        c = self.c
         if not c.dynamic_sampling:
-            return first, first, {"tokens": tokens}
-        kept, dropped, have, rounds, current = [], [], 0, 1, first
-        while True:
-            flags = informative_groups(current.total, c.num_generations)
-            good = [k for k, f in enumerate(flags) if f][: c.batch_size - have]
-            bad = [k for k, f in enumerate(flags) if not f]
-            kept += [current.select(good, pad)] if good else []
-            dropped += [current.select(bad, pad)] if bad else []
-            have += len(good)
-            # Every rank decides the same way, so all run the same number of rollouts.
-            if rounds >= c.dynamic_sampling_max_rounds or not any_over_ranks(have < c.batch_size, self.env):
-                break
-            current = self.sample_round(timings)
-            tokens += current.rollout.num_completion_tokens
-            rounds += 1
-        for part in dropped:  # top up a short batch with groups that teach nothing (zero advantages)
-            short = c.batch_size - sum(k.num_groups for k in kept)
-            if short <= 0:
-                break
-            kept.append(part.select(list(range(min(short, part.num_groups))), pad))
-        stats = {
-            "dynamic_sampling/rounds": float(rounds),
-            "dynamic_sampling/informative_share": have / c.batch_size,
-        }
-        return first, concat_samples(kept, pad), {"tokens": tokens, **stats}
+            first = self.sample_round(timings)
+            return first, first, {"tokens": first.rollout.num_completion_tokens}
+        return fill_batch(
+            lambda: self.sample_round(timings),
+            batch_size=c.batch_size,
+            max_rounds=c.dynamic_sampling_max_rounds,
+            pad_id=self.tokenizer.pad_token_id,
+            any_rank=lambda flag: any_over_ranks(flag, self.env),
+        )
 
     def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
         c, timings = self.c, {"time/rollout_s": 0.0, "time/reward_s": 0.0}

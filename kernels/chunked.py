@@ -278,23 +278,15 @@ def chunked_token_logprobs(
     chunk_size: int | None = None,
     return_entropy: bool = False,
     detach_entropy: bool = False,
+    ops: type = TorchChunkOps,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Same contract as `naive_token_logprobs`, with memory that grows with `chunk_size`, not with N."""
+    """Same contract as `naive_token_logprobs`, with memory that grows with `chunk_size`, not with N. `ops`
+    supplies the per-chunk math (kernels/triton_logprobs.py passes its Triton version)."""
     chunk = chunk_size or default_chunk_size(weight.shape[0])
     entropy_grad = return_entropy and not detach_entropy
     eager = eager_hidden_grad(hidden, weight, bias, entropy_grad)
-    return ChunkedLogprobs.apply(
-        hidden,
-        weight,
-        bias,
-        targets.long(),
-        float(temperature),
-        chunk,
-        return_entropy,
-        entropy_grad,
-        eager,
-        TorchChunkOps,
-    )
+    args = (float(temperature), chunk, return_entropy, entropy_grad, eager, ops)
+    return ChunkedLogprobs.apply(hidden, weight, bias, targets.long().contiguous(), *args)
 
 
 def eager_hidden_grad(hidden: Tensor, weight: Tensor, bias: Tensor | None, entropy_grad: bool) -> bool:

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.chunked import ChunkedLogprobs, default_chunk_size, eager_hidden_grad
+from kernels.chunked import chunked_token_logprobs
 
 BLOCK_V = 2048  # vocabulary block per loop step; 2048 bf16 = 4 KB per row per step
 
@@ -150,21 +150,8 @@ class TritonChunkOps:
 
 
 def triton_token_logprobs(
-    hidden: Tensor,  # [N, H] on CUDA
-    weight: Tensor,  # [V, H]
-    targets: Tensor,  # [N] int64
-    *,
-    bias: Tensor | None = None,  # [V]
-    temperature: float = 1.0,
-    chunk_size: int | None = None,
-    return_entropy: bool = False,
-    detach_entropy: bool = False,
+    hidden: Tensor, weight: Tensor, targets: Tensor, **kw
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Same contract as `naive_token_logprobs`; CUDA tensors only."""
+    """Same contract (and keywords) as `chunked_token_logprobs`, with Triton kernels; CUDA tensors only."""
     assert hidden.is_cuda and weight.is_cuda, "the Triton path needs CUDA tensors"
-    chunk = chunk_size or default_chunk_size(weight.shape[0])
-    targets = targets.long().contiguous()
-    entropy_grad = return_entropy and not detach_entropy
-    eager = eager_hidden_grad(hidden, weight, bias, entropy_grad)
-    args = (chunk, return_entropy, entropy_grad, eager, TritonChunkOps)
-    return ChunkedLogprobs.apply(hidden, weight, bias, targets, float(temperature), *args)
+    return chunked_token_logprobs(hidden, weight, targets, ops=TritonChunkOps, **kw)

@@ -128,6 +128,7 @@ def test_dynamic_sampling_under_fsdp_keeps_the_ranks_in_step(tiny_model_dir, tmp
         ("dapo", "ddp", 1, []),
         ("dapo", "fsdp", 3, []),
         ("dapo", "ddp", 0, ["top_entropy_quantile=0.3"]),
+        ("cispo", "fsdp", 1, []),
     ],
 )
 def test_two_processes_match_one_process(tiny_model_dir, tmp_path, loss_type, strategy, micro, extra):

@@ -7,7 +7,7 @@ import torch
 
 from grpo.config import template_from_dict
 from grpo.data import PromptSampler
-from grpo.dynamic_sampling import concat_rollouts, informative_groups, select_rows
+from grpo.dynamic_sampling import Samples, concat_rollouts, fill_batch, informative_groups, select_rows
 from grpo.rollout import Rollout
 from grpo.trainer import GRPOTrainer
 from tests.conftest import tiny_template
@@ -56,6 +56,59 @@ def test_concat_refuses_mixed_group_sizes():
 def test_informative_groups():
     total = torch.tensor([1.0, 1.0, 0.0, 2.0, 3.0, 3.0])
     assert informative_groups(total, 2) == [False, True, False]
+
+
+def fake_round(prompts: list[int], totals: list[float]) -> Samples:
+    """G=2 samples per prompt; prompt p has p + 1 prompt tokens, its samples 1 and 2 completion tokens."""
+    ro = rollout([[9] * (p + 1) for p in prompts for _ in range(2)], [[1], [1, 2]] * len(prompts), 2)
+    n = 2 * len(prompts)
+    return Samples(
+        prompts=prompts,
+        rollout=ro,
+        texts=[f"{p}/{j}" for p in prompts for j in range(2)],
+        references=[str(p) for p in prompts for _ in range(2)],
+        rows=[{"p": p} for p in prompts for _ in range(2)],
+        scores=torch.tensor(totals).view(n, 1),
+        total=torch.tensor(totals),
+    )
+
+
+def test_fill_batch_keeps_informative_groups_in_order_and_tops_up():
+    rounds = iter(
+        [
+            fake_round([0, 1, 2], [1, 1, 0, 1, 2, 2]),  # only prompt 1 disagrees
+            fake_round([3, 4, 5], [0, 0, 0, 0, 0, 0]),  # nothing
+            fake_round([6, 7, 8], [0, 1, 1, 0, 5, 5]),  # 6 and 7: one more than needed
+        ]
+    )
+    first, batch, stats = fill_batch(lambda: next(rounds), batch_size=3, max_rounds=5, pad_id=PAD)
+    assert first.prompts == [0, 1, 2]
+    assert batch.prompts == [1, 6, 7] and batch.texts == ["1/0", "1/1", "6/0", "6/1", "7/0", "7/1"]
+    assert batch.total.tolist() == [0.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+    assert batch.rollout.prompt_mask.sum(-1).tolist() == [2, 2, 7, 7, 8, 8]
+    assert stats == {
+        "tokens": 9 * 3,
+        "dynamic_sampling/rounds": 3.0,
+        "dynamic_sampling/informative_share": 1.0,
+    }
+    # Out of rounds: the short batch is topped up with dropped groups, oldest first.
+    rounds = iter([fake_round([0, 1, 2], [1, 1, 0, 1, 2, 2]), fake_round([3, 4, 5], [0] * 6)])
+    _, batch, stats = fill_batch(lambda: next(rounds), batch_size=3, max_rounds=2, pad_id=PAD)
+    assert batch.prompts == [1, 0, 2] and stats["dynamic_sampling/informative_share"] == pytest.approx(1 / 3)
+
+
+def test_fill_batch_goes_on_while_another_rank_needs_groups():
+    rounds = iter([fake_round([0, 1], [0, 1, 1, 0]), fake_round([2, 3], [0, 1, 0, 1])])
+    asked = []
+    _, batch, stats = fill_batch(
+        lambda: next(rounds),
+        batch_size=2,
+        max_rounds=2,
+        pad_id=PAD,
+        any_rank=lambda f: asked.append(f) or True,
+    )
+    assert asked == [False]  # this rank was full after round 1, another rank was not
+    assert stats["dynamic_sampling/rounds"] == 2.0 and batch.prompts == [0, 1]
 
 
 def run_dynamic(tiny_model_dir, out, reward: str, rounds: int):

@@ -105,3 +105,21 @@ def test_entropy_is_the_per_token_entropy_of_the_model_without_gradient(tokenize
     done = ro.completion_mask.bool()
     torch.testing.assert_close(entropy[done], want[done], atol=2e-5, rtol=1e-5)
     assert torch.all(entropy[~done] == 0) and entropy[done].min() > 0
+
+
+@pytest.mark.parametrize("completion_lengths", [[1, 1, 1, 1], [1, 3, 2, 1]])
+def test_shared_prefix_pass_always_calls_the_decoder_twice(tokenizer, tiny_model_dir, completion_lengths):
+    # Under FSDP every decoder call gathers weights on all ranks: a rank whose micro-batch holds only 1-token
+    # completions must make the same calls as the others, or they wait for it forever.
+    model = load_model(str(tiny_model_dir), device=CPU, dtype=F32)
+    module = CompletionLogprobs(model, impl="naive")
+    calls = []
+    model.get_decoder().register_forward_pre_hook(lambda *_: calls.append(1))
+    ro = make_rollout(
+        tokenizer.pad_token_id, prompt_lengths=[4, 9], completion_lengths=completion_lengths, g=2
+    )
+    prompt_ids, prompt_mask, index = ro.prompt_groups(slice(0, 4))
+    logps = module(prompt_ids, prompt_mask, ro.completion_ids, ro.completion_mask, index)
+    assert len(calls) == 2 and logps.shape == ro.completion_ids.shape
+    concat = module(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask)
+    torch.testing.assert_close(logps, concat, atol=2e-5, rtol=1e-5)

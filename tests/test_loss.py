@@ -104,7 +104,7 @@ def test_sequence_level_importance_sampling_gspo():
 
 def test_bad_names():
     with pytest.raises(
-        ValueError, match="loss_type = 'ppo' is not allowed: use one of grpo, bnpo, dr_grpo, dapo."
+        ValueError, match="loss_type = 'ppo' is not allowed: use one of grpo, bnpo, dr_grpo, dapo, cispo."
     ):
         policy_loss(logps_leaf(), None, None, ADV, MASK, loss_type="ppo")
     with pytest.raises(ValueError, match="importance_sampling_level = 'batch': use token or sequence."):
@@ -187,3 +187,28 @@ def test_token_mask_drops_the_policy_term_but_keeps_kl_and_normalisers():
     policy_loss(logps, None, ref, ADV, MASK, token_mask=token_mask, **kwargs)[0].backward()
     # d/d logp at (1, 0): the policy term is gone, the KL gradient beta * (1 - exp(delta)) / 5 remains
     assert logps.grad[1, 0].item() == pytest.approx(0.5 * (1 - math.exp(-1.0)) / 5, abs=1e-7)
+
+
+def test_cispo_caps_the_ratio_as_a_constant_and_keeps_every_gradient():
+    logps = logps_leaf()
+    # ratio 1.5 on row 0 (A=+1), 0.5 on row 1 (A=-1): PPO clipping would zero row 0's gradient at epsilon 0.2
+    old = logps.detach() - torch.tensor([[math.log(1.5)] * 3, [math.log(0.5)] * 3])
+    loss, stats = policy_loss(logps, old, None, ADV, MASK, loss_type="cispo", epsilon_high=0.2, epsilon=0.0)
+    lp = logps.detach()
+    # -sg(min(r, 1.2)) A logp, summed over the 5 tokens / 5 (no lower cap: row 1 keeps its 0.5)
+    want = (-(1.2 * 1.0) * (lp[0, 0] + lp[0, 1]) - (0.5 * -1.0) * lp[1].sum()) / 5
+    assert loss.item() == pytest.approx(want.item(), abs=1e-6)
+    loss.backward()
+    expected = torch.tensor([[-1.2 / 5, -1.2 / 5, 0.0], [0.5 / 5] * 3])
+    torch.testing.assert_close(logps.grad, expected, rtol=0, atol=1e-7)
+    assert stats["clip_ratio_high"].item() == pytest.approx(2 / 5) and stats["clip_ratio_low"].item() == 0.0
+
+
+def test_cispo_on_policy_gradient_equals_dapo():
+    grads = []
+    for loss_type in ("cispo", "dapo"):
+        logps = logps_leaf()
+        policy_loss(logps, None, None, ADV, MASK, loss_type=loss_type, num_items_in_batch=8)[0].backward()
+        grads.append(logps.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-7)
+    assert micro_batch_weight("cispo", 2, 8) == 1.0

@@ -256,7 +256,7 @@ def cli(*args, cwd=REPO, env=None):
         ),
         (
             ["loss_type=ppo"],
-            "error: config.loss_type = 'ppo' is not allowed: use one of grpo, bnpo, dr_grpo, dapo or "
+            "error: config.loss_type = 'ppo' is not allowed: use one of grpo, bnpo, dr_grpo, dapo, cispo or "
             "package.module:function.",
         ),
         (["train_device=tpu"], "error: config.train_device = 'tpu' is not supported: use cuda, cpu or auto."),
