@@ -229,20 +229,17 @@ class GRPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         num_items = sum_over_ranks(loss_mask.sum(), self.env)  # dapo: the token count of all ranks
         totals: dict[str, float] = {}
-        entropy_sum = torch.zeros(
-            (), device=self.device
-        )  # summed on the device: no host read per micro-batch
+        # The entropy is summed on the device: no host read per micro-batch.
+        entropy_sum, thresholds = torch.zeros((), device=self.device), []
         slices = self.micro_batches(n)
         for s in slices:
             with grad_sync(self.policy, last=s is slices[-1]):
                 logps, entropy = self.policy(*self.logprob_inputs(ro, s), return_entropy=True)
                 extra, mask = {}, loss_mask[s].bool()
-                entropy_sum += (entropy * mask).sum()
+                entropy_sum += (entropy * ro.completion_mask[s]).sum()
                 if c.top_entropy_quantile < 1:
                     extra["token_mask"], threshold = self.high_entropy_tokens(entropy, mask)
-                    totals["entropy_threshold"] = totals.get("entropy_threshold", 0.0) + threshold / len(
-                        slices
-                    )
+                    thresholds.append(threshold)
                 loss, stats = self.loss_fn(
                     logps,
                     None if old is None else old[s],
@@ -262,8 +259,10 @@ class GRPOTrainer:
                 (loss * weight * gradient_scale(c.loss_type, self.env)).backward()
             for k, v in {"loss": loss.detach(), **stats}.items():
                 totals[k] = totals.get(k, 0.0) + float(v) * (s.stop - s.start) / n
-        # token mean over this rank's completions
-        totals["entropy"] = float(entropy_sum) / max(float(loss_mask.sum()), 1.0)
+        # this rank's token mean over every completion token (also those the loss mask leaves out)
+        totals["entropy"] = float(entropy_sum) / max(float(ro.completion_mask.sum()), 1.0)
+        if thresholds:
+            totals["entropy_threshold"] = sum(thresholds) / len(thresholds)
         bad_loss = any_over_ranks(not all(torch.isfinite(torch.tensor(v)) for v in totals.values()), self.env)
         if bad_loss and not self._skip_nonfinite(f"Non-finite loss at step {self.step + 1}: {totals}."):
             return totals
@@ -360,11 +359,8 @@ class GRPOTrainer:
         timings["time/fwd_bwd_s"] = timings["time/update_s"] - self.optimizer_seconds
         step_time = time.perf_counter() - t0
         # Rewards and lengths describe the first round: the prompts a run without dynamic sampling would see.
-        scores, total, lengths = (
-            first.scores,
-            first.total,
-            first.rollout.completion_mask.sum(-1).float(),
-        )  # [N]
+        scores, total = first.scores, first.total  # [N, R], [N]
+        lengths = first.rollout.completion_mask.sum(-1).float()  # [N]
         metrics = {
             **{f"reward/{r.name}": float(scores[:, i].mean()) for i, r in enumerate(self.rewards)},
             "reward/total_mean": float(total.mean()),

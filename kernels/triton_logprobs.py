@@ -100,7 +100,7 @@ def _grad_kernel(
 class TritonChunkOps:
     """The two per-chunk operations of ChunkedLogprobs as Triton kernels, on one logits buffer."""
 
-    def __init__(self, rows: int, vocab: int, hidden: Tensor, with_entropy: bool) -> None:
+    def __init__(self, rows: int, vocab: int, hidden: Tensor, entropy_grad: bool) -> None:
         self.logits_out = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)  # [c, V]
 
     def stats(

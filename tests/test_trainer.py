@@ -193,7 +193,29 @@ def test_variants_run(tiny_model_dir, tmp_path, extra):
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     if extra.get("beta"):
         assert rows[0]["kl"] == 0.0  # the first update starts at the reference model
+    assert all(r["entropy"] > 0 for r in rows)
     assert (model_dir / "model.safetensors").is_file()
+
+
+def test_research_add_ons_together(tiny_model_dir, tmp_path):
+    extra = {
+        "loss_type": "cispo",
+        "num_iterations": 2,
+        "beta": 0.04,
+        "micro_batch_size": 3,
+        "top_entropy_quantile": 0.5,
+        "dynamic_sampling": True,
+        "rewards": ["tests.user_rewards:length", {"name": "overlong_penalty", "buffer": 4}],
+    }
+    run(tiny_template(tiny_model_dir, tmp_path / "r", **extra))
+    rows = read_metrics(tmp_path / "r")
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert all(r["entropy"] > 0 and r["entropy_threshold"] > 0 for r in rows)
+    assert all(r["dynamic_sampling/rounds"] == 1 for r in rows)  # lengths differ: every group informative
+    assert all(-1.0 <= r["reward/overlong_penalty"] <= 0.0 for r in rows)
+    assert (
+        rows[0]["kl"] > 0
+    )  # logged by the second update, after the first moved the policy off the reference
 
 
 def test_gsm8k_seed_template_runs(tiny_model_dir, tmp_path):
