@@ -1,4 +1,4 @@
-"""One JSON line per training run: median step time, peak memory and reward, read from its metrics.jsonl.
+"""One JSON line per training run: median step time, peak memory, reward and entropy, read from its metrics.jsonl.
 
     python scripts/run_summary.py runs/ddp runs/fsdp
 
@@ -32,6 +32,9 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
         "reward_first": round(rows[0]["reward/total_mean"], 4),
         "reward_last": round(rows[-1]["reward/total_mean"], 4),
     }
+    if "entropy" in rows[0]:  # runs logged before the entropy metric existed lack it
+        summary["entropy_first"] = round(rows[0]["entropy"], 4)
+        summary["entropy_last"] = round(rows[-1]["entropy"], 4)
     for key in MEMORY_KEYS:
         if key in rows[0]:
             summary["peak_memory_gb"] = round(max(r[key] for r in rows), 3)

@@ -81,6 +81,8 @@ def test_run_writes_a_loadable_model_and_every_log(tiny_model_dir, tmp_path):
         "median_rollout_s": round((rows[1]["time/rollout_s"] + rows[2]["time/rollout_s"]) / 2, 3),
         "reward_first": round(rows[0]["reward/total_mean"], 4),
         "reward_last": round(rows[2]["reward/total_mean"], 4),
+        "entropy_first": round(rows[0]["entropy"], 4),
+        "entropy_last": round(rows[2]["entropy"], 4),
         "peak_memory_gb": round(peaks[-1], 3),
         "memory_kind": "peak_rss",
     }
