@@ -130,6 +130,7 @@ def micro_batch_weight(loss_type: str, micro_batch: int, local_batch: int) -> fl
     """Factor that makes the sum of micro-batch losses equal the full-batch loss.
 
     grpo and dr_grpo average over sequences, so each micro-batch counts by its share of sequences. dapo and
-    cispo already divide by the global token count. bnpo is a token mean per micro-batch (as in TRL), weighted by sequences.
+    cispo already divide by the global token count. bnpo is a token mean per micro-batch (as in TRL),
+    weighted by sequences.
     """
     return 1.0 if loss_type in GLOBAL_TOKEN_LOSSES else micro_batch / local_batch

@@ -68,9 +68,8 @@ class PackedProjection:
         self.bias = torch.cat(biases) if any(b is not None for _, b in parts) else None
         if strategy == "streamed":
             self.weight = weight.contiguous()
-            self.bias = (
-                None if self.bias is None else self.bias[:, None]
-            )  # [out, 1]: addmm adds it per column
+            # [out, 1]: addmm adds it per column
+            self.bias = None if self.bias is None else self.bias[:, None]
             return
         self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
         # _mkl_linear reads the unpacked weight only when the row count differs from the packed one, which

@@ -193,12 +193,12 @@ class ChunkedLogprobs(torch.autograd.Function):
         lse = torch.empty_like(logp)  # [N]
         ent = torch.empty_like(logp) if with_entropy else None  # [N]
         rows = min(chunk_size, n)
-        ops = make_ops(rows, vocab, hidden, entropy_grad)
+        ops = make_ops(rows, vocab, hidden, False)  # the entropy gradient's buffer is backward's own
         dlogp_dh = (
             torch.empty(n, hidden.shape[1], dtype=hidden.dtype, device=hidden.device) if eager else None
         )
-        # One chunk, no entropy gradient, gradients wanted: backward takes p from the exp(z - m) that `stats` leaves in
-        # the buffer instead of recomputing the logits (one [N, V] matmul less). The buffer is chunk-sized and
+        # One chunk, no entropy gradient, gradients wanted: backward takes p from the exp(z - m) that `stats`
+        # leaves in the buffer instead of recomputing the logits (one [N, V] matmul less). The buffer is chunk-sized and
         # the LM head is the last op of forward, so its backward runs next: holding it adds no peak memory.
         keep = (
             n <= chunk_size

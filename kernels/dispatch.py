@@ -61,10 +61,10 @@ def token_logprobs(
 
     With `return_entropy`, also the fp32 entropy [N] of that tempered distribution; both are differentiable
     w.r.t. hidden, weight and bias, unless `detach_entropy` makes the entropy a constant (for a metric or a
-    token mask; the log-probs then keep their cheaper backward). `impl`: "naive" builds the full [N, V] logits (the specification);
-    "chunked" processes `chunk_size` rows at a time and recomputes them in backward; "triton" (CUDA only)
-    does the same with Triton kernels for the softmax parts; "auto" takes triton on CUDA tensors when it
-    imports, else chunked. `chunk_size` (rows) defaults to about 512 MB of fp32 logits per chunk.
+    token mask; the log-probs then keep their cheaper backward). `impl`: "naive" builds the full [N, V]
+    logits (the specification); "chunked" processes `chunk_size` rows at a time and recomputes them in
+    backward; "triton" (CUDA only) does the same with Triton kernels for the softmax parts; "auto" takes triton
+    on CUDA tensors when it imports, else chunked. `chunk_size` (rows) defaults to about 512 MB of fp32 logits per chunk.
     """
     _check(hidden, weight, targets, bias, impl, chunk_size)
     if impl == "auto":
@@ -73,8 +73,12 @@ def token_logprobs(
         allowed = ", ".join(available_impls())
         raise ValueError(f"impl='triton' needs CUDA tensors and triton; use one of {allowed} here.")
     hidden, weight, bias = _common_dtype(hidden, weight, bias)
-    kw = {"bias": bias, "temperature": temperature, "return_entropy": return_entropy}
-    kw["detach_entropy"] = detach_entropy
+    kw = {
+        "bias": bias,
+        "temperature": temperature,
+        "return_entropy": return_entropy,
+        "detach_entropy": detach_entropy,
+    }
     if impl == "naive":
         return naive_token_logprobs(hidden, weight, targets, **kw)
     # The fast paths pick their own precisions (fp32 buffers, explicit out dtypes): autocast stays out.
