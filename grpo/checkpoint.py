@@ -1,7 +1,8 @@
 """Checkpoints that a killed run resumes from exactly: same prompts, same samples, same updates.
 
 Layout: <output_dir>/checkpoints/step-000012/ holding the model folder (or only the adapter under LoRA),
-optimizer.pt, scheduler.pt, trainer_state.json (step, data position), rng-rank<R>.pt (every RNG of every rank)
+optimizer.pt, scheduler.pt, reference.safetensors (only when the reference follows the policy,
+grpo/reference.py), trainer_state.json (step, data position), rng-rank<R>.pt (every RNG of every rank)
 and template.yaml. A checkpoint is written into step-N.tmp, fsynced, then renamed: a folder without the .tmp
 suffix is always complete, and leftover .tmp folders from a killed save are removed on resume.
 """
@@ -23,6 +24,7 @@ import yaml
 
 from grpo.config import ConfigError, Template
 from grpo.fsio import atomic_write_text, fresh_dir, fsync_tree
+from grpo.reference import load_reference, save_reference
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 # Fields that may change between a run and its resume without changing what is computed.
@@ -223,11 +225,15 @@ def save_checkpoint(trainer: Any) -> Path:
 
     env, step, out = trainer.env, trainer.step, trainer.output_dir
     state = full_state_dict(trainer.model, env)
+    reference = trainer.synced_reference()  # None unless the reference follows the policy
+    ref_state = None if reference is None else full_state_dict(reference, env)
     optim = _optimizer_state(trainer)
     tmp = checkpoint_root(out) / f"step-{step:06d}.tmp"
     if env.is_main:
         tmp = staging_dir(out, step)
         write_model(trainer, tmp / "model", state)
+        if reference is not None:
+            save_reference(reference, tmp, ref_state)
         torch.save(optim, tmp / "optimizer.pt")
         _test_kill_point(f"after_optimizer_step{step}")
         torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
@@ -254,6 +260,9 @@ def resume(trainer: Any, path: Path) -> Path:
     """Load a checkpoint (already checked with check_compatible) into a freshly built trainer."""
     c, env = trainer.c, trainer.env
     _load_weights(trainer, path / "model")
+    reference, ref_state = trainer.synced_reference(), load_reference(path)
+    if reference is not None and ref_state is not None:  # none: saved before sync was on (force_resume)
+        _load_full_state(trainer, reference, ref_state)
     optim = torch.load(path / "optimizer.pt", weights_only=False)
     if env.enabled and c.distributed_strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -281,16 +290,19 @@ def _load_weights(trainer: Any, folder: Path) -> None:
 
         load_adapter(trainer.model, folder)
         return
-    state = load_file(str(folder / "model.safetensors"))
+    _load_full_state(trainer, trainer.model, load_file(str(folder / "model.safetensors")))
+
+
+def _load_full_state(trainer: Any, model: Any, state: dict[str, torch.Tensor]) -> None:
+    """A full (unsharded) state dict into `model`: FSDP scatters it to the shards. Only a tied head may be
+    missing from the file."""
     if trainer.env.enabled and trainer.c.distributed_strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(
-            trainer.model, state, options=StateDictOptions(full_state_dict=True, strict=False)
-        )
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
         return
-    missing, unexpected = trainer.model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(trainer.model.config, "tie_word_embeddings", False) else set()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     assert not unexpected and set(missing) <= tied, (missing, unexpected)
 
 

@@ -130,6 +130,15 @@ class TrainConfig:
     temperature: float = doc("Sampling temperature.", default=1.0)
     top_p: float = doc("Nucleus sampling: keep the smallest token set with this probability.", default=1.0)
     beta: float = doc("KL weight; 0 = no reference model is loaded at all.", default=0.0)
+    ref_model_sync_steps: int = doc(
+        "Every N steps move the KL reference towards the policy: reference = ref_model_mixup_alpha * policy + "
+        "(1 - alpha) * reference (TR-DPO, arXiv:2404.09656; grpo/reference.py); 0 = the reference stays the "
+        "starting model.",
+        default=0,
+    )
+    ref_model_mixup_alpha: float = doc(
+        "Weight of the policy in each reference update; 1 = copy the policy.", default=0.6
+    )
     epsilon: float = doc("Lower clip range of the importance ratio.", default=0.2)
     epsilon_high: float | None = doc("Upper clip range (null = epsilon).", default=None)
     num_iterations: int = doc("Policy updates per batch of samples (mu).", default=1)
@@ -351,6 +360,32 @@ def _check_ranges(t: Template) -> None:
     need(c.temperature > 0, "config.temperature", c.temperature, "it must be positive")
     need(0 < c.top_p <= 1, "config.top_p", c.top_p, "it must be in (0, 1]")
     need(c.beta >= 0, "config.beta", c.beta, "it must be 0 or more")
+    need(
+        c.ref_model_sync_steps >= 0,
+        "config.ref_model_sync_steps",
+        c.ref_model_sync_steps,
+        "it must be 0 (off) or more",
+    )
+    need(
+        0 < c.ref_model_mixup_alpha <= 1,
+        "config.ref_model_mixup_alpha",
+        c.ref_model_mixup_alpha,
+        "it must be in (0, 1]",
+    )
+    if c.ref_model_sync_steps > 0:
+        need(
+            c.beta > 0,
+            "config.ref_model_sync_steps",
+            c.ref_model_sync_steps,
+            "it updates the KL reference, and beta = 0 loads none; set beta > 0 or ref_model_sync_steps: 0",
+        )
+        need(
+            not c.use_lora and c.backend != "unsloth",
+            "config.ref_model_sync_steps",
+            c.ref_model_sync_steps,
+            "with LoRA the reference is the base model with the adapters off, which cannot follow the policy; "
+            "use full fine-tuning or ref_model_sync_steps: 0",
+        )
     need(c.epsilon >= 0, "config.epsilon", c.epsilon, "it must be 0 or more")
     need(
         0 < c.top_entropy_quantile <= 1,

@@ -45,6 +45,7 @@ from grpo.logprobs import CompletionLogprobs
 from grpo.lora import AdaptersDisabled, inject_lora
 from grpo.loss import LOSS_TYPES, micro_batch_weight, policy_loss
 from grpo.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+from grpo.reference import mix_into_reference, sync_due
 from grpo.rollout import Rollout, generate
 from grpo.schedule import build_optimizer
 
@@ -438,6 +439,8 @@ class GRPOTrainer:
             while self.step < self.total_steps and not self.stop_requested:
                 metrics, samples = self.train_step()
                 self.step += 1
+                if sync_due(self.step, c.ref_model_sync_steps):  # TR-DPO: the reference follows the policy
+                    mix_into_reference(self.model, self.synced_reference(), c.ref_model_mixup_alpha)
                 metrics = mean_over_ranks(metrics, env)
                 self.stop_requested = any_over_ranks(self.stop_requested, env)  # all ranks stop together
                 if c.eval_steps > 0 and (self.step % c.eval_steps == 0 or self.step == self.total_steps):
@@ -488,6 +491,10 @@ class GRPOTrainer:
                 f"eval on {split} ({result.num_prompts} problems): accuracy {result.accuracy:.3f}, "
                 f"strict format {result.strict_format:.3f}, soft format {result.soft_format:.3f}"
             )
+
+    def synced_reference(self) -> torch.nn.Module | None:
+        """The reference model when it follows the policy (ref_model_sync_steps > 0), else None."""
+        return self.ref.model if self.c.ref_model_sync_steps > 0 and self.ref is not None else None
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         self.stop_requested = True  # finish the step in flight, then save and leave
