@@ -129,6 +129,13 @@ class TrainConfig:
     num_generations: int = doc("G: completions sampled per prompt.", default=4)
     temperature: float = doc("Sampling temperature.", default=1.0)
     top_p: float = doc("Nucleus sampling: keep the smallest token set with this probability.", default=1.0)
+    top_k: int = doc(
+        "Sample only among the k most probable tokens (applied before top_p); 0 = no limit.", default=0
+    )
+    min_p: float = doc(
+        "Drop tokens less probable than min_p times the most probable one (applied after top_p); 0 = off.",
+        default=0.0,
+    )
     beta: float = doc("KL weight; 0 = no reference model is loaded at all.", default=0.0)
     ref_model_sync_steps: int = doc(
         "Every N steps move the KL reference towards the policy: reference = ref_model_mixup_alpha * policy + "
@@ -359,6 +366,8 @@ def _check_ranges(t: Template) -> None:
     need(c.learning_rate > 0, "config.learning_rate", c.learning_rate, "it must be positive")
     need(c.temperature > 0, "config.temperature", c.temperature, "it must be positive")
     need(0 < c.top_p <= 1, "config.top_p", c.top_p, "it must be in (0, 1]")
+    need(c.top_k >= 0, "config.top_k", c.top_k, "it must be 0 (no limit) or more")
+    need(0 <= c.min_p <= 1, "config.min_p", c.min_p, "it must be in [0, 1]")
     need(c.beta >= 0, "config.beta", c.beta, "it must be 0 or more")
     need(
         c.ref_model_sync_steps >= 0,

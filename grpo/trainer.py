@@ -185,6 +185,8 @@ class GRPOTrainer:
                 pad_id=self.tokenizer.pad_token_id,
                 temperature=c.temperature,
                 top_p=c.top_p,
+                top_k=c.top_k,
+                min_p=c.min_p,
                 generator=self.generator,
                 decode_impl=c.decode_impl,
             )

@@ -76,6 +76,8 @@ def main(argv: list[str]) -> int:
             max_new_tokens=c.maximum_completion_length,
             temperature=c.temperature,
             top_p=c.top_p,
+            top_k=c.top_k,
+            min_p=c.min_p,
             batch_size=args.batch_size,
             response_prefix=t.template.response_prefix,
             generator=torch.Generator(device=device).manual_seed(c.seed),

@@ -97,6 +97,8 @@ def test_override_errors(override, message):
             "config.num_generations = 1 is not allowed: GRPO needs at least 2 generations per prompt to compare them.",
         ),
         ({"config": {"top_p": 1.5}}, "config.top_p = 1.5 is not allowed: it must be in (0, 1]."),
+        ({"config": {"top_k": -1}}, "config.top_k = -1 is not allowed: it must be 0 (no limit) or more."),
+        ({"config": {"min_p": 1.5}}, "config.min_p = 1.5 is not allowed: it must be in [0, 1]."),
         (
             {"config": {"maximum_completion_length": 512, "maximum_sequence_length": 256}},
             "config.maximum_completion_length = 512 is not allowed: it must be below maximum_sequence_length (256).",

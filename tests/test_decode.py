@@ -20,7 +20,7 @@ from grpo.packed_decode import (
     fastest_strategy,
     packed_decode_supported,
 )
-from grpo.rollout import HFDecoder, generate, left_pad, nucleus, sample_next
+from grpo.rollout import HFDecoder, generate, left_pad, nucleus, sample_next, truncate
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
@@ -267,6 +267,69 @@ def test_nucleus_of_a_large_vocabulary_matches_a_full_sort(sharpness):
     assert (want.sum(-1) >= 0.9).all() and ((want > 0).sum(-1) < 5000).all()
     draws = sample_next(probs.log().expand(4, 3, 5000)[:, 0], temperature=1.0, top_p=0.9, generator=gen)
     assert all(got[0, t] > 0 for t in draws.tolist())  # samples come from the nucleus only
+
+
+def reference_filters(probs, top_k, top_p, min_p):
+    """The filters spelled out on a full sort, row by row: the specification `truncate` must match."""
+    out = torch.zeros_like(probs)
+    for row, p in enumerate(probs):
+        ranked, order = p.sort(descending=True)
+        keep = torch.ones_like(ranked, dtype=torch.bool)
+        if top_k > 0:
+            keep[top_k:] = False
+        kept_mass = ranked[keep].sum()
+        if top_p < 1:
+            keep &= ranked.cumsum(0) - ranked <= top_p * kept_mass
+        keep &= ranked >= min_p * ranked[0]
+        out[row, order[keep]] = ranked[keep]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("top_k", "top_p", "min_p"),
+    [(0, 1.0, 0.05), (50, 1.0, 0.0), (1, 1.0, 0.0), (2000, 0.95, 0.0), (50, 0.8, 0.1), (0, 0.9, 0.02)],
+)
+@pytest.mark.parametrize("sharpness", [8.0, 1.0])
+def test_sampling_filters_match_a_full_sort(top_k, top_p, min_p, sharpness):
+    gen = torch.Generator().manual_seed(5)
+    probs = torch.softmax(torch.randn(3, 5000, generator=gen) * sharpness, dim=-1)  # [3, 5000]
+    kept, ids = truncate(probs, top_k=top_k, top_p=top_p, min_p=min_p)
+    got = kept if ids is None else torch.zeros_like(probs).scatter_(1, ids, kept)
+    want = reference_filters(probs, top_k, top_p, min_p)
+    assert torch.equal(got > 0, want > 0) and torch.equal(got, want)
+    assert ((want > 0).sum(-1) < 5000).all()  # every setting here removes something
+    logits = probs.log().repeat(200, 1)  # [600, 5000]
+    draws = sample_next(logits, temperature=1.0, top_p=top_p, top_k=top_k, min_p=min_p, generator=gen)
+    assert (want.repeat(200, 1).gather(1, draws[:, None]) > 0).all()  # only kept tokens are drawn
+
+
+def test_top_k_and_min_p_draw_in_proportion():
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1, 0.0])
+    logits = probs.clamp(min=1e-30).log().expand(20_000, 5)
+    gen = torch.Generator().manual_seed(0)
+
+    def freq(**kw):
+        draws = sample_next(logits, temperature=1.0, generator=gen, **{"top_p": 1.0, **kw})
+        return torch.bincount(draws, minlength=5).float() / draws.numel()
+
+    torch.testing.assert_close(freq(top_k=2), torch.tensor([4 / 7, 3 / 7, 0, 0, 0]), atol=0.012, rtol=0)
+    torch.testing.assert_close(freq(min_p=0.4), torch.tensor([4, 3, 2, 0, 0]) / 9, atol=0.012, rtol=0)
+    # top_p after top_k is a share of the 0.9 that top_k kept: 0.7 * 0.9 = 0.63 is passed after two tokens
+    torch.testing.assert_close(
+        freq(top_k=3, top_p=0.7), torch.tensor([4 / 7, 3 / 7, 0, 0, 0]), atol=0.012, rtol=0
+    )
+
+
+def test_top_k_one_samples_the_greedy_answer():
+    model = tiny("llama", vocab=120)
+    prompts = [[5, 9, 17, 3], [7, 2]]
+    common = {"num_generations": 3, "max_new_tokens": 6, "eos_ids": [], "pad_id": 0}
+    greedy = generate(model, prompts, greedy=True, **common)
+    gen = torch.Generator().manual_seed(0)
+    sampled = generate(model, prompts, top_k=1, temperature=1.5, generator=gen, **common)
+    assert torch.equal(sampled.completion_ids, greedy.completion_ids)
+    loose = generate(model, prompts, temperature=1.5, generator=gen, **common)
+    assert not torch.equal(loose.completion_ids, greedy.completion_ids)
 
 
 HOST_READS = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "nonzero", "numpy")

@@ -337,3 +337,14 @@ def test_cli_unreachable_hub_model(tiny_model_dir, tmp_path):
         "Hugging Face hub ("
     )
     assert last.endswith("use a local folder, a .gguf file, or embedded:smollm2-135m-instruct.")
+
+
+def test_sampling_filters_reach_the_rollout(tiny_model_dir, tmp_path):
+    """top_k = 1 leaves one token to draw: every prompt's G samples agree, so every group has zero spread."""
+    out = tmp_path / "run"
+    common = {"num_generations": 3, "temperature": 2.0, "rewards": ["tests.user_rewards:length"]}
+    run(tiny_template(tiny_model_dir, out, top_k=1, **common))
+    assert [r["reward/zero_spread_groups"] for r in read_metrics(out)] == [1.0, 1.0]
+    out = tmp_path / "loose"  # the text lengths differ without the filter
+    run(tiny_template(tiny_model_dir, out, **common))
+    assert [r["reward/zero_spread_groups"] for r in read_metrics(out)] == [0.0, 0.0]
