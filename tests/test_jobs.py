@@ -279,7 +279,7 @@ def test_every_invalid_input_is_one_clear_line(env, saved, tmp_path):
         (
             ["frobnicate"],
             "error: argument COMMAND: invalid choice: 'frobnicate' (choose from 'template', "
-            "'queue', 'jobs', 'logs', 'stop', 'worker', 'tensorboard') (see grpo --help).",
+            "'queue', 'resume', 'jobs', 'logs', 'stop', 'worker', 'tensorboard') (see grpo --help).",
         ),
     ]
     for args, message in cases:
@@ -288,3 +288,71 @@ def test_every_invalid_input_is_one_clear_line(env, saved, tmp_path):
         assert out.stderr == message + "\n", args
         assert out.stdout == "", args
     assert json.loads(grpo(env, "jobs", "--json").stdout) == []
+
+
+def run_queue(env: dict[str, str]) -> None:
+    out = subprocess.run(
+        [*CLI, "worker", "--once", "--poll", "0.2"], env=env, capture_output=True, text=True, timeout=150
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def test_resume_continues_a_job_from_its_newest_checkpoint(env, saved):
+    first = ["max_steps=2", "save_steps=1", "save_total_limit=1", "rewards=[tests.user_rewards:length]"]
+    assert grpo(env, "queue", "tiny", *first).stdout == "1\n"  # rewards that differ: every step trains
+    assert grpo(env, "queue", "tiny", "max_steps=1").stdout == "2\n"  # saves no checkpoint
+    assert grpo(env, "queue", "tiny").stdout == "3\n"
+    ckpt = Path(job(env, "1")["folder"]) / "output" / "checkpoints" / "step-000002"
+    cases = [
+        (["resume", "3"], "Job 3 is queued; only failed, stopped or completed jobs can be resumed."),
+        (["resume", "9"], "Unknown job '9'; see grpo jobs."),
+    ]
+    for args, message in cases:
+        out = grpo(env, *args, ok=False)
+        assert (out.returncode, out.stderr, out.stdout) == (2, f"error: {message}\n", ""), args
+    grpo(env, "stop", "3")
+    run_queue(env)
+    assert [job(env, i)["state"] for i in "12"] == ["completed", "completed"]
+    cases = [
+        (
+            ["resume", "1"],
+            "Job 1 is at step 2 (its newest checkpoint) and max_steps is 2; raise it, e.g. "
+            "grpo resume 1 max_steps=4.",
+        ),
+        (
+            ["resume", "1", "max_steps=3", "learning_rate=0.5"],
+            f"Cannot resume from {ckpt}: the template differs in fields that change the run "
+            "(config.learning_rate); set force_resume=true to resume anyway.",
+        ),
+        (
+            ["resume", "1", "output_dir=x"],
+            "Override 'output_dir=x' is not allowed: the queue puts output_dir in the job's folder.",
+        ),
+        (
+            ["resume", "2", "max_steps=3"],
+            "Job 2 has no checkpoint to resume from (it ran with save_steps: 0); queue it again with grpo "
+            "queue tiny.",
+        ),
+    ]
+    for args, message in cases:
+        out = grpo(env, *args, ok=False)
+        assert (out.returncode, out.stderr, out.stdout) == (2, f"error: {message}\n", ""), args
+    assert job(env, "1")["state"] == "completed"  # a refused resume leaves the job as it was
+    before = (ckpt.parent.parent / "model" / "model.safetensors").read_bytes()
+    assert grpo(env, "resume", "1", "max_steps=3").stdout == "job 1: queued to resume from step-000002\n"
+    info = job(env, "1")
+    assert (info["state"], info["max_steps"], info["ended"], info["overrides"]) == (
+        "queued",
+        3,
+        None,
+        [*first, "max_steps=3"],
+    )
+    run_queue(env)
+    info = job(env, "1")
+    assert (info["state"], info["step"], info["max_steps"]) == ("completed", 3, 3)
+    metrics = Path(info["folder"]) / "output" / "metrics.jsonl"
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+    log = grpo(env, "logs", "1").stdout
+    assert f"Resumed from {ckpt} at step 2" in log and log.count("Finished at step") == 2
+    assert (Path(info["model"]) / "model.safetensors").read_bytes() != before
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["step-000003"]

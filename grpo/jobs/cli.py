@@ -3,6 +3,7 @@
   grpo template save NAME FILE.yaml        validate and store a template (import-tlab FILE.json for Transformer Lab)
   grpo template list | show NAME | delete NAME | export NAME
   grpo queue NAME [key=value ...]          queue a job (prints its id)
+  grpo resume JOB [key=value ...]          queue a finished job again from its newest checkpoint
   grpo jobs [JOB]                          list jobs: state, progress, last mean reward, times
   grpo logs JOB [--follow]                 the job's training log
   grpo stop JOB                            running: stop at the next step and keep the model; queued: cancel
@@ -54,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("queue", help="queue a job from a template with key=value overrides")
     s.add_argument("name")
     s.add_argument("overrides", nargs="*", metavar="key=value")
+    s = sub.add_parser(
+        "resume", help="queue a failed, stopped or completed job again from its newest checkpoint"
+    )
+    s.add_argument("job")
+    s.add_argument("overrides", nargs="*", metavar="key=value")
     s = sub.add_parser("jobs", help="list jobs (or show one)")
     s.add_argument("job", nargs="?")
     s.add_argument("--json", action="store_true")
@@ -89,6 +95,8 @@ def dispatch(args: argparse.Namespace) -> int:
                 commands.template_import_tlab(store, args.file, args.name)
         elif args.command == "queue":
             commands.queue(store, args.name, args.overrides)
+        elif args.command == "resume":
+            commands.resume(store, args.job, args.overrides)
         elif args.command == "jobs":
             commands.jobs(store, args.job, args.json)
         elif args.command == "logs":

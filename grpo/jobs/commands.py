@@ -15,7 +15,14 @@ from typing import Any
 
 import yaml
 
-from grpo.config import ConfigError, apply_overrides, parse_override, read_yaml, template_from_dict
+from grpo.config import (
+    ConfigError,
+    Template,
+    apply_overrides,
+    parse_override,
+    read_yaml,
+    template_from_dict,
+)
 from grpo.jobs.store import FINAL_STATES, Job, Store
 from grpo.jobs.tlab import read_tlab
 from grpo.jobs.worker import Worker, model_dir, progress, signal_group
@@ -112,23 +119,70 @@ def template_delete(store: Store, name: str) -> None:
 
 
 # ---------------------------------------------------------------- jobs
-def queue(store: Store, name: str, overrides: list[str]) -> None:
+def _refuse_output_dir(overrides: list[str]) -> None:
     for text in overrides:
         if parse_override(text)[0] == ("config", "output_dir"):
             raise ConfigError(
                 f"Override {text!r} is not allowed: the queue puts output_dir in the job's folder."
             )
+
+
+def _nproc(t: Template) -> int:
+    return len(t.config.gpu_ids) if isinstance(t.config.gpu_ids, list) else 1
+
+
+def queue(store: Store, name: str, overrides: list[str]) -> None:
+    _refuse_output_dir(overrides)
     data = apply_overrides(store.template(name), overrides)
     t = template_from_dict(data, source=f"Template '{name}' with {' '.join(overrides) or 'no overrides'}")
-    gpu_ids = t.config.gpu_ids
     job = store.add_job(
         template=name,
         overrides=overrides,
         resolved=dataclasses.asdict(t),
         max_steps=t.config.max_steps if t.config.max_steps > 0 else None,
-        nproc=len(gpu_ids) if isinstance(gpu_ids, list) else 1,
+        nproc=_nproc(t),
     )
     print(job.id)
+
+
+def resume(store: Store, job_id: str, overrides: list[str]) -> None:
+    """Queue a finished job again: it continues from the newest checkpoint in its folder. Everything that
+    would stop the resumed run (no checkpoint, max_steps already reached, a field that changes the math) is
+    refused here, before the job is queued."""
+    from grpo import checkpoint as ckpt  # imports torch: only this command needs it
+
+    job = store.job(job_id)
+    if job.state not in FINAL_STATES:
+        raise ConfigError(
+            f"Job {job.id} is {job.state}; only failed, stopped or completed jobs can be resumed."
+        )
+    _refuse_output_dir(overrides)
+    data = apply_overrides(yaml.safe_load(job.resolved), [*overrides, "resume_from_checkpoint=latest"])
+    t = template_from_dict(data, source=f"Job {job.id} with {' '.join(overrides) or 'no overrides'}")
+    found = ckpt.list_checkpoints(Path(t.config.output_dir))
+    if not found:
+        raise ConfigError(
+            f"Job {job.id} has no checkpoint to resume from (it ran with save_steps: "
+            f"{t.config.save_steps}); queue it again with grpo queue {job.template}."
+        )
+    step = int(ckpt.read_trainer_state(found[-1])["step"])
+    if 0 < t.config.max_steps <= step:
+        raise ConfigError(
+            f"Job {job.id} is at step {step} (its newest checkpoint) and max_steps is {t.config.max_steps}; "
+            f"raise it, e.g. grpo resume {job.id} max_steps={2 * step}."
+        )
+    ckpt.check_compatible(found[-1], t, force=t.config.force_resume, world_size=_nproc(t))
+    resolved = dataclasses.asdict(t)
+    max_steps = t.config.max_steps if t.config.max_steps > 0 else None
+    if not store.requeue(
+        job.id,
+        overrides=[*job.overrides, *overrides],
+        resolved=resolved,
+        max_steps=max_steps,
+        nproc=_nproc(t),
+    ):
+        raise ConfigError(f"Job {job.id} changed state meanwhile; see grpo jobs {job.id}.")
+    print(f"job {job.id}: queued to resume from {found[-1].name}")
 
 
 def job_info(store: Store, job: Job) -> dict[str, Any]:

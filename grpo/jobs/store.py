@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from grpo.config import ConfigError
+from grpo.fsio import atomic_write_text
 
 STATES = ("queued", "running", "completed", "failed", "stopped")
 FINAL_STATES = ("completed", "failed", "stopped")
@@ -198,9 +199,12 @@ class Store:
         return [Job.from_row(r) for r in self.db.execute("SELECT * FROM jobs ORDER BY id")]
 
     def claim_next(self, worker_pid: int) -> Job | None:
-        """Oldest queued job -> running, owned by this worker; None when the queue is empty."""
+        """Longest-queued job -> running, owned by this worker; None when the queue is empty. A resumed job
+        queues again at the back."""
         with self.tx() as db:
-            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1").fetchone()
+            row = db.execute(
+                "SELECT id FROM jobs WHERE state = 'queued' ORDER BY queued_at, id LIMIT 1"
+            ).fetchone()
             if row is None:
                 return None
             db.execute(
@@ -208,6 +212,30 @@ class Store:
                 (time.time(), worker_pid, row["id"]),
             )
         return self.job(row["id"])
+
+    def requeue(
+        self,
+        job_id: int,
+        *,
+        overrides: list[str],
+        resolved: dict[str, Any],
+        max_steps: int | None,
+        nproc: int,
+    ) -> bool:
+        """A finished job -> queued again with a new resolved template, its run state cleared. False when it
+        is no longer finished (another command got there first)."""
+        text = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
+        finished = ", ".join(f"'{s}'" for s in FINAL_STATES)
+        with self.tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = 'queued', overrides = ?, resolved = ?, max_steps = ?, nproc = ?, "
+                "queued_at = ?, reason = NULL, stop_requested = 0, started_at = NULL, ended_at = NULL, "
+                f"worker_pid = NULL, job_pid = NULL, exit_code = NULL WHERE id = ? AND state IN ({finished})",
+                (json.dumps(overrides), text, max_steps, nproc, time.time(), job_id),
+            )
+        if cur.rowcount == 1:
+            atomic_write_text(self.job_dir(job_id) / "job.yaml", text)
+        return cur.rowcount == 1
 
     def set_job_pid(self, job_id: int, pid: int) -> bool:
         """Record the training process; True when a stop was requested before it was known."""
