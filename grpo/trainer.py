@@ -8,7 +8,6 @@ Everything a step needs is built once in `GRPOTrainer.__init__` (cheap checks fi
 from __future__ import annotations
 
 import copy
-import json
 import signal
 import time
 from dataclasses import asdict
@@ -38,7 +37,7 @@ from grpo.distributed import (
     wrap_models,
 )
 from grpo.dynamic_sampling import Samples, fill_batch
-from grpo.evaluate import EvalResult, evaluate, load_eval_prompts
+from grpo.evaluate import EvalResult, load_eval_prompts
 from grpo.fsio import atomic_write_text
 from grpo.logging import RunLogger, peak_memory_metric
 from grpo.logprobs import CompletionLogprobs
@@ -48,6 +47,7 @@ from grpo.models import load_model, load_tokenizer, resolve_device, resolve_dtyp
 from grpo.reference import mix_into_reference, sync_due
 from grpo.rollout import Rollout, generate
 from grpo.schedule import build_optimizer
+from grpo.train_eval import final_eval, run_eval
 
 
 class NonFiniteError(RuntimeError):
@@ -395,27 +395,6 @@ class GRPOTrainer:
         ]
         return metrics, samples
 
-    def run_eval(self) -> EvalResult | None:
-        """Greedy evaluation on the held-out prompts (rank 0; None on the other ranks, which wait)."""
-        c, result = self.c, None
-        with full_params(self.policy):  # FSDP: every rank takes part in the gather, rank 0 generates
-            if self.env.is_main:
-                result = evaluate(
-                    self.model,
-                    self.tokenizer,
-                    self.eval_prompts,
-                    self.rewards,
-                    self.tags,
-                    max_new_tokens=c.maximum_completion_length,
-                    batch_size=c.batch_size * c.num_generations,
-                    response_prefix=self.t.template.response_prefix,
-                    decode_impl=c.decode_impl,
-                )
-        self.last_eval = (self.step, result)  # on every rank, so all agree whether the final one is due
-        if self.env.enabled and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        return result
-
     # ---------------------------------------------------------------- the run
     def train(self) -> Path:
         c, env = self.c, self.env
@@ -446,7 +425,7 @@ class GRPOTrainer:
                 metrics = mean_over_ranks(metrics, env)
                 self.stop_requested = any_over_ranks(self.stop_requested, env)  # all ranks stop together
                 if c.eval_steps > 0 and (self.step % c.eval_steps == 0 or self.step == self.total_steps):
-                    result = self.run_eval()
+                    result = run_eval(self)
                     if result is not None:
                         metrics.update(result.metrics())  # logged with this step under eval/
                 if logger is not None:
@@ -468,31 +447,12 @@ class GRPOTrainer:
                         f"model saved to {final}"
                     )
             if c.eval_steps > 0:
-                self.final_eval(final, logger)
+                final_eval(self, final, logger)
             return final
         finally:
             signal.signal(signal.SIGTERM, previous)
             if logger is not None:
                 logger.close()
-
-    def final_eval(self, final: Path, logger: RunLogger | None) -> None:
-        """eval.json (summary) + eval.jsonl (records) beside the saved model; reuses this step's evaluation."""
-        if (self.last_eval is None or self.last_eval[0] != self.step) and not self.stop_requested:
-            self.run_eval()
-        if self.last_eval is None or self.last_eval[0] != self.step or self.last_eval[1] is None:
-            return  # stopped early without a current evaluation, or not rank 0
-        result = self.last_eval[1]
-        split = self.t.dataset.eval_split
-        summary = {"step": self.step, "model": str(final), "split": split, **result.summary()}
-        atomic_write_text(self.output_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
-        atomic_write_text(
-            self.output_dir / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in result.records)
-        )
-        if logger is not None:
-            logger.write(
-                f"eval on {split} ({result.num_prompts} problems): accuracy {result.accuracy:.3f}, "
-                f"strict format {result.strict_format:.3f}, soft format {result.soft_format:.3f}"
-            )
 
     def synced_reference(self) -> torch.nn.Module | None:
         """The reference model when it follows the policy (ref_model_sync_steps > 0), else None."""
