@@ -170,6 +170,12 @@ class TrainConfig:
         "Most rollouts per step with dynamic_sampling; a batch still short is topped up with dropped prompts.",
         default=3,
     )
+    rollout_is_cap: float = doc(
+        "Truncated importance sampling of the rollout: weight each token's policy term by min(pi_train / "
+        "pi_rollout, cap), pi_rollout being the decode path's probability of the drawn token and pi_train the "
+        "training forward's, which differ numerically (bf16, CUDA graphs, packed kernels); 0 = off (2 is usual).",
+        default=0.0,
+    )
     mask_truncated_completions: bool = doc(
         "Exclude completions cut at the length limit from the loss.", default=False
     )
@@ -366,6 +372,12 @@ def _check_ranges(t: Template) -> None:
     need(c.learning_rate > 0, "config.learning_rate", c.learning_rate, "it must be positive")
     need(c.temperature > 0, "config.temperature", c.temperature, "it must be positive")
     need(0 < c.top_p <= 1, "config.top_p", c.top_p, "it must be in (0, 1]")
+    need(
+        c.rollout_is_cap == 0 or c.rollout_is_cap >= 1,
+        "config.rollout_is_cap",
+        c.rollout_is_cap,
+        "it must be 0 (off) or at least 1",
+    )
     need(c.top_k >= 0, "config.top_k", c.top_k, "it must be 0 (no limit) or more")
     need(0 <= c.min_p <= 1, "config.min_p", c.min_p, "it must be in [0, 1]")
     need(c.beta >= 0, "config.beta", c.beta, "it must be 0 or more")

@@ -106,6 +106,7 @@ def select_rows(ro: Rollout, index: torch.Tensor, pad_id: int) -> Rollout:
         completion_mask=ro.completion_mask[index],
         truncated=ro.truncated[index],
         group_size=ro.group_size,
+        sampling_logps=None if ro.sampling_logps is None else ro.sampling_logps[index],
     )
     return concat_rollouts([out], pad_id)
 
@@ -132,6 +133,9 @@ def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
         completion_mask=torch.cat([right(ro.completion_mask, 0) for ro in rollouts]),
         truncated=torch.cat([ro.truncated for ro in rollouts]),
         group_size=rollouts[0].group_size,
+        sampling_logps=None
+        if any(ro.sampling_logps is None for ro in rollouts)
+        else torch.cat([right(ro.sampling_logps, 0) for ro in rollouts]),
     )
 
 

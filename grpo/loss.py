@@ -43,11 +43,13 @@ def policy_loss(
     max_completion_length: int | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
     token_mask: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Returns (scalar loss, stats). old_logps None means the samples are on-policy (ratio exactly 1).
 
     token_mask [B, T] (0/1): tokens whose clipped policy term counts, e.g. the high-entropy minority of
     arXiv:2506.01939; the KL term and every normaliser still use `mask`, so dropping a token scales nothing up.
+    token_weights [B, T] (no gradient): a factor on each token's policy term, e.g. `rollout_is_weights`.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type = {loss_type!r} is not allowed: use one of {', '.join(LOSS_TYPES)}.")
@@ -71,6 +73,8 @@ def policy_loss(
     per_token = per_token.expand_as(mask)
     if token_mask is not None:
         per_token = per_token * token_mask.to(per_token.dtype)
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach().to(per_token.dtype)
 
     kl = None
     if beta > 0:
@@ -91,6 +95,27 @@ def policy_loss(
 
     stats = _stats(ratio.expand_as(mask), adv, mask, kl, epsilon, high, capped=loss_type == "cispo")
     return loss, stats
+
+
+def rollout_gap(train_logps: torch.Tensor, rollout_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log(pi_train / pi_rollout) per sampled token [B, T], 0 at padding: how much more (or less) likely the
+    training forward finds each token than the decode path that drew it. Both are the same policy, so any gap is
+    numerical: bf16, fused or packed decode kernels, CUDA graphs, LoRA dropout in the training forward."""
+    return (train_logps.detach() - rollout_logps) * mask.to(train_logps.dtype)
+
+
+def rollout_mismatch_kl(gap: torch.Tensor) -> torch.Tensor:
+    """Sum over tokens of the k3 estimate of KL(pi_rollout || pi_train) from tokens drawn by the rollout:
+    with r = pi_train / pi_rollout = exp(gap), r - 1 - log r >= 0 per token (0 at padding, where gap = 0)."""
+    gap = gap.double()  # the terms are ~gap^2 / 2: fp32 cancellation would make small ones negative
+    return (torch.expm1(gap) - gap).sum()
+
+
+def rollout_is_weights(gap: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling (Yao et al., "Your efficient RL framework secretly brings you off-policy
+    RL training", 2025): min(pi_train / pi_rollout, cap) per token, so the gradient estimate is taken as if the
+    training policy had drawn the samples, with the cap bounding its variance."""
+    return torch.exp(gap).clamp(max=cap)
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

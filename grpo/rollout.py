@@ -27,6 +27,10 @@ class Rollout:
     completion_mask: torch.Tensor  # [N, T] 1 up to and including the end token
     truncated: torch.Tensor  # [N] bool: hit the length limit without an end token
     group_size: int = 1  # rows i and j share a prompt when i // group_size == j // group_size
+    # [N, T] fp32: each sampled token's log-prob under the decoder's full softmax(logits / temperature), 0 at
+    # padding; None for greedy decoding. Compared with the training forward's log-probs it measures how far
+    # the fast decode path is from the policy being trained (rollout/mismatch_* metrics, rollout_is_cap).
+    sampling_logps: torch.Tensor | None = None
 
     def prompt_groups(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The distinct prompts of rows[start:stop], without all-padding columns, and each row's index into
@@ -62,20 +66,24 @@ def sample_next(
     generator: torch.Generator | None,
     top_k: int = 0,
     min_p: float = 0.0,
-) -> torch.Tensor:
+    return_logps: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from softmax(logits / temperature), restricted by top_k, top_p and min_p
-    (see `truncate`).
+    (see `truncate`). With `return_logps` also each drawn token's log-prob under the unfiltered softmax [N].
 
     Inverse-CDF sampling: one uniform number per row and a binary search in the cumulative distribution.
     torch.multinomial draws an exponential variate per vocabulary entry instead, ~4 ms per call at V=49k.
     """
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [N, V]
-    probs, order = truncate(probs, top_p=top_p, top_k=top_k, min_p=min_p)  # order: token ids, None = all
+    full = torch.softmax(logits.float() / temperature, dim=-1)  # [N, V]
+    probs, order = truncate(full, top_p=top_p, top_k=top_k, min_p=min_p)  # order: token ids, None = all
     cdf = probs.cumsum(dim=-1)  # [N, K]
     u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device) * cdf[:, -1:]
     # right=True: the first entry whose cumulative mass exceeds u, so zero-probability tokens never win
     pick = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[1] - 1)  # [N, 1]
-    return (pick if order is None else order.gather(1, pick)).squeeze(-1)  # [N]
+    tokens = pick if order is None else order.gather(1, pick)  # [N, 1]
+    if not return_logps:
+        return tokens.squeeze(-1)
+    return tokens.squeeze(-1), full.gather(1, tokens).log().squeeze(-1)
 
 
 def truncate(
@@ -172,19 +180,21 @@ def generate(
         eos = torch.tensor(eos_ids, device=device)
         n = ids.shape[0]
         done = torch.zeros(n, dtype=torch.bool, device=device)
-        tokens, alive = [], []
+        tokens, alive, logps = [], [], []
         for step in range(max_new_tokens):
             if greedy:
                 tok = logits.argmax(dim=-1)  # [N]
             else:
-                tok = sample_next(  # [N]
+                tok, logp = sample_next(  # [N], [N]
                     logits,
                     temperature=temperature,
                     top_p=top_p,
                     top_k=top_k,
                     min_p=min_p,
                     generator=generator,
+                    return_logps=True,
                 )
+                logps.append(logp.masked_fill(done, 0.0))
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
             alive.append(~done)
             tokens.append(tok)
@@ -204,6 +214,7 @@ def generate(
             completion_mask=completion_mask,
             truncated=~done,
             group_size=num_generations,
+            sampling_logps=torch.stack(logps[:width], dim=1) if logps else None,
         )
     finally:
         model.train(was_training)

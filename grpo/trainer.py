@@ -42,7 +42,14 @@ from grpo.fsio import atomic_write_text
 from grpo.logging import RunLogger, peak_memory_metric
 from grpo.logprobs import CompletionLogprobs
 from grpo.lora import AdaptersDisabled, inject_lora
-from grpo.loss import LOSS_TYPES, micro_batch_weight, policy_loss
+from grpo.loss import (
+    LOSS_TYPES,
+    micro_batch_weight,
+    policy_loss,
+    rollout_gap,
+    rollout_is_weights,
+    rollout_mismatch_kl,
+)
 from grpo.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 from grpo.reference import mix_into_reference, sync_due
 from grpo.rollout import Rollout, generate
@@ -232,14 +239,24 @@ class GRPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         num_items = sum_over_ranks(loss_mask.sum(), self.env)  # dapo: the token count of all ranks
         totals: dict[str, float] = {}
-        # The entropy is summed on the device: no host read per micro-batch.
+        # Entropy and rollout mismatch are summed on the device: no host read per micro-batch.
         entropy_sum, thresholds = torch.zeros((), device=self.device), []
+        mismatch_kl, mismatch_max = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         slices = self.micro_batches(n)
         for s in slices:
             with grad_sync(self.policy, last=s is slices[-1]):
                 logps, entropy = self.policy(*self.logprob_inputs(ro, s), return_entropy=True)
                 extra, mask = {}, loss_mask[s].bool()
                 entropy_sum += (entropy * ro.completion_mask[s]).sum()
+                if ro.sampling_logps is not None:
+                    # the policy before this step's updates against the decode path that drew the tokens
+                    gap = rollout_gap(
+                        logps if old is None else old[s], ro.sampling_logps[s], ro.completion_mask[s]
+                    )
+                    mismatch_kl += rollout_mismatch_kl(gap)
+                    mismatch_max = torch.maximum(mismatch_max, gap.abs().max())
+                    if c.rollout_is_cap > 0:
+                        extra["token_weights"] = rollout_is_weights(gap, c.rollout_is_cap)
                 if c.top_entropy_quantile < 1:
                     extra["token_mask"], threshold = self.high_entropy_tokens(entropy, mask)
                     thresholds.append(threshold)
@@ -263,7 +280,11 @@ class GRPOTrainer:
             for k, v in {"loss": loss.detach(), **stats}.items():
                 totals[k] = totals.get(k, 0.0) + float(v) * (s.stop - s.start) / n
         # this rank's token mean over every completion token (also those the loss mask leaves out)
-        totals["entropy"] = float(entropy_sum) / max(float(ro.completion_mask.sum()), 1.0)
+        tokens = max(float(ro.completion_mask.sum()), 1.0)
+        totals["entropy"] = float(entropy_sum) / tokens
+        if ro.sampling_logps is not None:
+            totals["rollout/mismatch_kl"] = float(mismatch_kl) / tokens
+            totals["rollout/mismatch_max"] = float(mismatch_max)
         if thresholds:
             totals["entropy_threshold"] = sum(thresholds) / len(thresholds)
         bad_loss = any_over_ranks(not all(torch.isfinite(torch.tensor(v)) for v in totals.values()), self.env)

@@ -100,6 +100,10 @@ def test_override_errors(override, message):
         ({"config": {"top_k": -1}}, "config.top_k = -1 is not allowed: it must be 0 (no limit) or more."),
         ({"config": {"min_p": 1.5}}, "config.min_p = 1.5 is not allowed: it must be in [0, 1]."),
         (
+            {"config": {"rollout_is_cap": 0.5}},
+            "config.rollout_is_cap = 0.5 is not allowed: it must be 0 (off) or at least 1.",
+        ),
+        (
             {"config": {"maximum_completion_length": 512, "maximum_sequence_length": 256}},
             "config.maximum_completion_length = 512 is not allowed: it must be below maximum_sequence_length (256).",
         ),

@@ -320,6 +320,43 @@ def test_top_k_and_min_p_draw_in_proportion():
     )
 
 
+def test_sampler_returns_each_draw_log_prob_under_the_unfiltered_softmax():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, 300, generator=gen) * 3
+    for kw in ({"top_p": 1.0}, {"top_p": 0.5, "top_k": 20, "min_p": 0.05}):
+        tok, logp = sample_next(logits, temperature=0.7, generator=gen, return_logps=True, **kw)
+        want = torch.log_softmax(logits / 0.7, dim=-1).gather(1, tok[:, None]).squeeze(1)
+        torch.testing.assert_close(logp, want, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("impl", ["packed", "static", "graph", "hf"])
+def test_rollout_log_probs_match_the_training_forward(impl):
+    from grpo.logprobs import CompletionLogprobs
+
+    model = tiny("llama", vocab=120)
+    gen = torch.Generator().manual_seed(0)
+    ro = generate(
+        model,
+        [[5, 9, 17, 3], [7, 2]],
+        num_generations=2,
+        max_new_tokens=40,  # packed decoding starts at 32 new tokens
+        eos_ids=[11, 12, 13],
+        pad_id=0,
+        temperature=0.8,
+        generator=gen,
+        decode_impl=impl,
+    )
+    assert ro.sampling_logps.shape == ro.completion_ids.shape
+    assert (ro.sampling_logps[ro.completion_mask == 0] == 0).all()
+    assert (ro.completion_mask == 0).any()  # some rows ended early: the padding check above means something
+    train = CompletionLogprobs(model, temperature=0.8, impl="naive")
+    with torch.no_grad():
+        want = train(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask)
+    torch.testing.assert_close(ro.sampling_logps, want, rtol=0, atol=2e-5)
+    greedy = generate(model, [[5, 9]], num_generations=2, max_new_tokens=4, eos_ids=[], pad_id=0, greedy=True)
+    assert greedy.sampling_logps is None
+
+
 def test_top_k_one_samples_the_greedy_answer():
     model = tiny("llama", vocab=120)
     prompts = [[5, 9, 17, 3], [7, 2]]

@@ -48,6 +48,23 @@ def test_select_rows_trims_columns_that_became_padding():
     assert picked.completion_mask.tolist() == [[1], [1]]
 
 
+def test_sampling_logps_travel_with_their_rows():
+    a = rollout([[5], [5]], [[1, 2, 3], [4]], group_size=2)
+    b = rollout([[7], [7]], [[1], [2, 3]], group_size=2)
+    a.sampling_logps = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, 0.0, 0.0]])
+    b.sampling_logps = torch.tensor([[-5.0, 0.0, 0.0], [-6.0, -7.0, 0.0]])
+    ro = concat_rollouts([a, b], PAD)
+    assert ro.sampling_logps.tolist() == [
+        [-1.0, -2.0, -3.0],
+        [-4.0, 0.0, 0.0],
+        [-5.0, 0.0, 0.0],
+        [-6.0, -7.0, 0.0],
+    ]
+    assert select_rows(ro, torch.tensor([2, 3]), PAD).sampling_logps.tolist() == [[-5.0, 0.0], [-6.0, -7.0]]
+    b.sampling_logps = None  # greedy rollouts record none: the concatenation then has none either
+    assert concat_rollouts([a, b], PAD).sampling_logps is None
+
+
 def test_concat_refuses_mixed_group_sizes():
     with pytest.raises(ValueError, match="^concat_rollouts needs at least one rollout, all with the same"):
         concat_rollouts([rollout([[1]], [[1]], 1), rollout([[1], [1]], [[1], [1]], 2)], PAD)

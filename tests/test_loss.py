@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from grpo.advantages import group_advantages, zero_spread_share
-from grpo.loss import micro_batch_weight, policy_loss
+from grpo.loss import (
+    micro_batch_weight,
+    policy_loss,
+    rollout_gap,
+    rollout_is_weights,
+    rollout_mismatch_kl,
+)
 
 MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # 2 and 3 tokens
 ADV = torch.tensor([1.0, -1.0])
@@ -212,3 +218,32 @@ def test_cispo_on_policy_gradient_equals_dapo():
         grads.append(logps.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-7)
     assert micro_batch_weight("cispo", 2, 8) == 1.0
+
+
+def test_token_weights_scale_the_policy_term_only():
+    ref = torch.tensor([[-1.0, -2.0, -3.0], [-1.5, -1.0, -0.25]])  # KL only at (1, 0)
+    weights = torch.tensor([[2.0, 0.5, 7.0], [1.5, 1.0, 1.0]])  # (0, 2) is padding: its weight counts nowhere
+    kl = math.exp(-1.0) + 1.0 - 1.0
+    kwargs = {"loss_type": "bnpo", "beta": 0.5}
+    loss, _ = policy_loss(logps_leaf(), None, ref, ADV, MASK, token_weights=weights, **kwargs)
+    # policy terms: -(2 + 0.5) for seq 0 (A=+1), +(1.5 + 1 + 1) for seq 1 (A=-1); KL 0.5 * kl; / 5 tokens
+    assert loss.item() == pytest.approx((-2.5 + 3.5 + 0.5 * kl) / 5, abs=1e-7)
+    ones, _ = policy_loss(logps_leaf(), None, ref, ADV, MASK, token_weights=torch.ones(2, 3), **kwargs)
+    none, _ = policy_loss(logps_leaf(), None, ref, ADV, MASK, **kwargs)
+    assert ones.item() == none.item()
+    logps = logps_leaf()
+    policy_loss(logps, None, ref, ADV, MASK, token_weights=weights, **kwargs)[0].backward()
+    assert logps.grad[0, 0].item() == pytest.approx(-2.0 / 5, abs=1e-7)  # -A * w / tokens
+
+
+def test_rollout_gap_mismatch_and_truncated_weights():
+    train = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, -1.0, -0.25]], requires_grad=True)
+    rollout = torch.tensor([[-1.0, -2.5, 0.0], [-0.25, -2.0, -0.25]])
+    gap = rollout_gap(train, rollout, MASK)
+    assert not gap.requires_grad
+    assert gap.tolist() == [[0.0, 0.5, 0.0], [-0.25, 1.0, 0.0]]  # padding: 0 whatever the inputs
+    k3 = sum(math.exp(g) - 1 - g for g in (0.5, -0.25, 1.0))
+    assert rollout_mismatch_kl(gap).item() == pytest.approx(k3, abs=1e-6)
+    weights = rollout_is_weights(gap, cap=2.0)
+    expected = [[1.0, math.exp(0.5), 1.0], [math.exp(-0.25), 2.0, 1.0]]  # e^1 = 2.72 capped at 2
+    torch.testing.assert_close(weights, torch.tensor(expected), rtol=0, atol=1e-6)

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from grpo.config import load_template, template_from_dict
 from grpo.logging import peak_memory_bytes
@@ -348,3 +349,31 @@ def test_sampling_filters_reach_the_rollout(tiny_model_dir, tmp_path):
     out = tmp_path / "loose"  # the text lengths differ without the filter
     run(tiny_template(tiny_model_dir, out, **common))
     assert [r["reward/zero_spread_groups"] for r in read_metrics(out)] == [0.0, 0.0]
+
+
+def test_rollout_mismatch_is_measured_and_corrected(tiny_model_dir, tmp_path):
+    """The decode path and the training forward compute the same fp32 policy: their per-token gap is tiny. With
+    rollout_is_cap the loss gets min(exp(gap), cap) per token, here all within 1e-4 of 1."""
+    from tests import user_losses
+
+    common = {
+        "rewards": ["tests.user_rewards:length"],
+        "loss_type": "tests.user_losses:records_token_weights",
+    }
+    user_losses.seen_weights.clear()
+    run(tiny_template(tiny_model_dir, tmp_path / "plain", **common))
+    assert user_losses.seen_weights == [None, None]  # off: the loss is not handed weights
+    rows = read_metrics(tmp_path / "plain")
+    for r in rows:
+        assert 0 <= r["rollout/mismatch_kl"] < 1e-9 and 0 < r["rollout/mismatch_max"] < 1e-4
+    run(tiny_template(tiny_model_dir, tmp_path / "tis", rollout_is_cap=2.0, **common))
+    assert len(user_losses.seen_weights) == 4
+    for weights in user_losses.seen_weights[2:]:
+        assert weights.shape == (4, 8) and (weights - 1).abs().max() < 1e-4 and not weights.requires_grad
+    tis = read_metrics(tmp_path / "tis")
+    assert tis[0]["rollout/mismatch_kl"] == rows[0]["rollout/mismatch_kl"]  # same samples, same model
+    # weights within 1e-4 of 1 move the update by about as little
+    plain, corrected = (
+        load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("plain", "tis")
+    )
+    assert max((plain[k] - corrected[k]).abs().max().item() for k in plain) < 1e-6

@@ -13,3 +13,12 @@ def nan_on_second_step(logps, *args, **kwargs):
     if calls["n"] == int(os.environ.get("GRPO_TEST_NAN_STEP", "2")):
         loss = loss * float("nan")
     return loss, stats
+
+
+seen_weights = []
+
+
+def records_token_weights(logps, *args, token_weights=None, **kwargs):
+    """The GRPO loss; keeps each call's token_weights (None when the trainer passed none)."""
+    seen_weights.append(token_weights)
+    return policy_loss(logps, *args, **{**kwargs, "loss_type": "grpo", "token_weights": token_weights})
