@@ -1,4 +1,5 @@
-"""One JSON line per training run: median step time, peak memory, reward and entropy, read from its metrics.jsonl.
+"""One JSON line per training run: median step time, peak memory, reward, entropy and the rollout mismatch,
+read from its metrics.jsonl.
 
     python scripts/run_summary.py runs/ddp runs/fsdp
 
@@ -35,6 +36,9 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
     if "entropy" in rows[0]:  # runs logged before the entropy metric existed lack it
         summary["entropy_first"] = round(rows[0]["entropy"], 4)
         summary["entropy_last"] = round(rows[-1]["entropy"], 4)
+    if "rollout/mismatch_kl" in rows[0]:  # the decode path against the training forward, worst step
+        summary["mismatch_kl_max"] = max(r["rollout/mismatch_kl"] for r in rows)
+        summary["mismatch_logp_gap_max"] = max(r["rollout/mismatch_max"] for r in rows)
     for key in MEMORY_KEYS:
         if key in rows[0]:
             summary["peak_memory_gb"] = round(max(r[key] for r in rows), 3)

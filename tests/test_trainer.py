@@ -84,6 +84,8 @@ def test_run_writes_a_loadable_model_and_every_log(tiny_model_dir, tmp_path):
         "reward_last": round(rows[2]["reward/total_mean"], 4),
         "entropy_first": round(rows[0]["entropy"], 4),
         "entropy_last": round(rows[2]["entropy"], 4),
+        "mismatch_kl_max": max(r["rollout/mismatch_kl"] for r in rows),
+        "mismatch_logp_gap_max": max(r["rollout/mismatch_max"] for r in rows),
         "peak_memory_gb": round(peaks[-1], 3),
         "memory_kind": "peak_rss",
     }
