@@ -28,11 +28,14 @@ def fixed_rollout(trainer: GRPOTrainer, batch: list[int]):
     ids, mask = left_pad([p.ids for p in prompts], pad, trainer.device)  # [B, P]
     completion = torch.full((len(batch) * g, T), pad, dtype=torch.long)
     completion_mask = torch.zeros((len(batch) * g, T), dtype=torch.long)
+    # made-up sampling log-probs, far from the model's: rollout_is_cap then weights (and caps) many tokens
+    sampling_logps = torch.zeros((len(batch) * g, T))
     for row, i in enumerate(j for j in batch for _ in range(g)):
         gen = torch.Generator().manual_seed(1000 * i + row % g)
         length = int(torch.randint(1, T + 1, (1,), generator=gen))
         completion[row, :length] = torch.randint(100, 1000, (length,), generator=gen)
         completion_mask[row, :length] = 1
+        sampling_logps[row, :length] = -12.0 * torch.rand(length, generator=gen)
     ro = Rollout(
         prompt_ids=ids.repeat_interleave(g, dim=0),
         prompt_mask=mask.repeat_interleave(g, dim=0),
@@ -40,6 +43,7 @@ def fixed_rollout(trainer: GRPOTrainer, batch: list[int]):
         completion_mask=completion_mask.to(trainer.device),
         truncated=completion_mask.sum(-1).eq(T).to(trainer.device),
         group_size=g,
+        sampling_logps=sampling_logps.to(trainer.device),
     )
     texts = trainer.tokenizer.batch_decode(
         completion.masked_fill(completion_mask == 0, pad), skip_special_tokens=True
