@@ -215,6 +215,15 @@ class TrainConfig:
         "Skip a step whose loss or gradient is not finite instead of stopping.", default=False
     )
 
+    def sampling(self) -> dict[str, Any]:
+        """The settings that shape the sampling distribution, as keyword arguments of grpo.rollout.generate."""
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+        }
+
 
 @dataclass
 class Template:

@@ -190,12 +190,9 @@ class GRPOTrainer:
                 max_new_tokens=c.maximum_completion_length,
                 eos_ids=self.eos_ids,
                 pad_id=self.tokenizer.pad_token_id,
-                temperature=c.temperature,
-                top_p=c.top_p,
-                top_k=c.top_k,
-                min_p=c.min_p,
                 generator=self.generator,
                 decode_impl=c.decode_impl,
+                **c.sampling(),
             )
         ids = ro.completion_ids.masked_fill(ro.completion_mask == 0, self.tokenizer.pad_token_id)
         prefix = self.t.template.response_prefix  # prefilled in the prompt, but part of the reply to score

@@ -74,13 +74,10 @@ def main(argv: list[str]) -> int:
             rw.Tags.from_config(c),
             samples=args.samples,
             max_new_tokens=c.maximum_completion_length,
-            temperature=c.temperature,
-            top_p=c.top_p,
-            top_k=c.top_k,
-            min_p=c.min_p,
             batch_size=args.batch_size,
             response_prefix=t.template.response_prefix,
             generator=torch.Generator(device=device).manual_seed(c.seed),
+            **c.sampling(),
         )
         output = Path(args.output) if args.output else Path(c.output_dir) / f"eval-{Path(split).stem}.json"
         summary = {
