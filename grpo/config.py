@@ -137,6 +137,11 @@ class TrainConfig:
         default=0.0,
     )
     beta: float = doc("KL weight; 0 = no reference model is loaded at all.", default=0.0)
+    kl_estimator: Literal["k3", "k2"] = doc(
+        "Per-token KL term of the loss: k3 = exp(ref - logp) - (ref - logp) - 1 (GRPO's), k2 = (logp - ref)^2 / 2, "
+        "whose gradient is that of the reverse KL(policy || reference) (grpo/loss.py).",
+        default="k3",
+    )
     ref_model_sync_steps: int = doc(
         "Every N steps move the KL reference towards the policy: reference = ref_model_mixup_alpha * policy + "
         "(1 - alpha) * reference (TR-DPO, arXiv:2404.09656; grpo/reference.py); 0 = the reference stays the "

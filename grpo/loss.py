@@ -6,6 +6,9 @@ Shapes: B sequences, T completion tokens. All inputs are [B, T] except advantage
     r_t   = exp(sum_t m_t (logp_t - old_logp_t) / sum_t m_t)          (sequence level, GSPO arXiv:2507.18071)
     l_t   = -min(r_t A, clip(r_t, 1 - epsilon, 1 + epsilon_high) A) + beta * KL_t
     KL_t  = exp(ref_t - logp_t) - (ref_t - logp_t) - 1                 (k3 estimator, always >= 0)
+    KL_t  = (logp_t - ref_t)^2 / 2                                     (kl_estimator: k2)
+           Both estimate KL(pi || ref) as values; as losses, on samples from pi, the k3 term's expected
+           gradient is that of KL(ref || pi), the k2 term's that of KL(pi || ref) (reverse KL, the usual aim)
     cispo: l_t = -sg(min(r_t, 1 + epsilon_high)) A logp_t + beta * KL_t   (CISPO, arXiv:2506.13585)
            the ratio is capped and held constant instead of clipping the objective: no token loses its
            gradient, a stale one only counts less; no lower cap (epsilon unused); normalised as dapo
@@ -24,6 +27,7 @@ from collections.abc import Callable
 import torch
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+KL_ESTIMATORS = ("k3", "k2")
 # Divided by the token count of the whole global batch (all ranks, all micro-batches), not per micro-batch.
 GLOBAL_TOKEN_LOSSES = ("dapo", "cispo")
 
@@ -44,6 +48,7 @@ def policy_loss(
     num_items_in_batch: int | float | torch.Tensor | None = None,
     token_mask: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
+    kl_estimator: str = "k3",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Returns (scalar loss, stats). old_logps None means the samples are on-policy (ratio exactly 1).
 
@@ -55,6 +60,8 @@ def policy_loss(
         raise ValueError(f"loss_type = {loss_type!r} is not allowed: use one of {', '.join(LOSS_TYPES)}.")
     if beta > 0 and ref_logps is None:
         raise ValueError("ref_logps is required when beta > 0.")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator = {kl_estimator!r} is not allowed: use {' or '.join(KL_ESTIMATORS)}.")
     mask = mask.to(logps.dtype)  # [B, T]
     old = logps.detach() if old_logps is None else old_logps
     log_ratio = logps - old  # [B, T]
@@ -79,7 +86,7 @@ def policy_loss(
     kl = None
     if beta > 0:
         delta = ref_logps - logps  # [B, T]
-        kl = torch.exp(delta) - delta - 1.0
+        kl = torch.exp(delta) - delta - 1.0 if kl_estimator == "k3" else 0.5 * delta**2
         per_token = per_token + beta * kl
 
     if loss_type == "grpo":

@@ -244,6 +244,8 @@ class GRPOTrainer:
             with grad_sync(self.policy, last=s is slices[-1]):
                 logps, entropy = self.policy(*self.logprob_inputs(ro, s), return_entropy=True)
                 extra, mask = {}, loss_mask[s].bool()
+                if c.kl_estimator != "k3":  # passed only when set, so user losses need not take it
+                    extra["kl_estimator"] = c.kl_estimator
                 entropy_sum += (entropy * ro.completion_mask[s]).sum()
                 if ro.sampling_logps is not None:
                     # the policy before this step's updates against the decode path that drew the tokens

@@ -97,6 +97,10 @@ def test_override_errors(override, message):
             "config.num_generations = 1 is not allowed: GRPO needs at least 2 generations per prompt to compare them.",
         ),
         ({"config": {"top_p": 1.5}}, "config.top_p = 1.5 is not allowed: it must be in (0, 1]."),
+        (
+            {"config": {"kl_estimator": "k1"}},
+            "config.kl_estimator = 'k1' is not allowed: expected one of 'k3', 'k2'.",
+        ),
         ({"config": {"top_k": -1}}, "config.top_k = -1 is not allowed: it must be 0 (no limit) or more."),
         ({"config": {"min_p": 1.5}}, "config.min_p = 1.5 is not allowed: it must be in [0, 1]."),
         (

@@ -247,3 +247,20 @@ def test_rollout_gap_mismatch_and_truncated_weights():
     weights = rollout_is_weights(gap, cap=2.0)
     expected = [[1.0, math.exp(0.5), 1.0], [math.exp(-0.25), 2.0, 1.0]]  # e^1 = 2.72 capped at 2
     torch.testing.assert_close(weights, torch.tensor(expected), rtol=0, atol=1e-6)
+
+
+def test_k2_kl_value_and_gradient():
+    logps = logps_leaf()
+    ref = logps.detach() + math.log(2.0)  # logp - ref = -log 2 -> k2 = (log 2)^2 / 2
+    loss, stats = policy_loss(logps, None, ref, ADV, MASK, loss_type="bnpo", beta=0.5, kl_estimator="k2")
+    assert stats["kl"].item() == pytest.approx(math.log(2.0) ** 2 / 2, abs=1e-6)
+    loss.backward()
+    # policy term: -A / 5 per token; k2 term: beta * (logp - ref) / 5 = -0.5 * log 2 / 5
+    assert logps.grad[0, 0].item() == pytest.approx((-1.0 - 0.5 * math.log(2.0)) / 5, abs=1e-7)
+    assert logps.grad[1, 0].item() == pytest.approx((1.0 - 0.5 * math.log(2.0)) / 5, abs=1e-7)
+    k3 = logps_leaf()
+    policy_loss(k3, None, ref, ADV, MASK, loss_type="bnpo", beta=0.5)[0].backward()
+    # k3 term: beta * (1 - exp(ref - logp)) / 5 = 0.5 * (1 - 2) / 5
+    assert k3.grad[0, 0].item() == pytest.approx((-1.0 - 0.5) / 5, abs=1e-7)
+    with pytest.raises(ValueError, match=r"^kl_estimator = 'k1' is not allowed: use k3 or k2.$"):
+        policy_loss(logps_leaf(), None, ref, ADV, MASK, beta=0.5, kl_estimator="k1")

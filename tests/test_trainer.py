@@ -379,3 +379,15 @@ def test_rollout_mismatch_is_measured_and_corrected(tiny_model_dir, tmp_path):
         load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("plain", "tis")
     )
     assert max((plain[k] - corrected[k]).abs().max().item() for k in plain) < 1e-6
+
+
+def test_kl_estimator_reaches_the_loss(tiny_model_dir, tmp_path):
+    """Step 1: policy == reference, both estimators give 0. Step 2: both ~ delta^2 / 2, but not equal."""
+    common = {"beta": 0.1, "rewards": ["tests.user_rewards:length"]}
+    kl = {}
+    for name in ("k3", "k2"):
+        run(tiny_template(tiny_model_dir, tmp_path / name, kl_estimator=name, **common))
+        kl[name] = [r["kl"] for r in read_metrics(tmp_path / name)]
+    assert kl["k3"][0] == kl["k2"][0] == 0.0
+    assert kl["k3"][1] > 0 and kl["k2"][1] > 0 and kl["k3"][1] != kl["k2"][1]
+    assert kl["k2"][1] == pytest.approx(kl["k3"][1], rel=0.05)
