@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import signal
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -163,6 +164,8 @@ class GRPOTrainer:
         if c.gradient_checkpointing and c.backend != "unsloth":  # unsloth turns on its own variant
             enable_checkpointing(self.model)
         self.policy = CompletionLogprobs(self.model, temperature=c.temperature, impl=c.logprob_impl)
+        # With dropout active in training forwards, the old-policy log-probs need their own no-grad pass.
+        self.old_from_first_update = not (self.model.training and _has_dropout(self.model))
         self.ref = None
         if c.beta > 0 and not self.lora:
             ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -230,8 +233,10 @@ class GRPOTrainer:
         loss_mask: torch.Tensor,
         old: torch.Tensor | None,
         ref: torch.Tensor | None,
-    ) -> dict[str, float]:
-        """One optimizer update over all micro-batches of this step's samples."""
+        keep_logps: bool = False,
+    ) -> tuple[dict[str, float], torch.Tensor | None]:
+        """One optimizer update over all micro-batches of this step's samples. Returns its metrics and, with
+        keep_logps, the log-probs its forward computed [N, T] (detached), else None."""
         c, n = self.c, ro.completion_ids.shape[0]
         self.optimizer.zero_grad(set_to_none=True)
         num_items = sum_over_ranks(loss_mask.sum(), self.env)  # dapo: the token count of all ranks
@@ -239,10 +244,12 @@ class GRPOTrainer:
         # Entropy and rollout mismatch are summed on the device: no host read per micro-batch.
         entropy_sum, thresholds = torch.zeros((), device=self.device), []
         mismatch_kl, mismatch_max = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        slices = self.micro_batches(n)
+        slices, kept = self.micro_batches(n), []
         for s in slices:
             with grad_sync(self.policy, last=s is slices[-1]):
                 logps, entropy = self.policy(*self.logprob_inputs(ro, s), return_entropy=True)
+                if keep_logps:
+                    kept.append(logps.detach())
                 extra, mask = {}, loss_mask[s].bool()
                 if c.kl_estimator != "k3":  # passed only when set, so user losses need not take it
                     extra["kl_estimator"] = c.kl_estimator
@@ -287,8 +294,9 @@ class GRPOTrainer:
         if thresholds:
             totals["entropy_threshold"] = sum(thresholds) / len(thresholds)
         bad_loss = any_over_ranks(not all(torch.isfinite(torch.tensor(v)) for v in totals.values()), self.env)
+        first_logps = torch.cat(kept) if kept else None
         if bad_loss and not self._skip_nonfinite(f"Non-finite loss at step {self.step + 1}: {totals}."):
-            return totals
+            return totals, first_logps
         t_opt = time.perf_counter()
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
@@ -298,14 +306,14 @@ class GRPOTrainer:
         if not torch.isfinite(grad_norm) and not self._skip_nonfinite(
             f"Non-finite gradient norm at step {self.step + 1}."
         ):
-            return {**totals, "grad_norm": float(grad_norm)}
+            return {**totals, "grad_norm": float(grad_norm)}, first_logps
         self.optimizer.step()
         # Free the gradients now, so the next rollout runs without a model's worth of them.
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         totals["grad_norm"] = float(grad_norm)
         self.optimizer_seconds += time.perf_counter() - t_opt
-        return totals
+        return totals, first_logps
 
     def high_entropy_tokens(self, entropy: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The tokens of this micro-batch whose entropy reaches the top_entropy_quantile share of its tokens on
@@ -372,11 +380,15 @@ class GRPOTrainer:
             loss_mask = loss_mask * (~ro.truncated).long().unsqueeze(-1)
         t2 = time.perf_counter()
         ref = self.frozen_logprobs(self.ref, ro) if self.ref is not None else None
-        old = self.frozen_logprobs(self.policy, ro) if c.num_iterations > 1 else None
+        # num_iterations > 1 needs the log-probs of the policy that sampled: the first update's forward runs
+        # before any weight changes, so its log-probs are those, unless dropout makes that forward random.
+        reuse = c.num_iterations > 1 and self.old_from_first_update
+        old = self.frozen_logprobs(self.policy, ro) if c.num_iterations > 1 and not reuse else None
         timings["time/logprob_s"] = time.perf_counter() - t2
         t3, self.optimizer_seconds = time.perf_counter(), 0.0
-        for _ in range(c.num_iterations):
-            stats = self.update(ro, advantages, loss_mask, old, ref)
+        for i in range(c.num_iterations):
+            stats, first_logps = self.update(ro, advantages, loss_mask, old, ref, keep_logps=reuse and i == 0)
+            old = first_logps if first_logps is not None else old
         timings["time/update_s"] = time.perf_counter() - t3
         timings["time/optimizer_s"] = self.optimizer_seconds  # grad clip + step; the rest is fwd/bwd
         timings["time/fwd_bwd_s"] = timings["time/update_s"] - self.optimizer_seconds
@@ -435,7 +447,8 @@ class GRPOTrainer:
             )
             if self.resumed_from is not None:
                 logger.write(f"Resumed from {self.resumed_from} at step {self.step}")
-        previous = signal.signal(signal.SIGTERM, self._request_stop)
+        handlers = {signal.SIGTERM: self._request_stop, signal.SIGINT: self._interrupt}
+        previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
         try:
             while self.step < self.total_steps and not self.stop_requested:
                 metrics, samples = self.train_step()
@@ -470,7 +483,8 @@ class GRPOTrainer:
                 final_eval(self, final, logger)
             return final
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             if logger is not None:
                 logger.close()
 
@@ -480,6 +494,24 @@ class GRPOTrainer:
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         self.stop_requested = True  # finish the step in flight, then save and leave
+
+    def _interrupt(self, signum: int, frame: Any) -> None:
+        """Ctrl-C: the first press stops like SIGTERM (finish the step, save, leave); a second one aborts."""
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        if self.env.is_main:
+            print(
+                "\nCtrl-C: stopping after this step and saving the model; press Ctrl-C again to abort.",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def _has_dropout(model: torch.nn.Module) -> bool:
+    """Dropout that acts in a training-mode forward: LoRA's or the model's own (modules or attention)."""
+    rate = float(getattr(model.config, "attention_dropout", 0.0) or 0.0)
+    return rate > 0 or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
 def _as_list(x: Any) -> list[Any]:

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -206,3 +207,39 @@ def test_a_field_missing_from_an_older_checkpoint_counts_with_its_default(tmp_pa
     assert math_differences(saved, current) == []
     changed = template_from_dict(tiny_template(tmp_path, tmp_path / "out", top_entropy_quantile=0.2))
     assert math_differences(saved, changed) == ["config.top_entropy_quantile"]
+
+
+def test_ctrl_c_finishes_the_step_and_saves(template, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "scripts/train.py", str(template), f"output_dir={out}", "max_steps=100000"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "Ctrl-C: stopping after this step and saving the model; press Ctrl-C again to abort." in stderr
+    steps = [r["step"] for r in rows(out)]
+    assert 2 <= len(steps) < 100000 and steps == list(range(1, len(steps) + 1))
+    assert f"Stopped at step {steps[-1]}; model saved to {out / 'model'}" in stdout
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_a_second_ctrl_c_aborts(tiny_model_dir, tmp_path):
+    from grpo.config import template_from_dict
+    from grpo.trainer import GRPOTrainer
+
+    trainer = GRPOTrainer(template_from_dict(tiny_template(tiny_model_dir, tmp_path / "run")))
+    trainer._interrupt(signal.SIGINT, None)
+    assert trainer.stop_requested
+    with pytest.raises(KeyboardInterrupt):
+        trainer._interrupt(signal.SIGINT, None)

@@ -391,3 +391,34 @@ def test_kl_estimator_reaches_the_loss(tiny_model_dir, tmp_path):
     assert kl["k3"][0] == kl["k2"][0] == 0.0
     assert kl["k3"][1] > 0 and kl["k2"][1] > 0 and kl["k3"][1] != kl["k2"][1]
     assert kl["k2"][1] == pytest.approx(kl["k3"][1], rel=0.05)
+
+
+def test_num_iterations_takes_old_log_probs_from_the_first_update(tiny_model_dir, tmp_path):
+    """The first update's forward is the sampling policy's: its log-probs replace the separate no-grad pass,
+    with the same result. Dropout makes that forward random, so then the separate pass runs."""
+    common = {"num_iterations": 2, "beta": 0.1, "rewards": ["tests.user_rewards:length"]}
+    weights, passes = {}, {}
+    for reuse in (True, False):
+        trainer = GRPOTrainer(
+            template_from_dict(tiny_template(tiny_model_dir, tmp_path / str(reuse), **common))
+        )
+        assert trainer.old_from_first_update
+        trainer.old_from_first_update = reuse
+        passes[reuse] = calls = []
+
+        def counted(module, ro, frozen=trainer.frozen_logprobs, calls=calls):  # the real pass, counted
+            calls.append(module)
+            return frozen(module, ro)
+
+        trainer.frozen_logprobs = counted
+        trainer.train()
+        weights[reuse] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        assert [m is trainer.ref for m in passes[reuse]] == ([True, True] if reuse else [True, False] * 2)
+    for k in weights[True]:
+        torch.testing.assert_close(weights[True][k], weights[False][k], rtol=0, atol=1e-7)
+    lora = {"use_lora": True, "num_iterations": 2}
+    assert not GRPOTrainer(
+        template_from_dict(tiny_template(tiny_model_dir, tmp_path / "d", **lora))
+    ).old_from_first_update
+    plain = tiny_template(tiny_model_dir, tmp_path / "n", lora_dropout=0.0, **lora)
+    assert GRPOTrainer(template_from_dict(plain)).old_from_first_update
