@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from grpo.fsio import atomic_write_text
+
 
 def peak_memory_bytes(device: torch.device | str) -> int:
     """The process's peak so far: max allocated on a GPU, the peak resident set on CPU (ru_maxrss: KiB on
@@ -58,9 +60,20 @@ class RunLogger:
                 raise RuntimeError(
                     "config.log_to_wandb is true but wandb is not installed: pip install wandb."
                 ) from None
+            # A resumed run continues the same W&B run: its id is kept in the run folder. Steps the W&B run
+            # already holds are re-logged with the same values (resume is exact) and W&B keeps the first.
+            id_file = output_dir / "wandb_run_id"
+            run_id = id_file.read_text().strip() if initial_step > 0 and id_file.is_file() else None
             self.wandb = wandb.init(
-                project=wandb_project, name=run_name, config=config, dir=str(output_dir), reinit=True
+                project=wandb_project,
+                name=run_name,
+                config=config,
+                dir=str(output_dir),
+                reinit=True,
+                id=run_id,  # None: W&B makes a new one
+                resume="allow",
             )
+            atomic_write_text(id_file, self.wandb.id + "\n")
         self.bar = tqdm(
             total=total_steps,
             initial=initial_step,

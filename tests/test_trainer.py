@@ -243,11 +243,24 @@ def test_gsm8k_seed_template_runs(tiny_model_dir, tmp_path):
     assert samples[0]["reference"].lstrip("-").isdigit()
 
 
-def test_wandb_offline(tiny_model_dir, tmp_path, monkeypatch):
+def test_wandb_offline_and_a_resumed_run_continues_it(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    run(tiny_template(tiny_model_dir, tmp_path / "w", max_steps=1, log_to_wandb=True))
-    runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
+    out = tmp_path / "w"
+    run(tiny_template(tiny_model_dir, out, max_steps=2, save_steps=1, log_to_wandb=True))
+    runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    run_id = (out / "wandb_run_id").read_text().strip()
+    assert runs[0].name.endswith("-" + run_id)
+    run(
+        tiny_template(
+            tiny_model_dir, out, max_steps=3, save_steps=1, log_to_wandb=True, resume_from_checkpoint="latest"
+        )
+    )
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith("-" + run_id) for r in runs)  # one W&B run, two sessions
+    other = tmp_path / "other"
+    run(tiny_template(tiny_model_dir, other, max_steps=1, log_to_wandb=True))
+    assert (other / "wandb_run_id").read_text().strip() != run_id
 
 
 def cli(*args, cwd=REPO, env=None):
