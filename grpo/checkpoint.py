@@ -42,6 +42,7 @@ RESUME_SAFE_FIELDS = {
     "config.force_resume",
     "config.eval_steps",
     "config.eval_limit",
+    "config.save_best",
     "config.train_device",
     "config.gpu_ids",
     "config.distributed_strategy",

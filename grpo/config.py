@@ -205,6 +205,11 @@ class TrainConfig:
         default=0,
     )
     eval_limit: int = doc("Held-out problems used by each evaluation during training.", default=200)
+    save_best: bool = doc(
+        "With eval_steps: copy the model to <output_dir>/<adaptor_name>-best whenever the held-out accuracy "
+        "beats every earlier evaluation of the run; best.json names the step and accuracy.",
+        default=False,
+    )
     log_to_wandb: bool = doc("Also log to Weights & Biases.", default=False)
     wandb_project: str = doc("W&B project name.", default="grpo")
     # -- checkpoints and resume
@@ -370,6 +375,12 @@ def _check_ranges(t: Template) -> None:
     need(c.micro_batch_size >= 0, "config.micro_batch_size", c.micro_batch_size, "it must be 0 or more")
     need(c.eval_steps >= 0, "config.eval_steps", c.eval_steps, "it must be 0 (off) or more")
     need(c.eval_limit >= 1, "config.eval_limit", c.eval_limit, "it must be at least 1")
+    need(
+        not c.save_best or c.eval_steps > 0,
+        "config.save_best",
+        c.save_best,
+        "it keeps the model of the best evaluation, so it needs eval_steps > 0",
+    )
     need(c.max_steps == -1 or c.max_steps >= 1, "config.max_steps", c.max_steps, "use -1 or a positive count")
     need(
         c.maximum_completion_length < c.maximum_sequence_length,

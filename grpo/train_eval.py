@@ -1,6 +1,6 @@
 """Evaluation during training: greedy answers on the held-out prompts every eval_steps (rank 0 generates, the
-other ranks wait), and eval.json / eval.jsonl beside the saved model at the end. The evaluation itself is
-grpo/evaluate.py; these two functions only decide when and where it runs for a trainer."""
+other ranks wait), the best model so far with save_best, and eval.json / eval.jsonl beside the saved model at
+the end. The evaluation itself is grpo/evaluate.py; these functions only decide when and where it runs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from grpo.distributed import full_params
+from grpo.distributed import any_over_ranks, full_params, full_state_dict
 from grpo.evaluate import EvalResult, evaluate
 from grpo.fsio import atomic_write_text
 from grpo.logging import RunLogger
@@ -56,3 +56,34 @@ def final_eval(trainer: Any, final: Path, logger: RunLogger | None) -> None:
             f"eval on {split} ({result.num_prompts} problems): accuracy {result.accuracy:.3f}, "
             f"strict format {result.strict_format:.3f}, soft format {result.soft_format:.3f}"
         )
+
+
+BEST_FILE = "best.json"
+
+
+def best_dir(trainer: Any) -> Path:
+    return trainer.output_dir / f"{trainer.c.adaptor_name}-best"
+
+
+def best_accuracy_so_far(output_dir: Path) -> float:
+    """The accuracy best.json records (a resumed run must beat it), or -inf when there is none."""
+    path = Path(output_dir) / BEST_FILE
+    return float(json.loads(path.read_text())["accuracy"]) if path.is_file() else float("-inf")
+
+
+def keep_best(trainer: Any, result: EvalResult | None) -> None:
+    """save_best: when this evaluation beats every earlier one of the run, write the model to
+    <output_dir>/<adaptor_name>-best (a complete folder replaces the old one), then best.json. Every rank
+    calls this: only rank 0 holds the result, and under FSDP all ranks take part in gathering the weights."""
+    improved = result is not None and result.accuracy > trainer.best_accuracy
+    if not any_over_ranks(improved, trainer.env):
+        return
+    state = full_state_dict(trainer.model, trainer.env)
+    if trainer.env.is_main:
+        from grpo.checkpoint import write_model
+
+        folder = best_dir(trainer)
+        write_model(trainer, folder, state)
+        trainer.best_accuracy = result.accuracy
+        best = {"step": trainer.step, "accuracy": result.accuracy, "model": str(folder)}
+        atomic_write_text(trainer.output_dir / BEST_FILE, json.dumps(best, indent=2) + "\n")

@@ -55,7 +55,7 @@ from grpo.models import load_model, load_tokenizer, resolve_device, resolve_dtyp
 from grpo.reference import mix_into_reference, sync_due
 from grpo.rollout import Rollout, generate
 from grpo.schedule import build_optimizer
-from grpo.train_eval import final_eval, run_eval
+from grpo.train_eval import best_accuracy_so_far, final_eval, keep_best, run_eval
 
 
 class NonFiniteError(RuntimeError):
@@ -132,6 +132,8 @@ class GRPOTrainer:
         self.skipped_steps = 0
         self.optimizer_seconds = 0.0
         self.resumed_from = ckpt.resume(self, resume_path) if resume_path is not None else None
+        # save_best: a resumed run must beat what the interrupted one already kept
+        self.best_accuracy = best_accuracy_so_far(self.output_dir) if resume_path else float("-inf")
 
     def _build_models(self) -> None:
         """The heavy part: policy (+ LoRA), reference, DDP/FSDP wrapping, optimizer, sampling generator."""
@@ -461,6 +463,8 @@ class GRPOTrainer:
                     result = run_eval(self)
                     if result is not None:
                         metrics.update(result.metrics())  # logged with this step under eval/
+                    if c.save_best:
+                        keep_best(self, result)
                 if logger is not None:
                     metrics["epoch"] = (
                         self.sampler.epoch + self.sampler.position / self.sampler.steps_per_epoch

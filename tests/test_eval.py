@@ -255,3 +255,41 @@ def test_training_without_eval_steps_writes_no_eval(tiny_model_dir, tmp_path):
     GRPOTrainer(template_from_dict(tiny_template(tiny_model_dir, out, max_steps=1))).train()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert not any(k.startswith("eval/") for k in rows[0]) and not (out / "eval.json").exists()
+
+
+def test_save_best_keeps_the_model_of_the_best_evaluation(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    data = tiny_template(
+        tiny_model_dir,
+        out,
+        max_steps=4,
+        eval_steps=1,
+        eval_limit=8,
+        save_steps=1,
+        save_best=True,
+        learning_rate=0.05,  # large: the greedy answers change from one evaluation to the next
+        rewards=["tests.user_rewards:correctness", "tests.user_rewards:length"],
+    )
+    GRPOTrainer(template_from_dict(data)).train()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    accuracy = [r["eval/accuracy"] for r in rows]
+    assert len(set(accuracy)) > 1  # the evaluations differ, so "best" means something here
+    step = accuracy.index(max(accuracy)) + 1  # the first evaluation that reached the maximum
+    assert step > 1  # an earlier, worse best was replaced
+    best = json.loads((out / "best.json").read_text())
+    assert best == {"step": step, "accuracy": max(accuracy), "model": str(out / "model-best")}
+    saved = out / "checkpoints" / f"step-{step:06d}" / "model" / "model.safetensors"
+    assert (out / "model-best" / "model.safetensors").read_bytes() == saved.read_bytes()
+    resumed = GRPOTrainer(
+        template_from_dict(
+            {**data, "config": {**data["config"], "max_steps": 5, "resume_from_checkpoint": "latest"}}
+        )
+    )
+    assert resumed.best_accuracy == max(accuracy)  # a resumed run has to beat it
+    data["config"]["eval_steps"] = 0
+    with pytest.raises(
+        ConfigError,
+        match=r"^config.save_best = True is not allowed: it keeps the model of the "
+        r"best evaluation, so it needs eval_steps > 0.$",
+    ):
+        template_from_dict(data)

@@ -27,3 +27,10 @@ def text_code_if_even_answer(completions, references, **kwargs):
 
 def constant(completions, references, **kwargs):
     return [1.0 for _ in completions]
+
+
+def correctness(completions, references, **kwargs):
+    """Counts as the template's correctness reward (eval accuracy): 2.0 for two thirds of all texts (by hash)."""
+    import zlib
+
+    return [2.0 if zlib.crc32(c.encode()) % 3 != 0 else 0.0 for c in completions]
