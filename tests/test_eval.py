@@ -293,3 +293,33 @@ def test_save_best_keeps_the_model_of_the_best_evaluation(tiny_model_dir, tmp_pa
         r"best evaluation, so it needs eval_steps > 0.$",
     ):
         template_from_dict(data)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_evaluation_and_save_best_under_two_processes(tiny_model_dir, tmp_path, strategy):
+    """Rank 0 evaluates while the other waits (FSDP: both gather the weights); the best model is gathered too."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_checkpoint import torchrun
+
+    out = tmp_path / "run"
+    data = tiny_template(
+        tiny_model_dir,
+        out,
+        max_steps=3,
+        batch_size=1,
+        eval_steps=1,
+        eval_limit=4,
+        save_best=True,
+        learning_rate=0.05,
+        distributed_strategy=strategy,
+        rewards=["tests.user_rewards:correctness", "tests.user_rewards:length"],
+    )
+    result = torchrun(write_template(tmp_path / "t.yaml", data))
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    accuracy = [r["eval/accuracy"] for r in rows]
+    best = json.loads((out / "best.json").read_text())
+    assert (best["step"], best["accuracy"]) == (accuracy.index(max(accuracy)) + 1, max(accuracy))
+    assert json.loads((out / "eval.json").read_text())["step"] == 3
+    AutoModelForCausalLM.from_pretrained(out / "model-best")  # a complete, loadable folder
