@@ -153,6 +153,11 @@ class TrainConfig:
     )
     epsilon: float = doc("Lower clip range of the importance ratio.", default=0.2)
     epsilon_high: float | None = doc("Upper clip range (null = epsilon).", default=None)
+    delta: float | None = doc(
+        "Two-sided clipping (INTELLECT-2): cap the unclipped ratio at delta, so tokens with a negative advantage "
+        "and a large ratio stop growing the loss; null = off; at least 1 + epsilon_high.",
+        default=None,
+    )
     num_iterations: int = doc("Policy updates per batch of samples (mu).", default=1)
     loss_type: str = doc("grpo | bnpo | dr_grpo | dapo | cispo, or package.module:function.", default="grpo")
     importance_sampling_level: Literal["token", "sequence"] = doc(
@@ -445,6 +450,20 @@ def _check_ranges(t: Template) -> None:
         c.epsilon_high,
         "it must be null or 0 or more",
     )
+    if c.delta is not None:
+        upper = 1 + (c.epsilon if c.epsilon_high is None else c.epsilon_high)
+        need(
+            c.delta >= upper,
+            "config.delta",
+            c.delta,
+            f"it must be null or at least 1 + epsilon_high ({upper:g})",
+        )
+        need(
+            c.loss_type != "cispo",
+            "config.delta",
+            c.delta,
+            "cispo has no clipped objective to cap (its ratio cap is 1 + epsilon_high)",
+        )
     need(0 <= c.warmup_ratio < 1, "config.warmup_ratio", c.warmup_ratio, "it must be in [0, 1)")
     need(0 <= c.lora_dropout < 1, "config.lora_dropout", c.lora_dropout, "it must be in [0, 1)")
     need(

@@ -9,6 +9,8 @@ Shapes: B sequences, T completion tokens. All inputs are [B, T] except advantage
     KL_t  = (logp_t - ref_t)^2 / 2                                     (kl_estimator: k2)
            Both estimate KL(pi || ref) as values; as losses, on samples from pi, the k3 term's expected
            gradient is that of KL(ref || pi), the k2 term's that of KL(pi || ref) (reverse KL, the usual aim)
+    delta: the first r_t in l_t becomes min(r_t, delta) (two-sided clipping, INTELLECT-2): with A < 0 the
+           unclipped term r_t A otherwise grows without bound as r_t does
     cispo: l_t = -sg(min(r_t, 1 + epsilon_high)) A logp_t + beta * KL_t   (CISPO, arXiv:2506.13585)
            the ratio is capped and held constant instead of clipping the objective: no token loses its
            gradient, a stale one only counts less; no lower cap (epsilon unused); normalised as dapo
@@ -49,6 +51,7 @@ def policy_loss(
     token_mask: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
     kl_estimator: str = "k3",
+    delta: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Returns (scalar loss, stats). old_logps None means the samples are on-policy (ratio exactly 1).
 
@@ -76,7 +79,8 @@ def policy_loss(
         per_token = -(torch.clamp(ratio, max=1.0 + high).detach() * adv) * logps  # [B, T]
     else:
         clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + high)
-        per_token = -torch.min(ratio * adv, clipped * adv)  # [B, T]
+        unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
+        per_token = -torch.min(unclipped * adv, clipped * adv)  # [B, T]
     per_token = per_token.expand_as(mask)
     if token_mask is not None:
         per_token = per_token * token_mask.to(per_token.dtype)

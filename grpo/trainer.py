@@ -253,8 +253,11 @@ class GRPOTrainer:
                 if keep_logps:
                     kept.append(logps.detach())
                 extra, mask = {}, loss_mask[s].bool()
-                if c.kl_estimator != "k3":  # passed only when set, so user losses need not take it
+                # passed only when set, so user losses need not take them
+                if c.kl_estimator != "k3":
                     extra["kl_estimator"] = c.kl_estimator
+                if c.delta is not None:
+                    extra["delta"] = c.delta
                 entropy_sum += (entropy * ro.completion_mask[s]).sum()
                 if ro.sampling_logps is not None:
                     # the policy before this step's updates against the decode path that drew the tokens

@@ -101,6 +101,15 @@ def test_override_errors(override, message):
             {"config": {"kl_estimator": "k1"}},
             "config.kl_estimator = 'k1' is not allowed: expected one of 'k3', 'k2'.",
         ),
+        (
+            {"config": {"delta": 1.1}},
+            "config.delta = 1.1 is not allowed: it must be null or at least 1 + epsilon_high (1.2).",
+        ),
+        (
+            {"config": {"delta": 2.0, "loss_type": "cispo"}},
+            "config.delta = 2.0 is not allowed: cispo has no clipped objective to cap (its ratio cap is 1 + "
+            "epsilon_high).",
+        ),
         ({"config": {"top_k": -1}}, "config.top_k = -1 is not allowed: it must be 0 (no limit) or more."),
         ({"config": {"min_p": 1.5}}, "config.min_p = 1.5 is not allowed: it must be in [0, 1]."),
         (

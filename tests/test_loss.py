@@ -264,3 +264,21 @@ def test_k2_kl_value_and_gradient():
     assert k3.grad[0, 0].item() == pytest.approx((-1.0 - 0.5) / 5, abs=1e-7)
     with pytest.raises(ValueError, match=r"^kl_estimator = 'k1' is not allowed: use k3 or k2.$"):
         policy_loss(logps_leaf(), None, ref, ADV, MASK, beta=0.5, kl_estimator="k1")
+
+
+def test_delta_caps_the_unclipped_ratio_of_negative_advantages():
+    # one token, A = -1, ratio 3: the plain objective keeps -3 (and a gradient), delta = 2 caps it at -2
+    logps = torch.zeros(1, 1, requires_grad=True)
+    old = torch.tensor([[-math.log(3.0)]])
+    kwargs = {"loss_type": "bnpo", "epsilon": 0.2}
+    plain, _ = policy_loss(logps, old, None, torch.tensor([-1.0]), torch.ones(1, 1), **kwargs)
+    plain.backward()
+    assert plain.item() == pytest.approx(3.0, abs=1e-6) and logps.grad.item() == pytest.approx(3.0, abs=1e-6)
+    logps.grad = None
+    capped, _ = policy_loss(logps, old, None, torch.tensor([-1.0]), torch.ones(1, 1), delta=2.0, **kwargs)
+    capped.backward()
+    assert capped.item() == pytest.approx(2.0, abs=1e-6) and logps.grad.item() == 0.0
+    # a positive advantage is clipped at 1 + epsilon as before: delta >= 1 + epsilon leaves it alone
+    logps.grad = None
+    pos, _ = policy_loss(logps, old, None, torch.tensor([1.0]), torch.ones(1, 1), delta=2.0, **kwargs)
+    assert pos.item() == pytest.approx(-1.2, abs=1e-6)

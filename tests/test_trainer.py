@@ -435,3 +435,16 @@ def test_num_iterations_takes_old_log_probs_from_the_first_update(tiny_model_dir
     ).old_from_first_update
     plain = tiny_template(tiny_model_dir, tmp_path / "n", lora_dropout=0.0, **lora)
     assert GRPOTrainer(template_from_dict(plain)).old_from_first_update
+
+
+def test_loss_options_are_passed_only_when_set(tiny_model_dir, tmp_path):
+    """User losses written for the base signature keep working: the optional keywords appear only when set."""
+    from tests import user_losses
+
+    common = {"beta": 0.1, "loss_type": "tests.user_losses:records_token_weights"}
+    user_losses.seen_options.clear()
+    run(tiny_template(tiny_model_dir, tmp_path / "plain", **common))
+    assert user_losses.seen_options == [{}, {}]
+    user_losses.seen_options.clear()
+    run(tiny_template(tiny_model_dir, tmp_path / "set", kl_estimator="k2", delta=1.5, **common))
+    assert user_losses.seen_options == [{"kl_estimator": "k2", "delta": 1.5}] * 2

@@ -16,9 +16,13 @@ def nan_on_second_step(logps, *args, **kwargs):
 
 
 seen_weights = []
+seen_options = []
+OPTIONAL = ("token_mask", "token_weights", "kl_estimator", "delta")
 
 
 def records_token_weights(logps, *args, token_weights=None, **kwargs):
-    """The GRPO loss; keeps each call's token_weights (None when the trainer passed none)."""
+    """The GRPO loss; keeps each call's token_weights (None when the trainer passed none) and which optional
+    keyword arguments the trainer passed."""
     seen_weights.append(token_weights)
+    seen_options.append({k: kwargs[k] for k in OPTIONAL if k in kwargs})
     return policy_loss(logps, *args, **{**kwargs, "loss_type": "grpo", "token_weights": token_weights})
