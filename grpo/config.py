@@ -87,6 +87,11 @@ class TrainConfig:
         "Prompt + completion tokens; longer prompts are cut from the left.", default=1024
     )
     maximum_completion_length: int = doc("Most tokens sampled per completion.", default=256)
+    long_prompts: Literal["truncate", "drop"] = doc(
+        "Training prompts over maximum_sequence_length - maximum_completion_length tokens: truncate (cut from "
+        "the left, which can cut the system prompt) or drop (left out; the log says how many).",
+        default="truncate",
+    )
     batch_size: int = doc("Prompts per device per step (each sampled num_generations times).", default=4)
     micro_batch_size: int = doc("Sequences per forward/backward of the loss (0 = all at once).", default=0)
     gradient_checkpointing: bool = doc(

@@ -144,14 +144,21 @@ def reference_answer(rendered_output: str) -> str:
 
 
 def build_prompts(
-    rows: list[dict[str, Any]], tmpl: DataTemplate, tokenizer: Any, *, max_prompt_tokens: int
+    rows: list[dict[str, Any]],
+    tmpl: DataTemplate,
+    tokenizer: Any,
+    *,
+    max_prompt_tokens: int,
+    drop_long: bool = False,
 ) -> list[Prompt]:
-    """Render each row, apply the chat template, tokenize once, cut long prompts from the left."""
+    """Render each row, apply the chat template, tokenize once. A prompt over max_prompt_tokens is cut from the
+    left (which can cut the system prompt), or with `drop_long` left out."""
     if not rows:
         raise ConfigError("The dataset has no rows; check dataset.path, dataset.split and dataset.limit.")
     check_template_variables(tmpl, list(rows[0].keys()))
     instruction, user, output = (_ENV.from_string(s) for s in (tmpl.instruction, tmpl.input, tmpl.output))
-    prompts = []
+    prompts: list[Prompt] = []
+    shortest = 0  # tokens of the shortest dropped prompt
     for row in rows:
         messages = [{"role": "user", "content": user.render(**row)}]
         system = instruction.render(**row)
@@ -161,12 +168,21 @@ def build_prompts(
         text += tmpl.response_prefix
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         cut = len(ids) > max_prompt_tokens
+        if cut and drop_long:
+            shortest = min(shortest, len(ids)) if shortest else len(ids)
+            continue
         if cut:
             ids = ids[-max_prompt_tokens:]
         prompts.append(
             Prompt(
                 text=text, ids=ids, reference=reference_answer(output.render(**row)), row=row, truncated=cut
             )
+        )
+    if not prompts:
+        raise ConfigError(
+            f"Every prompt is longer than maximum_sequence_length - maximum_completion_length = "
+            f"{max_prompt_tokens} tokens (the shortest has {shortest}); raise maximum_sequence_length or set "
+            f"long_prompts: truncate."
         )
     return prompts
 

@@ -102,7 +102,9 @@ class GRPOTrainer:
             template.template,
             self.tokenizer,
             max_prompt_tokens=c.maximum_sequence_length - c.maximum_completion_length,
+            drop_long=c.long_prompts == "drop",
         )
+        self.dropped_prompts = len(rows) - len(self.prompts)
         self.sampler = PromptSampler(
             len(self.prompts),
             batch_size=c.batch_size,
@@ -452,6 +454,12 @@ class GRPOTrainer:
             )
             if self.resumed_from is not None:
                 logger.write(f"Resumed from {self.resumed_from} at step {self.step}")
+            if self.dropped_prompts:
+                limit = c.maximum_sequence_length - c.maximum_completion_length
+                logger.write(
+                    f"Dropped {self.dropped_prompts} of {self.dropped_prompts + len(self.prompts)} prompts "
+                    f"longer than {limit} tokens (long_prompts: drop)"
+                )
         handlers = {signal.SIGTERM: self._request_stop, signal.SIGINT: self._interrupt}
         previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
         try:

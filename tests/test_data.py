@@ -64,6 +64,20 @@ def test_long_prompts_are_cut_from_the_left(tokenizer):
     assert p.truncated and p.ids == full[-20:]
 
 
+def test_long_prompts_can_be_dropped_instead(tokenizer):
+    rows = [{"question": "word " * n, "answer": "1"} for n in (1, 100, 2, 60)]
+    kept = build_prompts(rows, DataTemplate(), tokenizer, max_prompt_tokens=50, drop_long=True)
+    assert [p.row["question"] for p in kept] == ["word ", "word " * 2]
+    assert not any(p.truncated for p in kept)
+    lengths = [len(p.ids) for p in build_prompts(rows, DataTemplate(), tokenizer, max_prompt_tokens=10**6)]
+    with pytest.raises(ConfigError) as e:
+        build_prompts(rows, DataTemplate(), tokenizer, max_prompt_tokens=min(lengths) - 1, drop_long=True)
+    assert str(e.value) == (
+        f"Every prompt is longer than maximum_sequence_length - maximum_completion_length = {min(lengths) - 1} "
+        f"tokens (the shortest has {min(lengths)}); raise maximum_sequence_length or set long_prompts: truncate."
+    )
+
+
 def test_missing_template_variable_lists_columns(tokenizer):
     rows = [{"question": "q", "answer": "a"}]
     with pytest.raises(ConfigError) as e:

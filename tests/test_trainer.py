@@ -448,3 +448,18 @@ def test_loss_options_are_passed_only_when_set(tiny_model_dir, tmp_path):
     user_losses.seen_options.clear()
     run(tiny_template(tiny_model_dir, tmp_path / "set", kl_estimator="k2", delta=1.5, **common))
     assert user_losses.seen_options == [{"kl_estimator": "k2", "delta": 1.5}] * 2
+
+
+def test_long_prompts_drop_is_logged(tiny_model_dir, tmp_path, capsys):
+    """The built-in prompts run 51-67 tokens with the chat template: a 62-token limit drops about half."""
+    data = tiny_template(
+        tiny_model_dir, tmp_path / "run", max_steps=1, maximum_sequence_length=70, long_prompts="drop"
+    )
+    trainer, _ = run(data)
+    assert all(not p.truncated and len(p.ids) <= 62 for p in trainer.prompts)
+    kept, dropped = len(trainer.prompts), trainer.dropped_prompts
+    assert kept > 0 and dropped > 0 and kept + dropped == 64
+    assert (
+        f"Dropped {dropped} of 64 prompts longer than 62 tokens (long_prompts: drop)"
+        in capsys.readouterr().out
+    )
