@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from grpo.jobs.store import Job
 from grpo.jobs.tlab import tlab_to_template
-from grpo.jobs.worker import pid_alive
+from grpo.jobs.worker import gpus_free, job_gpus, pid_alive
 from tests.conftest import REPO, tiny_template, write_template
 
 CLI = [sys.executable, "-m", "grpo.jobs.cli"]
@@ -276,6 +277,7 @@ def test_every_invalid_input_is_one_clear_line(env, saved, tmp_path):
         (["stop", "abc"], "error: Job id 'abc' is not allowed: use the number grpo queue printed."),
         (["jobs", "7", "--json"], "error: Unknown job '7'; see grpo jobs."),
         (["worker", "--poll", "0"], "error: --poll 0.0 is not allowed: use a positive number of seconds."),
+        (["worker", "--parallel", "0"], "error: --parallel 0 is not allowed: use 1 or more jobs at once."),
         (
             ["frobnicate"],
             "error: argument COMMAND: invalid choice: 'frobnicate' (choose from 'template', "
@@ -356,3 +358,53 @@ def test_resume_continues_a_job_from_its_newest_checkpoint(env, saved):
     assert f"Resumed from {ckpt} at step 2" in log and log.count("Finished at step") == 2
     assert (Path(info["model"]) / "model.safetensors").read_bytes() != before
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["step-000003"]
+
+
+def test_parallel_worker_runs_jobs_side_by_side(env, saved):
+    ids = [grpo(env, "queue", "tiny", "max_steps=6").stdout.strip() for _ in range(3)]
+    out = subprocess.run(
+        [*CLI, "worker", "--once", "--poll", "0.2", "--parallel", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    first, second, third = (job(env, i) for i in ids)
+    assert [j["state"] for j in (first, second, third)] == ["completed"] * 3
+    assert second["started"] < first["ended"] and first["started"] < second["ended"]  # they overlapped
+    assert third["started"] >= min(first["ended"], second["ended"])  # two slots: the third waited for one
+
+
+def make_job(config: dict) -> Job:
+    return Job(
+        id=1,
+        template="t",
+        overrides=[],
+        resolved=yaml.safe_dump({"config": config}),
+        cwd=".",
+        max_steps=None,
+        nproc=1,
+        state="queued",
+        reason=None,
+        stop_requested=False,
+        queued_at=0.0,
+        started_at=None,
+        ended_at=None,
+        worker_pid=None,
+        job_pid=None,
+        exit_code=None,
+    )
+
+
+def test_which_gpus_a_job_holds_and_when_it_may_start():
+    assert job_gpus(make_job({"gpu_ids": [0, 2]}), True) == frozenset({0, 2})
+    assert job_gpus(make_job({"gpu_ids": "auto"}), True) is None  # every GPU
+    assert job_gpus(make_job({}), True) is None
+    assert job_gpus(make_job({"gpu_ids": [1], "train_device": "cpu"}), True) == frozenset()
+    assert job_gpus(make_job({"gpu_ids": [1]}), False) == frozenset()  # no GPU on this machine
+    cpu, every = frozenset(), None
+    assert gpus_free(frozenset({0}), []) and gpus_free(frozenset({0}), [frozenset({1}), cpu])
+    assert not gpus_free(frozenset({0, 1}), [frozenset({1})])
+    assert not gpus_free(every, [frozenset({2})]) and not gpus_free(frozenset({0}), [every])
+    assert gpus_free(every, [cpu]) and gpus_free(cpu, [every, frozenset({0})])

@@ -7,7 +7,7 @@
   grpo jobs [JOB]                          list jobs: state, progress, last mean reward, times
   grpo logs JOB [--follow]                 the job's training log
   grpo stop JOB                            running: stop at the next step and keep the model; queued: cancel
-  grpo worker [--once] [--poll SECONDS]    run queued jobs one at a time
+  grpo worker [--once] [--parallel N]      run queued jobs (N at once when their GPUs differ)
   grpo tensorboard JOB [--start]           how to watch a job in TensorBoard
 
 The workspace is GRPO_HOME (default ~/.grpo). User mistakes print one `error: ...` line and exit 2.
@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("worker", help="run queued jobs one at a time")
     s.add_argument("--once", action="store_true", help="exit when the queue is empty instead of waiting")
     s.add_argument("--poll", type=float, default=2.0, metavar="SECONDS", help="queue polling interval")
+    s.add_argument(
+        "--parallel", type=int, default=1, metavar="N", help="run up to N jobs at once (on distinct GPUs)"
+    )
     s = sub.add_parser("tensorboard", help="print (or --start) the TensorBoard command for a job")
     s.add_argument("job")
     s.add_argument("--start", action="store_true")
@@ -104,7 +107,7 @@ def dispatch(args: argparse.Namespace) -> int:
         elif args.command == "stop":
             commands.stop(store, args.job)
         elif args.command == "worker":
-            return commands.worker(store, args.once, args.poll)
+            return commands.worker(store, args.once, args.poll, args.parallel)
         elif args.command == "tensorboard":
             return commands.tensorboard(store, args.job, args.start)
         return 0

@@ -258,10 +258,13 @@ def stop(store: Store, job_id: str) -> None:
         raise ConfigError(f"Job {job.id} is already {action}; only queued or running jobs can be stopped.")
 
 
-def worker(store: Store, once: bool, poll: float) -> int:
+def worker(store: Store, once: bool, poll: float, parallel: int = 1) -> int:
     if poll <= 0:
         raise ConfigError(f"--poll {poll} is not allowed: use a positive number of seconds.")
-    return Worker(store, once=once, poll=poll, echo=lambda m: print(m, flush=True)).run()
+    if parallel < 1:
+        raise ConfigError(f"--parallel {parallel} is not allowed: use 1 or more jobs at once.")
+    echo = lambda m: print(m, flush=True)  # noqa: E731
+    return Worker(store, once=once, poll=poll, echo=echo, parallel=parallel).run()
 
 
 def tensorboard(store: Store, job_id: str, start: bool) -> int:

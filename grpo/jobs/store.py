@@ -198,20 +198,22 @@ class Store:
     def jobs(self) -> list[Job]:
         return [Job.from_row(r) for r in self.db.execute("SELECT * FROM jobs ORDER BY id")]
 
-    def claim_next(self, worker_pid: int) -> Job | None:
-        """Longest-queued job -> running, owned by this worker; None when the queue is empty. A resumed job
-        queues again at the back."""
+    def next_queued(self) -> Job | None:
+        """The longest-queued job (a resumed job queues again at the back), or None."""
+        row = self.db.execute(
+            "SELECT id FROM jobs WHERE state = 'queued' ORDER BY queued_at, id LIMIT 1"
+        ).fetchone()
+        return None if row is None else self.job(row["id"])
+
+    def claim(self, job_id: int, worker_pid: int) -> bool:
+        """queued -> running, owned by this worker; False when it is no longer queued (cancelled, or another
+        worker took it)."""
         with self.tx() as db:
-            row = db.execute(
-                "SELECT id FROM jobs WHERE state = 'queued' ORDER BY queued_at, id LIMIT 1"
-            ).fetchone()
-            if row is None:
-                return None
-            db.execute(
-                "UPDATE jobs SET state = 'running', started_at = ?, worker_pid = ? WHERE id = ?",
-                (time.time(), worker_pid, row["id"]),
+            cur = db.execute(
+                "UPDATE jobs SET state = 'running', started_at = ?, worker_pid = ? WHERE id = ? AND state = 'queued'",
+                (time.time(), worker_pid, job_id),
             )
-        return self.job(row["id"])
+        return cur.rowcount == 1
 
     def requeue(
         self,

@@ -1,4 +1,8 @@
-"""Run queued jobs one at a time, each as its own process group, and read what a job left in its folder.
+"""Run queued jobs, one at a time or several side by side, each as its own process group, and read what a job left
+in its folder.
+
+`grpo worker --parallel N` runs up to N jobs at once. A job holds the GPUs its gpu_ids lists (auto: every GPU;
+a CPU job: none) and starts only when none of them is held by a running job. Jobs start strictly in queue order.
 
 A job runs as `python scripts/train.py <job>/job.yaml` (or `python -m torch.distributed.run --nproc_per_node=N
 ...` when its gpu_ids lists N > 1 GPUs) in a new session, so `grpo stop` can SIGTERM the whole group: the
@@ -14,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +70,52 @@ def job_command(job: Job, resolved_path: Path) -> list[str]:
     return [sys.executable, str(TRAIN_SCRIPT), str(resolved_path)]
 
 
+GPUs = frozenset[int] | None  # the GPUs a job holds: listed ids, None = every GPU, empty = none (CPU)
+
+
+def job_gpus(job: Job, machine_has_gpus: bool) -> GPUs:
+    """What a job occupies while it runs: its gpu_ids list, every GPU for gpu_ids auto, nothing on the CPU."""
+    import yaml
+
+    config = (yaml.safe_load(job.resolved) or {}).get("config", {})
+    if not machine_has_gpus or config.get("train_device") == "cpu":
+        return frozenset()
+    ids = config.get("gpu_ids", "auto")
+    return frozenset(ids) if isinstance(ids, list) else None
+
+
+def gpus_free(need: GPUs, busy: list[GPUs]) -> bool:
+    """A job can start when no running job holds a GPU it needs ("every GPU" overlaps any GPU job)."""
+    if need is not None and not need:
+        return True  # a CPU job
+    for held in busy:
+        if held is not None and not held:
+            continue
+        if need is None or held is None or need & held:
+            return False
+    return True
+
+
+@dataclass
+class Running:
+    job: Job
+    proc: subprocess.Popen[bytes]
+    log: Any  # the open train.log
+    gpus: GPUs
+
+
 class Worker:
-    def __init__(self, store: Store, *, poll: float = 2.0, once: bool = False, echo: Any = print):
+    """Runs queued jobs in queue order, up to `parallel` at once, each only when the GPUs it names are free
+    (strictly in order: a job that must wait holds back the ones queued after it)."""
+
+    def __init__(
+        self, store: Store, *, poll: float = 2.0, once: bool = False, echo: Any = print, parallel: int = 1
+    ):
         self.store, self.poll, self.once, self.echo = store, poll, once, echo
-        self.current: subprocess.Popen[bytes] | None = None
+        self.parallel = parallel
+        self.running: list[Running] = []
         self.shutdown = False
+        self.machine_has_gpus = False
 
     def recover(self) -> None:
         """Jobs left in running by a dead worker become failed; their training processes are told to stop."""
@@ -79,29 +125,44 @@ class Worker:
                 signal_group(job.job_pid)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        # The job lives in its own session and does not see the worker's Ctrl-C: pass the stop on.
+        # Jobs live in their own sessions and do not see the worker's Ctrl-C: pass the stop on.
         self.shutdown = True
-        if self.current is not None:
-            signal_group(self.current.pid)
+        for r in self.running:
+            signal_group(r.proc.pid)
 
     def run(self) -> int:
         self.recover()
+        if self.parallel > 1:  # only then does it matter which GPUs a job holds
+            import torch
+
+            self.machine_has_gpus = torch.cuda.is_available()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            while not self.shutdown:
-                job = self.store.claim_next(os.getpid())
-                if job is None:
-                    if self.once:
-                        break
-                    time.sleep(self.poll)
-                    continue
-                self.run_job(job)
+            while True:
+                self.reap()
+                if not self.shutdown:
+                    self.start_ready()
+                if not self.running and (self.shutdown or (self.once and self.store.next_queued() is None)):
+                    break
+                time.sleep(self.poll)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         return 0
 
-    def run_job(self, job: Job) -> None:
+    def start_ready(self) -> None:
+        """Start queued jobs, oldest first, while a slot is free and the oldest one's GPUs are free."""
+        while len(self.running) < self.parallel:
+            job = self.store.next_queued()
+            if job is None:
+                return
+            gpus = job_gpus(job, self.machine_has_gpus)
+            if not gpus_free(gpus, [r.gpus for r in self.running]):
+                return
+            if self.store.claim(job.id, os.getpid()):
+                self.start(self.store.job(job.id), gpus)
+
+    def start(self, job: Job, gpus: GPUs) -> None:
         folder = self.store.job_dir(job.id)
         folder.mkdir(parents=True, exist_ok=True)
         resolved = folder / "job.yaml"
@@ -109,25 +170,34 @@ class Worker:
         cwd = job.cwd if Path(job.cwd).is_dir() else str(folder)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.echo(f"job {job.id}: running ({job.template})")
-        with open(folder / "train.log", "ab") as log:
-            try:
-                proc = subprocess.Popen(
-                    job_command(job, resolved),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    cwd=cwd,
-                    env=env,
-                    start_new_session=True,
-                )
-            except OSError as e:
-                self.store.finish(job.id, "failed", f"could not start the training process: {e}", None)
-                return
-            self.current = proc
-            if self.store.set_job_pid(job.id, proc.pid) or self.shutdown:
-                signal_group(proc.pid)
-            code = proc.wait()
-            self.current = None
+        log = open(folder / "train.log", "ab")
+        try:
+            proc = subprocess.Popen(
+                job_command(job, resolved),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as e:
+            log.close()
+            self.store.finish(job.id, "failed", f"could not start the training process: {e}", None)
+            return
+        self.running.append(Running(job, proc, log, gpus))
+        if self.store.set_job_pid(job.id, proc.pid) or self.shutdown:
+            signal_group(proc.pid)
+
+    def reap(self) -> None:
+        """Record every job whose process has ended."""
+        for r in [r for r in self.running if r.proc.poll() is not None]:
+            self.running.remove(r)
+            r.log.close()
+            self.finish(r.job, r.proc.returncode)
+
+    def finish(self, job: Job, code: int) -> None:
+        folder = self.store.job_dir(job.id)
         stop_requested = self.store.job(job.id).stop_requested
         if stop_requested or self.shutdown:
             why = "stopped by grpo stop" if stop_requested else "stopped with the worker"
