@@ -20,7 +20,7 @@ import yaml
 
 from grpo import checkpoint as ckpt
 from grpo import rewards as rw
-from grpo.advantages import group_advantages, zero_spread_share
+from grpo.advantages import group_advantages
 from grpo.config import ConfigError, Template
 from grpo.cpu_memory import keep_freed_memory
 from grpo.data import PromptSampler, build_prompts, load_rows
@@ -55,6 +55,7 @@ from grpo.models import load_model, load_tokenizer, resolve_device, resolve_dtyp
 from grpo.reference import mix_into_reference, sync_due
 from grpo.rollout import Rollout, generate
 from grpo.schedule import build_optimizer
+from grpo.step_report import sample_metrics, sample_records
 from grpo.train_eval import best_accuracy_so_far, final_eval, keep_best, run_eval
 
 
@@ -400,18 +401,9 @@ class GRPOTrainer:
         timings["time/optimizer_s"] = self.optimizer_seconds  # grad clip + step; the rest is fwd/bwd
         timings["time/fwd_bwd_s"] = timings["time/update_s"] - self.optimizer_seconds
         step_time = time.perf_counter() - t0
-        # Rewards and lengths describe the first round: the prompts a run without dynamic sampling would see.
-        scores, total = first.scores, first.total  # [N, R], [N]
-        lengths = first.rollout.completion_mask.sum(-1).float()  # [N]
         metrics = {
-            **{f"reward/{r.name}": float(scores[:, i].mean()) for i, r in enumerate(self.rewards)},
-            "reward/total_mean": float(total.mean()),
-            "reward/total_std": float(total.std()) if total.numel() > 1 else 0.0,
-            "reward/zero_spread_groups": zero_spread_share(total, c.num_generations),
+            **sample_metrics(first, self.rewards, c.num_generations),
             **stats,
-            "completion/length_mean": float(lengths.mean()),
-            "completion/length_max": float(lengths.max()),
-            "completion/truncated_share": float(first.rollout.truncated.float().mean()),
             "prompt/truncated": float(sum(self.prompts[i].truncated for i in step.prompts)),
             "learning_rate": self.scheduler.get_last_lr()[0],
             "skipped_steps": float(self.skipped_steps),
@@ -421,17 +413,7 @@ class GRPOTrainer:
             **timings,
             **peak_memory_metric(self.device),
         }
-        g = c.num_generations
-        samples = [
-            {
-                "prompt": self.prompts[step.prompts[i // g]].row,
-                "completion": step.texts[i],
-                "reference": step.references[i],
-                "reward": float(step.total[i]),
-                "rewards": {r.name: float(step.scores[i, j]) for j, r in enumerate(self.rewards)},
-            }
-            for i in range(0, len(step.texts), max(1, g))
-        ]
+        samples = sample_records(step, self.prompts, self.rewards, c.num_generations)
         return metrics, samples
 
     # ---------------------------------------------------------------- the run
