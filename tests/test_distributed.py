@@ -232,9 +232,40 @@ def test_one_gpu_run_with_nccl_and_bf16(tiny_model_dir, tmp_path, strategy):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "gpu"
+    # also the paths that only a GPU run exercises with bf16 shards: the reference copied from the policy
+    # (alpha 1) into its own shards, the rollout's bf16 log-probs against the training forward
     path = write_template(
-        tmp_path / "t.yaml", tiny_template(tiny_model_dir, out, train_device="cuda", beta=0.1)
+        tmp_path / "t.yaml", tiny_template(tiny_model_dir, out, train_device="cuda", beta=0.1, **SYNC)
     )
     result = launch("scripts/train.py", path, f"distributed_strategy={strategy}", nproc=1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert AutoModelForCausalLM.from_pretrained(out / "model") is not None
+    check_reference_copy(out)
+
+
+SYNC = {"ref_model_sync_steps": 1, "ref_model_mixup_alpha": 1.0, "save_steps": 2, "rollout_is_cap": 2.0}
+
+
+def check_reference_copy(out):
+    """After a sync with alpha 1 at the checkpoint's step, the saved reference equals the saved policy."""
+    import json
+    import math
+
+    from safetensors.torch import load_file
+
+    from grpo.reference import REFERENCE_FILE
+
+    ckpt = out / "checkpoints" / "step-000002"
+    policy, ref = load_file(str(ckpt / "model" / "model.safetensors")), load_file(str(ckpt / REFERENCE_FILE))
+    assert set(ref) == set(policy) and all(torch.equal(ref[k], policy[k]) for k in policy)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["rollout/mismatch_kl"]) and r["rollout/mismatch_kl"] >= 0 for r in rows)
+
+
+def test_reference_copy_check_on_cpu(tiny_model_dir, tmp_path):
+    """The CUDA test's reference check, run here on the CPU so that it is known to hold before a GPU runs it."""
+    out = tmp_path / "cpu"
+    path = write_template(tmp_path / "t.yaml", tiny_template(tiny_model_dir, out, beta=0.1, **SYNC))
+    result = launch("scripts/train.py", path, "distributed_strategy=fsdp", nproc=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_reference_copy(out)
