@@ -158,7 +158,7 @@ def build_prompts(
     check_template_variables(tmpl, list(rows[0].keys()))
     instruction, user, output = (_ENV.from_string(s) for s in (tmpl.instruction, tmpl.input, tmpl.output))
     prompts: list[Prompt] = []
-    shortest = 0  # tokens of the shortest dropped prompt
+    dropped: list[int] = []  # token counts of the prompts left out
     for row in rows:
         messages = [{"role": "user", "content": user.render(**row)}]
         system = instruction.render(**row)
@@ -169,7 +169,7 @@ def build_prompts(
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         cut = len(ids) > max_prompt_tokens
         if cut and drop_long:
-            shortest = min(shortest, len(ids)) if shortest else len(ids)
+            dropped.append(len(ids))
             continue
         if cut:
             ids = ids[-max_prompt_tokens:]
@@ -181,7 +181,7 @@ def build_prompts(
     if not prompts:
         raise ConfigError(
             f"Every prompt is longer than maximum_sequence_length - maximum_completion_length = "
-            f"{max_prompt_tokens} tokens (the shortest has {shortest}); raise maximum_sequence_length or set "
+            f"{max_prompt_tokens} tokens (the shortest has {min(dropped)}); raise maximum_sequence_length or set "
             f"long_prompts: truncate."
         )
     return prompts

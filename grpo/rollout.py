@@ -194,7 +194,7 @@ def generate(
                     generator=generator,
                     return_logps=True,
                 )
-                logps.append(logp.masked_fill(done, 0.0))
+                logps.append(logp)
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
             alive.append(~done)
             tokens.append(tok)
@@ -214,7 +214,9 @@ def generate(
             completion_mask=completion_mask,
             truncated=~done,
             group_size=num_generations,
-            sampling_logps=torch.stack(logps[:width], dim=1) if logps else None,
+            sampling_logps=(
+                torch.stack(logps[:width], dim=1).masked_fill(completion_mask == 0, 0.0) if logps else None
+            ),
         )
     finally:
         model.train(was_training)

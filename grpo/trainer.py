@@ -250,17 +250,16 @@ class GRPOTrainer:
         entropy_sum, thresholds = torch.zeros((), device=self.device), []
         mismatch_kl, mismatch_max = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         slices, kept = self.micro_batches(n), []
+        # passed only when set, so user losses written for the base signature need not take them
+        options = {"kl_estimator": c.kl_estimator} if c.kl_estimator != "k3" else {}
+        if c.delta is not None:
+            options["delta"] = c.delta
         for s in slices:
             with grad_sync(self.policy, last=s is slices[-1]):
                 logps, entropy = self.policy(*self.logprob_inputs(ro, s), return_entropy=True)
                 if keep_logps:
                     kept.append(logps.detach())
-                extra, mask = {}, loss_mask[s].bool()
-                # passed only when set, so user losses need not take them
-                if c.kl_estimator != "k3":
-                    extra["kl_estimator"] = c.kl_estimator
-                if c.delta is not None:
-                    extra["delta"] = c.delta
+                extra, mask = dict(options), loss_mask[s].bool()
                 entropy_sum += (entropy * ro.completion_mask[s]).sum()
                 if ro.sampling_logps is not None:
                     # the policy before this step's updates against the decode path that drew the tokens

@@ -73,11 +73,16 @@ def job_command(job: Job, resolved_path: Path) -> list[str]:
 GPUs = frozenset[int] | None  # the GPUs a job holds: listed ids, None = every GPU, empty = none (CPU)
 
 
-def job_gpus(job: Job, machine_has_gpus: bool) -> GPUs:
-    """What a job occupies while it runs: its gpu_ids list, every GPU for gpu_ids auto, nothing on the CPU."""
+def job_config(job: Job) -> dict[str, Any]:
+    """The config section of the job's resolved template."""
     import yaml
 
-    config = (yaml.safe_load(job.resolved) or {}).get("config", {})
+    return (yaml.safe_load(job.resolved) or {}).get("config", {})
+
+
+def job_gpus(job: Job, machine_has_gpus: bool) -> GPUs:
+    """What a job occupies while it runs: its gpu_ids list, every GPU for gpu_ids auto, nothing on the CPU."""
+    config = job_config(job)
     if not machine_has_gpus or config.get("train_device") == "cpu":
         return frozenset()
     ids = config.get("gpu_ids", "auto")
@@ -245,9 +250,7 @@ def progress(store: Store, job: Job) -> dict[str, Any]:
 
 
 def model_dir(store: Store, job: Job) -> Path:
-    import yaml
-
-    config = (yaml.safe_load(job.resolved) or {}).get("config", {})
+    config = job_config(job)
     return Path(config.get("output_dir", store.job_dir(job.id) / "output")) / config.get(
         "adaptor_name", "adaptor"
     )
