@@ -164,6 +164,12 @@ class TrainConfig:
         default=None,
     )
     num_iterations: int = doc("Policy updates per batch of samples (mu).", default=1)
+    mini_batches: int = doc(
+        "Split each step's prompts (with all their G completions) into this many mini-batches and make one "
+        "optimizer update per mini-batch, PPO-style (TRL's steps_per_generation): a step makes num_iterations x "
+        "mini_batches updates from one rollout. Must divide batch_size.",
+        default=1,
+    )
     loss_type: str = doc("grpo | bnpo | dr_grpo | dapo | cispo, or package.module:function.", default="grpo")
     importance_sampling_level: Literal["token", "sequence"] = doc(
         "token (GRPO) or sequence (GSPO).", default="token"
@@ -374,12 +380,20 @@ def _check_ranges(t: Template) -> None:
         "batch_size",
         "num_generations",
         "num_iterations",
+        "mini_batches",
         "dynamic_sampling_max_rounds",
         "num_train_epochs",
         "lora_r",
         "logging_steps",
     ):
         need(getattr(c, name) >= 1, f"config.{name}", getattr(c, name), "it must be at least 1")
+    need(
+        c.batch_size % c.mini_batches == 0,
+        "config.mini_batches",
+        c.mini_batches,
+        f"it must divide batch_size ({c.batch_size}): each mini-batch takes whole prompts, the same number on "
+        "every process",
+    )
     need(c.save_steps >= 0, "config.save_steps", c.save_steps, "it must be 0 or more")
     need(c.save_total_limit >= 0, "config.save_total_limit", c.save_total_limit, "it must be 0 or more")
     need(c.micro_batch_size >= 0, "config.micro_batch_size", c.micro_batch_size, "it must be 0 or more")

@@ -188,7 +188,8 @@ def build_prompts(
 
 
 class PromptSampler:
-    """Seeded epoch-wise shuffling with a resumable position; rank r of w takes every w-th prompt."""
+    """Seeded epoch-wise shuffling with a resumable position; rank r of w takes every w-th prompt of the global
+    batch, so mini-batch j of every rank together is the same prompts whatever the number of processes."""
 
     def __init__(self, num_prompts: int, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         self.n, self.batch_size, self.seed = num_prompts, batch_size, seed
@@ -214,7 +215,7 @@ class PromptSampler:
         start = self.position * self.global_batch
         chunk = order[start : start + self.global_batch]
         self.position += 1
-        return chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        return chunk[self.rank :: self.world_size]
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}

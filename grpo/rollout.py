@@ -6,7 +6,7 @@ the B*G sequences decode together; decoding stops as soon as every sequence has 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -42,6 +42,21 @@ class Rollout:
         ids, mask = self.prompt_ids[take], self.prompt_mask[take]
         start = int(mask.any(dim=0).long().argmax())  # left padding shared by all U prompts is skipped
         return ids[:, start:], mask[:, start:], index
+
+    def rows(self, s: slice) -> Rollout:
+        """Rows s as a rollout of their own (views, no copies): a mini-batch of whole prompt groups."""
+        if s.start % self.group_size or s.stop % self.group_size:
+            raise ValueError(f"rows {s.start}:{s.stop} split a group of {self.group_size} samples.")
+        logps = self.sampling_logps
+        return replace(
+            self,
+            prompt_ids=self.prompt_ids[s],
+            prompt_mask=self.prompt_mask[s],
+            completion_ids=self.completion_ids[s],
+            completion_mask=self.completion_mask[s],
+            truncated=self.truncated[s],
+            sampling_logps=None if logps is None else logps[s],
+        )
 
     @property
     def num_completion_tokens(self) -> int:

@@ -2,7 +2,7 @@
 
 Everything a step needs is built once in `GRPOTrainer.__init__` (cheap checks first, then the heavy loads), so
 `train()` reads as the algorithm. One step = one batch of prompts sampled G times; each step makes
-`num_iterations` optimizer updates on those samples.
+`num_iterations` passes over those samples, each pass one optimizer update per mini-batch.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from grpo.rollout import Rollout, generate
 from grpo.schedule import build_optimizer
 from grpo.step_report import sample_metrics, sample_records
 from grpo.train_eval import best_accuracy_so_far, final_eval, keep_best, run_eval
+from grpo.update_totals import UpdateTotals
 
 
 class NonFiniteError(RuntimeError):
@@ -182,7 +183,7 @@ class GRPOTrainer:
             self.ref = AdaptersDisabled(self.policy, self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(
-            params, c, total_updates=self.total_steps * c.num_iterations
+            params, c, total_updates=self.total_steps * c.num_iterations * c.mini_batches
         )
         self.generator = torch.Generator(device=self.device).manual_seed(c.seed + 1000 * self.env.rank)
 
@@ -238,18 +239,17 @@ class GRPOTrainer:
         loss_mask: torch.Tensor,
         old: torch.Tensor | None,
         ref: torch.Tensor | None,
+        totals: UpdateTotals,
         keep_logps: bool = False,
-    ) -> tuple[dict[str, float], torch.Tensor | None]:
-        """One optimizer update over all micro-batches of this step's samples. Returns its metrics and, with
-        keep_logps, the log-probs its forward computed [N, T] (detached), else None."""
+    ) -> torch.Tensor | None:
+        """One optimizer update over all micro-batches of the rows in `ro` (a step's samples or one mini-batch
+        of them); its metrics are added to `totals`. Returns, with keep_logps, the log-probs its forward
+        computed [N, T] (detached), else None."""
         c, n = self.c, ro.completion_ids.shape[0]
         self.optimizer.zero_grad(set_to_none=True)
         num_items = sum_over_ranks(loss_mask.sum(), self.env)  # dapo: the token count of all ranks
-        totals: dict[str, float] = {}
-        # Entropy and rollout mismatch are summed on the device: no host read per micro-batch.
-        entropy_sum, thresholds = torch.zeros((), device=self.device), []
-        mismatch_kl, mismatch_max = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         slices, kept = self.micro_batches(n), []
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
         # passed only when set, so user losses written for the base signature need not take them
         options = {"kl_estimator": c.kl_estimator} if c.kl_estimator != "k3" else {}
         if c.delta is not None:
@@ -260,19 +260,19 @@ class GRPOTrainer:
                 if keep_logps:
                     kept.append(logps.detach())
                 extra, mask = dict(options), loss_mask[s].bool()
-                entropy_sum += (entropy * ro.completion_mask[s]).sum()
+                totals.add_tokens({"entropy": (entropy * ro.completion_mask[s]).sum()})
                 if ro.sampling_logps is not None:
                     # the policy before this step's updates against the decode path that drew the tokens
                     gap = rollout_gap(
                         logps if old is None else old[s], ro.sampling_logps[s], ro.completion_mask[s]
                     )
-                    mismatch_kl += rollout_mismatch_kl(gap)
-                    mismatch_max = torch.maximum(mismatch_max, gap.abs().max())
+                    totals.add_tokens({"rollout/mismatch_kl": rollout_mismatch_kl(gap)})
+                    totals.add_max("rollout/mismatch_max", gap.abs().max())
                     if c.rollout_is_cap > 0:
                         extra["token_weights"] = rollout_is_weights(gap, c.rollout_is_cap)
                 if c.top_entropy_quantile < 1:
                     extra["token_mask"], threshold = self.high_entropy_tokens(entropy, mask)
-                    thresholds.append(threshold)
+                    totals.thresholds.append(threshold)
                 loss, stats = self.loss_fn(
                     logps,
                     None if old is None else old[s],
@@ -290,37 +290,35 @@ class GRPOTrainer:
                 )
                 weight = micro_batch_weight(c.loss_type, s.stop - s.start, n)
                 (loss * weight * gradient_scale(c.loss_type, self.env)).backward()
-            for k, v in {"loss": loss.detach(), **stats}.items():
-                totals[k] = totals.get(k, 0.0) + float(v) * (s.stop - s.start) / n
-        # this rank's token mean over every completion token (also those the loss mask leaves out)
-        tokens = max(float(ro.completion_mask.sum()), 1.0)
-        totals["entropy"] = float(entropy_sum) / tokens
-        if ro.sampling_logps is not None:
-            totals["rollout/mismatch_kl"] = float(mismatch_kl) / tokens
-            totals["rollout/mismatch_max"] = float(mismatch_max)
-        if thresholds:
-            totals["entropy_threshold"] = sum(thresholds) / len(thresholds)
-        bad_loss = any_over_ranks(not all(torch.isfinite(torch.tensor(v)) for v in totals.values()), self.env)
+            # the logged loss is the objective this update minimises: the weighted sum of its micro-batches
+            totals.add_rows({"loss": loss.detach() * weight * n / (s.stop - s.start)}, s.stop - s.start)
+            totals.add_rows(stats, s.stop - s.start)
+            finite &= torch.isfinite(
+                torch.stack([torch.as_tensor(v, device=self.device).float() for v in (loss, *stats.values())])
+            ).all()
+        totals.count_tokens(ro.completion_mask, n)
         first_logps = torch.cat(kept) if kept else None
-        if bad_loss and not self._skip_nonfinite(f"Non-finite loss at step {self.step + 1}: {totals}."):
-            return totals, first_logps
+        if any_over_ranks(not bool(finite), self.env) and not self._skip_nonfinite(
+            f"Non-finite loss at step {self.step + 1}: {totals.result()}."
+        ):
+            return first_logps
         t_opt = time.perf_counter()
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the shards
             grad_norm = grad_norm.full_tensor()
+        totals.grad_norms.append(grad_norm)
         if not torch.isfinite(grad_norm) and not self._skip_nonfinite(
             f"Non-finite gradient norm at step {self.step + 1}."
         ):
-            return {**totals, "grad_norm": float(grad_norm)}, first_logps
+            return first_logps
         self.optimizer.step()
         # Free the gradients now, so the next rollout runs without a model's worth of them.
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        totals["grad_norm"] = float(grad_norm)
         self.optimizer_seconds += time.perf_counter() - t_opt
-        return totals, first_logps
+        return first_logps
 
     def high_entropy_tokens(self, entropy: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The tokens of this micro-batch whose entropy reaches the top_entropy_quantile share of its tokens on
@@ -387,15 +385,30 @@ class GRPOTrainer:
             loss_mask = loss_mask * (~ro.truncated).long().unsqueeze(-1)
         t2 = time.perf_counter()
         ref = self.frozen_logprobs(self.ref, ro) if self.ref is not None else None
-        # num_iterations > 1 needs the log-probs of the policy that sampled: the first update's forward runs
-        # before any weight changes, so its log-probs are those, unless dropout makes that forward random.
-        reuse = c.num_iterations > 1 and self.old_from_first_update
-        old = self.frozen_logprobs(self.policy, ro) if c.num_iterations > 1 and not reuse else None
+        # A second update on the same samples needs the log-probs of the policy that sampled. Without
+        # mini-batches the first update's forward runs before any weight changes, so its log-probs are those,
+        # unless dropout makes that forward random.
+        need_old = c.num_iterations > 1 or c.mini_batches > 1
+        reuse = need_old and c.mini_batches == 1 and self.old_from_first_update
+        old = self.frozen_logprobs(self.policy, ro) if need_old and not reuse else None
         timings["time/logprob_s"] = time.perf_counter() - t2
         t3, self.optimizer_seconds = time.perf_counter(), 0.0
+        n = ro.completion_ids.shape[0]
+        size = n // c.mini_batches  # whole prompt groups: mini_batches divides batch_size
         for i in range(c.num_iterations):
-            stats, first_logps = self.update(ro, advantages, loss_mask, old, ref, keep_logps=reuse and i == 0)
-            old = first_logps if first_logps is not None else old
+            totals = UpdateTotals(self.device)  # the step reports its last pass over the samples
+            for m in (slice(j, j + size) for j in range(0, n, size)):
+                first_logps = self.update(
+                    ro.rows(m),
+                    advantages[m],
+                    loss_mask[m],
+                    None if old is None else old[m],
+                    None if ref is None else ref[m],
+                    totals,
+                    keep_logps=reuse and i == 0,
+                )
+                old = first_logps if first_logps is not None else old
+        stats = totals.result()
         timings["time/update_s"] = time.perf_counter() - t3
         timings["time/optimizer_s"] = self.optimizer_seconds  # grad clip + step; the rest is fwd/bwd
         timings["time/fwd_bwd_s"] = timings["time/update_s"] - self.optimizer_seconds

@@ -93,8 +93,11 @@ def test_missing_template_variable_lists_columns(tokenizer):
 def test_sampler_ranks_disjoint_epochs_and_resume():
     samplers = [PromptSampler(10, batch_size=2, seed=3, rank=r, world_size=2) for r in range(2)]
     assert samplers[0].steps_per_epoch == 2
-    seen = [i for _ in range(2) for s in samplers for i in s.next_batch()]
+    batches = [[s.next_batch() for s in samplers] for _ in range(2)]
+    seen = [i for step in batches for batch in step for i in batch]
     assert len(seen) == len(set(seen)) == 8  # no overlap within an epoch
+    one = PromptSampler(10, batch_size=4, seed=3)  # the global batch of two ranks, interleaved
+    assert [one.next_batch() for _ in range(2)] == [[a[0], b[0], a[1], b[1]] for a, b in batches]
     state = samplers[0].state_dict()
     nxt = samplers[0].next_batch()
     assert samplers[0].epoch == 1

@@ -1,10 +1,11 @@
 """Sampling with a shared prompt prefix: padding, end tokens, masks, and agreement with the log-prob pass."""
 
+import pytest
 import torch
 
 from grpo.logprobs import CompletionLogprobs
 from grpo.models import load_model
-from grpo.rollout import generate, left_pad, sample_next
+from grpo.rollout import Rollout, generate, left_pad, sample_next
 
 
 def tiny(tiny_model_dir):
@@ -14,6 +15,28 @@ def tiny(tiny_model_dir):
 def test_left_pad():
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0, device=torch.device("cpu"))
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_rows_take_whole_groups():
+    n, t = 6, 3  # 3 prompts x G=2
+    ro = Rollout(
+        prompt_ids=torch.arange(n * 2).view(n, 2),
+        prompt_mask=torch.ones(n, 2, dtype=torch.long),
+        completion_ids=torch.arange(n * t).view(n, t),
+        completion_mask=torch.ones(n, t, dtype=torch.long),
+        truncated=torch.tensor([True, False] * 3),
+        group_size=2,
+        sampling_logps=-torch.arange(n * t, dtype=torch.float).view(n, t),
+    )
+    part = ro.rows(slice(2, 6))
+    assert part.group_size == 2 and part.completion_ids.tolist() == ro.completion_ids[2:6].tolist()
+    assert part.sampling_logps.tolist() == ro.sampling_logps[2:6].tolist()
+    assert part.prompt_ids.tolist() == [[4, 5], [6, 7], [8, 9], [10, 11]]
+    assert part.truncated.tolist() == [True, False] * 2
+    ids, _, index = part.prompt_groups(slice(0, 4))  # the shared-prefix pass sees its 2 prompts
+    assert ids.tolist() == [[4, 5], [8, 9]] and index.tolist() == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match=r"^rows 1:4 split a group of 2 samples.$"):
+        ro.rows(slice(1, 4))
 
 
 def test_top_p_keeps_only_the_nucleus():

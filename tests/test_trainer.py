@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from grpo.config import load_template, template_from_dict
+from grpo.config import ConfigError, load_template, template_from_dict
 from grpo.logging import peak_memory_bytes
 from grpo.trainer import GRPOTrainer, enable_checkpointing
 from tests.conftest import GSM8K, REPO, VOLATILE, tiny_template, write_template
@@ -463,3 +463,91 @@ def test_long_prompts_drop_is_logged(tiny_model_dir, tmp_path, capsys):
         f"Dropped {dropped} of 64 prompts longer than 62 tokens (long_prompts: drop)"
         in capsys.readouterr().out
     )
+
+
+def test_mini_batches_make_one_update_per_mini_batch(tiny_model_dir, tmp_path):
+    """mini_batches=2: the step's 4 prompts split into 2 halves of whole groups, one AdamW update each; the
+    second half is scored against the sampling policy (one no-grad pass before the updates). Checked against
+    the recipe written out plainly: HF forward, log_softmax, policy_loss, torch's AdamW."""
+    import copy
+
+    from grpo.advantages import group_advantages
+    from grpo.loss import policy_loss
+    from tests.dist_step import fixed_rollout
+    from tests.user_rewards import length
+
+    data = tiny_template(
+        tiny_model_dir,
+        tmp_path / "mb",
+        batch_size=4,
+        mini_batches=2,
+        beta=0.1,
+        learning_rate=1e-2,
+        max_grad_norm=0.0,
+        rewards=["tests.user_rewards:length"],
+    )
+    trainer = GRPOTrainer(template_from_dict(data))
+    model, reference = copy.deepcopy(trainer.model), copy.deepcopy(trainer.model)
+    seen, passes = [], []
+
+    def rollout(batch):
+        seen.append(fixed_rollout(trainer, batch))
+        return seen[-1]
+
+    def counted(module, ro, frozen=trainer.frozen_logprobs):
+        passes.append(module is trainer.ref)
+        return frozen(module, ro)
+
+    trainer.rollout, trainer.frozen_logprobs = rollout, counted
+    metrics, _ = trainer.train_step()
+    assert passes == [True, False]  # the reference, then the old policy: once per step, not per mini-batch
+    assert trainer.optimizer.state_dict()["state"][0]["step"] == 2  # two updates from one rollout
+
+    ro, texts, *_ = seen[0]
+    g, p = trainer.c.num_generations, ro.prompt_ids.shape[1]
+    ids = torch.cat([ro.prompt_ids, ro.completion_ids], 1)
+    attention = torch.cat([ro.prompt_mask, torch.ones_like(ro.completion_ids)], 1)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+
+    def logps(m, rows):
+        logits = m(input_ids=ids[rows], attention_mask=attention[rows], position_ids=positions[rows]).logits
+        logits = logits[:, p - 1 : -1].float()
+        return logits.log_softmax(-1).gather(-1, ro.completion_ids[rows].unsqueeze(-1)).squeeze(-1)
+
+    everything = slice(0, ids.shape[0])
+    with torch.no_grad():
+        old, ref = logps(model, everything), logps(reference, everything)
+    advantages = group_advantages(torch.tensor(length(texts, None)), g)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0)
+    losses, kls = [], []
+    for rows in (slice(0, 2 * g), slice(2 * g, 4 * g)):
+        loss, stats = policy_loss(
+            logps(model, rows), old[rows], ref[rows], advantages[rows], ro.completion_mask[rows], beta=0.1
+        )
+        losses.append(float(loss.detach()))
+        kls.append(float(stats["kl"]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    expected, got = model.state_dict(), trainer.model.state_dict()
+    start = reference.state_dict()
+    assert max(float((expected[k] - start[k]).abs().max()) for k in start) > 1e-3  # a real step
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-5)
+    # the step reports the mean over its updates; the first starts at the reference, the second does not
+    assert kls[0] == 0.0 and kls[1] > 1e-6
+    assert metrics["kl"] == pytest.approx(sum(kls) / 2, rel=1e-4)
+    assert metrics["loss"] == pytest.approx(sum(losses) / 2, rel=1e-4, abs=1e-7)
+
+
+def test_mini_batches_must_divide_the_batch(tiny_model_dir, tmp_path):
+    with pytest.raises(
+        ConfigError,
+        match=r"^config.mini_batches = 3 is not allowed: it must divide batch_size \(4\): each mini-batch "
+        r"takes whole prompts, the same number on every process.$",
+    ):
+        template_from_dict(tiny_template(tiny_model_dir, tmp_path, batch_size=4, mini_batches=3))
+    with pytest.raises(
+        ConfigError, match=r"^config.mini_batches = 0 is not allowed: it must be at least 1.$"
+    ):
+        template_from_dict(tiny_template(tiny_model_dir, tmp_path, mini_batches=0))
