@@ -232,6 +232,23 @@ class GRPOTrainer:
             )
         return out.clone()  # an ordinary tensor that the loss may save for backward
 
+    def old_logprobs(self, ro: Rollout, minis: list[slice]) -> tuple[list[torch.Tensor | None], bool]:
+        """The sampling policy's log-probs per mini-batch (None: not needed, or still to come) and whether the
+        first update's forward provides mini-batch 0's. Only the first update runs before any weight changes,
+        so its forward gives those log-probs, unless dropout makes that forward random; the other mini-batches
+        need one no-grad pass before the updates."""
+        c = self.c
+        if c.num_iterations == 1 and len(minis) == 1:
+            return [None], False  # a single on-policy update: the ratio is 1 by construction
+        reuse = self.old_from_first_update
+        frozen = minis[1:] if reuse else minis
+        olds: list[torch.Tensor | None] = [None] * (len(minis) - len(frozen))
+        if frozen:  # one pass over the rows of those mini-batches, split back
+            start = frozen[0].start
+            later = self.frozen_logprobs(self.policy, ro.rows(slice(start, minis[-1].stop)))
+            olds += [later[m.start - start : m.stop - start] for m in frozen]
+        return olds, reuse
+
     def update(
         self,
         ro: Rollout,
@@ -385,29 +402,25 @@ class GRPOTrainer:
             loss_mask = loss_mask * (~ro.truncated).long().unsqueeze(-1)
         t2 = time.perf_counter()
         ref = self.frozen_logprobs(self.ref, ro) if self.ref is not None else None
-        # A second update on the same samples needs the log-probs of the policy that sampled. Without
-        # mini-batches the first update's forward runs before any weight changes, so its log-probs are those,
-        # unless dropout makes that forward random.
-        need_old = c.num_iterations > 1 or c.mini_batches > 1
-        reuse = need_old and c.mini_batches == 1 and self.old_from_first_update
-        old = self.frozen_logprobs(self.policy, ro) if need_old and not reuse else None
-        timings["time/logprob_s"] = time.perf_counter() - t2
-        t3, self.optimizer_seconds = time.perf_counter(), 0.0
         n = ro.completion_ids.shape[0]
         size = n // c.mini_batches  # whole prompt groups: mini_batches divides batch_size
+        minis = [slice(j, j + size) for j in range(0, n, size)]
+        olds, reuse = self.old_logprobs(ro, minis)
+        timings["time/logprob_s"] = time.perf_counter() - t2
+        t3, self.optimizer_seconds = time.perf_counter(), 0.0
         for i in range(c.num_iterations):
             totals = UpdateTotals(self.device)  # the step reports its last pass over the samples
-            for m in (slice(j, j + size) for j in range(0, n, size)):
-                first_logps = self.update(
+            for j, m in enumerate(minis):
+                kept = self.update(
                     ro.rows(m),
                     advantages[m],
                     loss_mask[m],
-                    None if old is None else old[m],
+                    olds[j],
                     None if ref is None else ref[m],
                     totals,
-                    keep_logps=reuse and i == 0,
+                    keep_logps=reuse and i == 0 and j == 0,
                 )
-                old = first_logps if first_logps is not None else old
+                olds[j] = kept if kept is not None else olds[j]
         stats = totals.result()
         timings["time/update_s"] = time.perf_counter() - t3
         timings["time/optimizer_s"] = self.optimizer_seconds  # grad clip + step; the rest is fwd/bwd

@@ -467,7 +467,7 @@ def test_long_prompts_drop_is_logged(tiny_model_dir, tmp_path, capsys):
 
 def test_mini_batches_make_one_update_per_mini_batch(tiny_model_dir, tmp_path):
     """mini_batches=2: the step's 4 prompts split into 2 halves of whole groups, one AdamW update each; the
-    second half is scored against the sampling policy (one no-grad pass before the updates). Checked against
+    second half is scored against the sampling policy (a no-grad pass over it before the updates). Checked against
     the recipe written out plainly: HF forward, log_softmax, policy_loss, torch's AdamW."""
     import copy
 
@@ -495,12 +495,13 @@ def test_mini_batches_make_one_update_per_mini_batch(tiny_model_dir, tmp_path):
         return seen[-1]
 
     def counted(module, ro, frozen=trainer.frozen_logprobs):
-        passes.append(module is trainer.ref)
+        passes.append((module is trainer.ref, ro.completion_ids.shape[0]))
         return frozen(module, ro)
 
     trainer.rollout, trainer.frozen_logprobs = rollout, counted
     metrics, _ = trainer.train_step()
-    assert passes == [True, False]  # the reference, then the old policy: once per step, not per mini-batch
+    # the reference, then the old policy for the second half only: the first update's forward gives the first's
+    assert passes == [(True, 8), (False, 4)]
     assert trainer.optimizer.state_dict()["state"][0]["step"] == 2  # two updates from one rollout
 
     ro, texts, *_ = seen[0]
@@ -538,6 +539,16 @@ def test_mini_batches_make_one_update_per_mini_batch(tiny_model_dir, tmp_path):
     assert kls[0] == 0.0 and kls[1] > 1e-6
     assert metrics["kl"] == pytest.approx(sum(kls) / 2, rel=1e-4)
     assert metrics["loss"] == pytest.approx(sum(losses) / 2, rel=1e-4, abs=1e-7)
+    # LoRA dropout makes the first update's forward random: then the pass covers every mini-batch
+    lora = GRPOTrainer(template_from_dict({**data, "config": {**data["config"], "use_lora": True}}))
+    rows = []
+    lora.frozen_logprobs = lambda module, ro: rows.append(len(ro.completion_ids)) or ro.sampling_logps
+    olds, reuse = lora.old_logprobs(ro, [slice(0, 2 * g), slice(2 * g, 4 * g)])
+    assert not reuse and rows == [4 * g]
+    assert [o.tolist() for o in olds] == [
+        ro.sampling_logps[: 2 * g].tolist(),
+        ro.sampling_logps[2 * g :].tolist(),
+    ]
 
 
 def test_mini_batches_must_divide_the_batch(tiny_model_dir, tmp_path):
