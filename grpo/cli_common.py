@@ -28,7 +28,7 @@ def say_line(text: str) -> None:
 def run_cli(job: Callable[[], int]) -> int:
     from grpo.config import ConfigError
     from grpo.rewards import RewardError
-    from grpo.trainer import NonFiniteError
+    from grpo.update import NonFiniteError
 
     try:
         return job()

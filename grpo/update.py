@@ -1,0 +1,191 @@
+"""One optimizer update on a step's samples: micro-batched log-probs -> policy loss -> backward -> clip ->
+AdamW -> LR, and the no-grad log-prob passes (reference, old policy) the loss compares against.
+
+`PolicyUpdates` is the half of `GRPOTrainer` that runs the math on samples already drawn; it uses the parts the
+trainer builds (config `c`, `policy`, `model`, `optimizer`, `scheduler`, `loss_fn`, `env`, `device`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from grpo.config import TrainConfig
+from grpo.distributed import (
+    DistEnv,
+    any_over_ranks,
+    gather_over_ranks,
+    grad_sync,
+    gradient_scale,
+    sum_over_ranks,
+)
+from grpo.logprobs import CompletionLogprobs
+from grpo.loss import micro_batch_weight, rollout_gap, rollout_is_weights, rollout_mismatch_kl
+from grpo.rollout import Rollout
+from grpo.update_totals import UpdateTotals
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class PolicyUpdates:
+    c: TrainConfig
+    env: DistEnv
+    device: torch.device
+    policy: Any  # CompletionLogprobs, possibly wrapped by DDP / FSDP
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: Any
+    shared_prefix: bool
+    old_from_first_update: bool
+    step: int
+    skipped_steps: int
+    optimizer_seconds: float
+
+    def micro_batches(self, n: int) -> list[slice]:
+        size = self.c.micro_batch_size or n
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    def logprob_inputs(self, ro: Rollout, s: slice) -> tuple[torch.Tensor, ...]:
+        """CompletionLogprobs arguments for rows s: each distinct prompt once, unless the backend opts out."""
+        if not self.shared_prefix:
+            return ro.prompt_ids[s], ro.prompt_mask[s], ro.completion_ids[s], ro.completion_mask[s]
+        prompt_ids, prompt_mask, index = ro.prompt_groups(s)
+        return prompt_ids, prompt_mask, ro.completion_ids[s], ro.completion_mask[s], index
+
+    def frozen_logprobs(self, module: CompletionLogprobs, ro: Rollout) -> torch.Tensor:
+        """Reference / old-policy log-probs [N, T]: no graph. inference_mode also skips version counters,
+        but FSDP's parameter all-gathers must stay ordinary tensors, so it gets plain no_grad."""
+        fsdp = self.env.enabled and self.c.distributed_strategy == "fsdp"
+        with torch.no_grad() if fsdp else torch.inference_mode():
+            out = torch.cat(
+                [module(*self.logprob_inputs(ro, s)) for s in self.micro_batches(ro.completion_ids.shape[0])]
+            )
+        return out.clone()  # an ordinary tensor that the loss may save for backward
+
+    def old_logprobs(self, ro: Rollout, minis: list[slice]) -> tuple[list[torch.Tensor | None], bool]:
+        """The sampling policy's log-probs per mini-batch (None: not needed, or still to come) and whether the
+        first update's forward provides mini-batch 0's. Only the first update runs before any weight changes,
+        so its forward gives those log-probs, unless dropout makes that forward random; the other mini-batches
+        need one no-grad pass before the updates."""
+        c = self.c
+        if c.num_iterations == 1 and len(minis) == 1:
+            return [None], False  # a single on-policy update: the ratio is 1 by construction
+        reuse = self.old_from_first_update
+        frozen = minis[1:] if reuse else minis
+        olds: list[torch.Tensor | None] = [None] * (len(minis) - len(frozen))
+        if frozen:  # one pass over the rows of those mini-batches, split back
+            start = frozen[0].start
+            later = self.frozen_logprobs(self.policy, ro.rows(slice(start, minis[-1].stop)))
+            olds += [later[m.start - start : m.stop - start] for m in frozen]
+        return olds, reuse
+
+    def update(
+        self,
+        ro: Rollout,
+        advantages: torch.Tensor,
+        loss_mask: torch.Tensor,
+        old: torch.Tensor | None,
+        ref: torch.Tensor | None,
+        totals: UpdateTotals,
+        keep_logps: bool = False,
+    ) -> torch.Tensor | None:
+        """One optimizer update over all micro-batches of the rows in `ro` (a step's samples or one mini-batch
+        of them); its metrics are added to `totals`. Returns, with keep_logps, the log-probs its forward
+        computed [N, T] (detached), else None."""
+        c, n = self.c, ro.completion_ids.shape[0]
+        self.optimizer.zero_grad(set_to_none=True)
+        num_items = sum_over_ranks(loss_mask.sum(), self.env)  # dapo: the token count of all ranks
+        slices, kept = self.micro_batches(n), []
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        # passed only when set, so user losses written for the base signature need not take them
+        options = {"kl_estimator": c.kl_estimator} if c.kl_estimator != "k3" else {}
+        if c.delta is not None:
+            options["delta"] = c.delta
+        for s in slices:
+            with grad_sync(self.policy, last=s is slices[-1]):
+                logps, entropy = self.policy(*self.logprob_inputs(ro, s), return_entropy=True)
+                if keep_logps:
+                    kept.append(logps.detach())
+                extra, mask = dict(options), loss_mask[s].bool()
+                totals.add_tokens({"entropy": (entropy * ro.completion_mask[s]).sum()})
+                if ro.sampling_logps is not None:
+                    # the policy before this step's updates against the decode path that drew the tokens
+                    gap = rollout_gap(
+                        logps if old is None else old[s], ro.sampling_logps[s], ro.completion_mask[s]
+                    )
+                    totals.add_tokens({"rollout/mismatch_kl": rollout_mismatch_kl(gap)})
+                    totals.add_max("rollout/mismatch_max", gap.abs().max())
+                    if c.rollout_is_cap > 0:
+                        extra["token_weights"] = rollout_is_weights(gap, c.rollout_is_cap)
+                if c.top_entropy_quantile < 1:
+                    extra["token_mask"], threshold = self.high_entropy_tokens(entropy, mask)
+                    totals.thresholds.append(threshold)
+                loss, stats = self.loss_fn(
+                    logps,
+                    None if old is None else old[s],
+                    None if ref is None else ref[s],
+                    advantages[s],
+                    loss_mask[s],
+                    loss_type=c.loss_type,
+                    epsilon=c.epsilon,
+                    epsilon_high=c.epsilon_high,
+                    beta=c.beta,
+                    importance_sampling_level=c.importance_sampling_level,
+                    max_completion_length=c.maximum_completion_length,
+                    num_items_in_batch=num_items,
+                    **extra,
+                )
+                weight = micro_batch_weight(c.loss_type, s.stop - s.start, n)
+                (loss * weight * gradient_scale(c.loss_type, self.env)).backward()
+            # the logged loss is the objective this update minimises: the weighted sum of its micro-batches
+            totals.add_rows({"loss": loss.detach() * weight * n / (s.stop - s.start)}, s.stop - s.start)
+            totals.add_rows(stats, s.stop - s.start)
+            finite &= torch.isfinite(
+                torch.stack([torch.as_tensor(v, device=self.device).float() for v in (loss, *stats.values())])
+            ).all()
+        totals.count_tokens(ro.completion_mask, n)
+        first_logps = torch.cat(kept) if kept else None
+        if any_over_ranks(not bool(finite), self.env) and not self._skip_nonfinite(
+            f"Non-finite loss at step {self.step + 1}: {totals.result()}."
+        ):
+            return first_logps
+        t_opt = time.perf_counter()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the shards
+            grad_norm = grad_norm.full_tensor()
+        totals.grad_norms.append(grad_norm)
+        if not torch.isfinite(grad_norm) and not self._skip_nonfinite(
+            f"Non-finite gradient norm at step {self.step + 1}."
+        ):
+            return first_logps
+        self.optimizer.step()
+        # Free the gradients now, so the next rollout runs without a model's worth of them.
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.optimizer_seconds += time.perf_counter() - t_opt
+        return first_logps
+
+    def high_entropy_tokens(self, entropy: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The tokens of this micro-batch whose entropy reaches the top_entropy_quantile share of its tokens on
+        all ranks (micro-batch k of every rank together, so the split over ranks does not move the threshold).
+        Returns the [B, T] token mask and the threshold."""
+        values = gather_over_ranks(entropy[mask].float(), self.env)  # every rank's unmasked tokens
+        if values.numel() == 0:
+            return mask, 0.0
+        threshold = torch.quantile(values, 1.0 - self.c.top_entropy_quantile)
+        return mask & (entropy >= threshold), float(threshold)
+
+    def _skip_nonfinite(self, message: str) -> bool:
+        """Raise (the run stops, the last checkpoint stays) unless skip_nonfinite_steps; False = skip it."""
+        if not self.c.skip_nonfinite_steps:
+            raise NonFiniteError(message)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        return False
