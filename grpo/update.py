@@ -172,15 +172,17 @@ class PolicyUpdates:
         self.optimizer_seconds += time.perf_counter() - t_opt
         return first_logps
 
-    def high_entropy_tokens(self, entropy: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def high_entropy_tokens(
+        self, entropy: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The tokens of this micro-batch whose entropy reaches the top_entropy_quantile share of its tokens on
         all ranks (micro-batch k of every rank together, so the split over ranks does not move the threshold).
-        Returns the [B, T] token mask and the threshold."""
+        Returns the [B, T] token mask and the threshold (a device scalar, read back with the step's metrics)."""
         values = gather_over_ranks(entropy[mask].float(), self.env)  # every rank's unmasked tokens
         if values.numel() == 0:
-            return mask, 0.0
+            return mask, entropy.new_zeros(())
         threshold = torch.quantile(values, 1.0 - self.c.top_entropy_quantile)
-        return mask & (entropy >= threshold), float(threshold)
+        return mask & (entropy >= threshold), threshold
 
     def _skip_nonfinite(self, message: str) -> bool:
         """Raise (the run stops, the last checkpoint stays) unless skip_nonfinite_steps; False = skip it."""

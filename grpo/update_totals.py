@@ -20,7 +20,7 @@ class UpdateTotals:
         self.token_sums: dict[str, torch.Tensor] = {}
         self.maxima: dict[str, torch.Tensor] = {}
         self.grad_norms: list[torch.Tensor] = []
-        self.thresholds: list[float] = []
+        self.thresholds: list[torch.Tensor] = []
         self.rows = 0
         self.tokens = torch.zeros((), device=device)
 
@@ -47,10 +47,11 @@ class UpdateTotals:
     def result(self) -> dict[str, float]:
         keys = [*self.row_sums, *self.token_sums, *self.maxima]
         tensors = [*self.row_sums.values(), *self.token_sums.values(), *self.maxima.values()]
-        if self.grad_norms:
-            keys.append("grad_norm")
-            tensors.append(torch.stack([g.detach().double() for g in self.grad_norms]).mean())
-        numbers = torch.stack([*tensors, self.tokens.double()]).tolist() if tensors else [float(self.tokens)]
+        for key, items in (("grad_norm", self.grad_norms), ("entropy_threshold", self.thresholds)):
+            if items:
+                keys.append(key)
+                tensors.append(torch.stack([x.detach().double() for x in items]).mean())
+        numbers = torch.stack([*tensors, self.tokens.double()]).tolist()  # the one read back to the host
         values, tokens = dict(zip(keys, numbers[:-1], strict=True)), max(numbers[-1], 1.0)
         out = {}
         for k, v in values.items():
@@ -60,6 +61,4 @@ class UpdateTotals:
                 out[k] = v / tokens
             else:
                 out[k] = v
-        if self.thresholds:
-            out["entropy_threshold"] = sum(self.thresholds) / len(self.thresholds)
         return out
