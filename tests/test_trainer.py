@@ -206,6 +206,7 @@ def test_research_add_ons_together(tiny_model_dir, tmp_path):
     extra = {
         "loss_type": "cispo",
         "num_iterations": 2,
+        "mini_batches": 2,
         "beta": 0.04,
         "micro_batch_size": 3,
         "top_entropy_quantile": 0.5,
