@@ -182,6 +182,11 @@ class TrainConfig:
         "(arXiv:2506.01939 kept 0.2); 1.0 = every token.",
         default=1.0,
     )
+    entropy_coef: float = doc(
+        "Entropy bonus: subtract entropy_coef x the mean entropy of the loss tokens (of all ranks) from the loss, "
+        "which slows the collapse of exploration; 0 = off (entropy is then only a metric, without gradient).",
+        default=0.0,
+    )
     dynamic_sampling: bool = doc(
         "DAPO's dynamic sampling: drop prompts whose G rewards are all equal and sample more prompts until "
         "batch_size informative ones are found (grpo/dynamic_sampling.py).",
@@ -430,6 +435,7 @@ def _check_ranges(t: Template) -> None:
     need(c.top_k >= 0, "config.top_k", c.top_k, "it must be 0 (no limit) or more")
     need(0 <= c.min_p <= 1, "config.min_p", c.min_p, "it must be in [0, 1]")
     need(c.beta >= 0, "config.beta", c.beta, "it must be 0 or more")
+    need(c.entropy_coef >= 0, "config.entropy_coef", c.entropy_coef, "it must be 0 (off) or more")
     need(
         c.ref_model_sync_steps >= 0,
         "config.ref_model_sync_steps",

@@ -35,10 +35,11 @@ class CompletionLogprobs(nn.Module):
         completion_mask: torch.Tensor,
         prompt_index: torch.Tensor | None = None,
         return_entropy: bool = False,
+        entropy_grad: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Returns [B, T] fp32 log-probs of completion_ids under softmax(logits / temperature), 0 at padding,
-        and with `return_entropy` also the [B, T] entropy of that distribution at each token (a constant, no
-        gradient; 0 at padding).
+        and with `return_entropy` also the [B, T] entropy of that distribution at each token (0 at padding; a
+        constant without gradient unless `entropy_grad`, for an entropy bonus in the loss).
 
         prompt_ids/prompt_mask: [U, P] left-padded; completion_ids/completion_mask: [B, T];
         prompt_index: [B], the prompt row of each completion (None: U == B, row i goes with prompt i).
@@ -64,7 +65,7 @@ class CompletionLogprobs(nn.Module):
             temperature=self.temperature,
             impl=self.impl,
             return_entropy=return_entropy,
-            detach_entropy=True,
+            detach_entropy=not entropy_grad,
         )
         per_token = out if return_entropy else (out,)
         t = completion_ids.shape[1]

@@ -17,6 +17,7 @@ from grpo.distributed import (
     DistEnv,
     any_over_ranks,
     gather_over_ranks,
+    global_mean_scale,
     grad_sync,
     gradient_scale,
     sum_over_ranks,
@@ -108,11 +109,13 @@ class PolicyUpdates:
             options["delta"] = c.delta
         for s in slices:
             with grad_sync(self.policy, last=s is slices[-1]):
-                logps, entropy = self.policy(*self.logprob_inputs(ro, s), return_entropy=True)
+                logps, entropy = self.policy(
+                    *self.logprob_inputs(ro, s), return_entropy=True, entropy_grad=c.entropy_coef > 0
+                )
                 if keep_logps:
                     kept.append(logps.detach())
                 extra, mask = dict(options), loss_mask[s].bool()
-                totals.add_tokens({"entropy": (entropy * ro.completion_mask[s]).sum()})
+                totals.add_tokens({"entropy": (entropy.detach() * ro.completion_mask[s]).sum()})
                 if ro.sampling_logps is not None:
                     # the policy before this step's updates against the decode path that drew the tokens
                     gap = rollout_gap(
@@ -123,7 +126,7 @@ class PolicyUpdates:
                     if c.rollout_is_cap > 0:
                         extra["token_weights"] = rollout_is_weights(gap, c.rollout_is_cap)
                 if c.top_entropy_quantile < 1:
-                    extra["token_mask"], threshold = self.high_entropy_tokens(entropy, mask)
+                    extra["token_mask"], threshold = self.high_entropy_tokens(entropy.detach(), mask)
                     totals.thresholds.append(threshold)
                 loss, stats = self.loss_fn(
                     logps,
@@ -141,8 +144,15 @@ class PolicyUpdates:
                     **extra,
                 )
                 weight = micro_batch_weight(c.loss_type, s.stop - s.start, n)
-                (loss * weight * gradient_scale(c.loss_type, self.env)).backward()
-            # the logged loss is the objective this update minimises: the weighted sum of its micro-batches
+                objective = loss * weight * gradient_scale(c.loss_type, self.env)
+                if c.entropy_coef > 0:
+                    # a token mean over this update's loss tokens of all ranks, whatever the micro-batches;
+                    # backward averages over ranks, so the rank's share is scaled back up (as for dapo)
+                    total = num_items.clamp(min=1) / global_mean_scale(self.env)
+                    objective = objective - c.entropy_coef * (entropy * loss_mask[s]).sum() / total
+                objective.backward()
+            # the logged loss is the policy loss this update minimises (without any entropy bonus): the
+            # weighted sum of its micro-batches
             totals.add_rows({"loss": loss.detach() * weight * n / (s.stop - s.start)}, s.stop - s.start)
             totals.add_rows(stats, s.stop - s.start)
             finite &= torch.isfinite(

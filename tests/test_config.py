@@ -98,6 +98,10 @@ def test_override_errors(override, message):
         ),
         ({"config": {"top_p": 1.5}}, "config.top_p = 1.5 is not allowed: it must be in (0, 1]."),
         (
+            {"config": {"entropy_coef": -0.01}},
+            "config.entropy_coef = -0.01 is not allowed: it must be 0 (off) or more.",
+        ),
+        (
             {"config": {"kl_estimator": "k1"}},
             "config.kl_estimator = 'k1' is not allowed: expected one of 'k3', 'k2'.",
         ),

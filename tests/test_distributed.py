@@ -132,6 +132,7 @@ def test_dynamic_sampling_under_fsdp_keeps_the_ranks_in_step(tiny_model_dir, tmp
         ("grpo", "fsdp", 1, ["rollout_is_cap=2"]),
         ("grpo", "ddp", 0, ["mini_batches=2"]),
         ("dapo", "fsdp", 1, ["mini_batches=2", "beta=0"]),
+        ("grpo", "fsdp", 1, ["entropy_coef=50"]),
     ],
 )
 def test_two_processes_match_one_process(tiny_model_dir, tmp_path, loss_type, strategy, micro, extra):
@@ -141,7 +142,8 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path, loss_type, st
     entropy quantile is taken over the tokens of all ranks, so it does not care either. The rollout importance
     weights are per token, so they need nothing from other ranks. Mini-batch j of every rank together holds the
     same prompts as mini-batch j of one process (the ranks take interleaved prompts), so mini-batches match
-    too; the second update of a step uses the old-policy pass, and at beta=0 no reference."""
+    too; the second update of a step uses the old-policy pass, and at beta=0 no reference. The entropy bonus
+    is a token mean over all ranks, like dapo's loss."""
     one = one_step(tmp_path, tiny_model_dir, "one", "batch_size=4", f"loss_type={loss_type}", *extra, nproc=0)
     two = one_step(
         tmp_path,
@@ -167,7 +169,10 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path, loss_type, st
     moved = max(float((one["state"][k] - start[k]).abs().max()) for k in start)
     assert moved > 1e-4  # the step is large against the tolerance below
     assert one["metrics"]["reward/total_mean"] == pytest.approx(two["metrics"]["reward/total_mean"])
-    assert two["metrics"]["grad_norm"] == pytest.approx(one["metrics"]["grad_norm"], rel=1e-5)
+    # torch's fp32 norm of the 1.5M-entry embedding gradient, which the entropy bonus makes dense, is ~5e-4 off
+    # its fp64 value, and differently so for one tensor and two shards (measured); the weights still match
+    rel = 1e-3 if "entropy_coef=50" in extra else 1e-5
+    assert two["metrics"]["grad_norm"] == pytest.approx(one["metrics"]["grad_norm"], rel=rel)
     assert set(one["state"]) == set(two["state"])
     for k in one["state"]:
         torch.testing.assert_close(two["state"][k], one["state"][k], rtol=1e-5, atol=1e-6)

@@ -466,6 +466,15 @@ def test_long_prompts_drop_is_logged(tiny_model_dir, tmp_path, capsys):
     )
 
 
+def completion_log_softmax(model, ro, rows):
+    """The plain recipe: HF forward over prompt + completion, full fp32 log_softmax at the completion positions."""
+    ids = torch.cat([ro.prompt_ids, ro.completion_ids], 1)[rows]
+    attention = torch.cat([ro.prompt_mask, torch.ones_like(ro.completion_ids)], 1)[rows]
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions).logits
+    return logits[:, ro.prompt_ids.shape[1] - 1 : -1].float().log_softmax(-1)  # [B, T, V]
+
+
 def test_mini_batches_make_one_update_per_mini_batch(tiny_model_dir, tmp_path):
     """mini_batches=2: the step's 4 prompts split into 2 halves of whole groups, one AdamW update each; the
     second half is scored against the sampling policy (a no-grad pass over it before the updates). Checked against
@@ -506,17 +515,13 @@ def test_mini_batches_make_one_update_per_mini_batch(tiny_model_dir, tmp_path):
     assert trainer.optimizer.state_dict()["state"][0]["step"] == 2  # two updates from one rollout
 
     ro, texts, *_ = seen[0]
-    g, p = trainer.c.num_generations, ro.prompt_ids.shape[1]
-    ids = torch.cat([ro.prompt_ids, ro.completion_ids], 1)
-    attention = torch.cat([ro.prompt_mask, torch.ones_like(ro.completion_ids)], 1)
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    g = trainer.c.num_generations
 
     def logps(m, rows):
-        logits = m(input_ids=ids[rows], attention_mask=attention[rows], position_ids=positions[rows]).logits
-        logits = logits[:, p - 1 : -1].float()
-        return logits.log_softmax(-1).gather(-1, ro.completion_ids[rows].unsqueeze(-1)).squeeze(-1)
+        log_probs = completion_log_softmax(m, ro, rows)
+        return log_probs.gather(-1, ro.completion_ids[rows].unsqueeze(-1)).squeeze(-1)
 
-    everything = slice(0, ids.shape[0])
+    everything = slice(0, len(ro.completion_ids))
     with torch.no_grad():
         old, ref = logps(model, everything), logps(reference, everything)
     advantages = group_advantages(torch.tensor(length(texts, None)), g)
@@ -563,3 +568,44 @@ def test_mini_batches_must_divide_the_batch(tiny_model_dir, tmp_path):
         ConfigError, match=r"^config.mini_batches = 0 is not allowed: it must be at least 1.$"
     ):
         template_from_dict(tiny_template(tiny_model_dir, tmp_path, mini_batches=0))
+
+
+def test_entropy_bonus_is_the_gradient_of_the_mean_token_entropy(tiny_model_dir, tmp_path):
+    """Equal rewards give zero advantages, so the policy term has no gradient: the weights move only by the
+    entropy bonus, exactly as AdamW on -entropy_coef x (mean entropy over the loss tokens) moves them."""
+    import copy
+
+    from tests.dist_step import fixed_rollout
+
+    data = tiny_template(
+        tiny_model_dir,
+        tmp_path / "e",
+        batch_size=4,
+        micro_batch_size=3,  # the token mean must not care how the rows are split
+        rewards=["tests.user_rewards:constant"],
+        learning_rate=1e-2,
+        adam_epsilon=1.0,  # an update proportional to the gradient: a wrong scale shows
+        max_grad_norm=0.0,
+    )
+    moved = {}
+    for coef in (0.0, 100.0):  # the random model's entropy is near its maximum: a flat gradient
+        trainer = GRPOTrainer(
+            template_from_dict({**data, "config": {**data["config"], "entropy_coef": coef}})
+        )
+        start = copy.deepcopy(trainer.model)
+        seen = []
+        trainer.rollout = lambda batch, t=trainer, seen=seen: seen.append(fixed_rollout(t, batch)) or seen[-1]
+        metrics, _ = trainer.train_step()
+        moved[coef] = trainer.model.state_dict()
+    assert all(torch.equal(moved[0.0][k], v) for k, v in start.state_dict().items())  # no bonus, no move
+    ro, mask = seen[0][0], seen[0][0].completion_mask
+    log_probs = completion_log_softmax(start, ro, slice(0, len(mask)))  # [B, T, V]
+    entropy = -(log_probs.exp() * log_probs).sum(-1)  # [B, T]
+    opt = torch.optim.AdamW(start.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1.0, weight_decay=0.0)
+    (-100.0 * (entropy * mask).sum() / mask.sum()).backward()
+    opt.step()
+    assert metrics["entropy"] == pytest.approx(float((entropy.detach() * mask).sum() / mask.sum()), rel=1e-5)
+    expected = start.state_dict()
+    assert max(float((expected[k] - moved[0.0][k]).abs().max()) for k in expected) > 2e-4
+    for k in expected:
+        torch.testing.assert_close(moved[100.0][k], expected[k], rtol=1e-4, atol=1e-7)
