@@ -6,7 +6,11 @@ import torch
 
 
 def group_advantages(
-    rewards: torch.Tensor, num_generations: int, scale: str = "group", eps: float = 1e-4
+    rewards: torch.Tensor,
+    num_generations: int,
+    scale: str = "group",
+    eps: float = 1e-4,
+    batch_rewards: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A_i = (r_i - mean(r_group(i))) / (std + eps).
 
@@ -14,7 +18,8 @@ def group_advantages(
     scale: "group" divides by the std of each group (GRPO, DeepSeekMath arXiv:2402.03300),
            "batch" by the std of the whole batch (a more robust scale, as in arXiv:2508.08221),
            "none" leaves the centred rewards as they are (Dr. GRPO, arXiv:2503.20783).
-    std is the unbiased sample std (divides by n - 1). Returns [B] float32.
+    std is the unbiased sample std (divides by n - 1). batch_rewards: the rewards "batch" takes its std from
+    when the batch is larger than `rewards` (every rank's samples; default: `rewards`). Returns [B] float32.
     """
     if rewards.dim() != 1 or rewards.numel() % num_generations != 0:
         raise ValueError(
@@ -26,7 +31,8 @@ def group_advantages(
     if scale == "group":
         std = grouped.std(dim=1, keepdim=True)  # [P, 1]
     elif scale == "batch":
-        std = rewards.float().std() if rewards.numel() > 1 else rewards.new_zeros(())
+        batch = (rewards if batch_rewards is None else batch_rewards).float()
+        std = batch.std() if batch.numel() > 1 else batch.new_zeros(())
     elif scale == "none":
         return centred.reshape(-1)
     else:

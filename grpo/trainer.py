@@ -29,6 +29,7 @@ from grpo.distributed import (
     any_over_ranks,
     full_params,
     full_state_dict,
+    gather_over_ranks,
     init_distributed,
     mean_over_ranks,
     wrap_models,
@@ -238,7 +239,11 @@ class GRPOTrainer(PolicyUpdates):
         t0 = time.perf_counter()
         first, step, sampling = self.sample_step(timings)
         ro = step.rollout
-        advantages = group_advantages(step.total, c.num_generations, scale=c.scale_rewards).to(self.device)
+        # scale_rewards: batch takes the std over the samples of all ranks, so it does not depend on the split
+        everyone = gather_over_ranks(step.total, self.env) if c.scale_rewards == "batch" else None
+        advantages = group_advantages(
+            step.total, c.num_generations, scale=c.scale_rewards, batch_rewards=everyone
+        ).to(self.device)
         loss_mask = ro.completion_mask.clone()
         if c.mask_truncated_completions:
             loss_mask = loss_mask * (~ro.truncated).long().unsqueeze(-1)

@@ -133,6 +133,7 @@ def test_dynamic_sampling_under_fsdp_keeps_the_ranks_in_step(tiny_model_dir, tmp
         ("grpo", "ddp", 0, ["mini_batches=2"]),
         ("dapo", "fsdp", 1, ["mini_batches=2", "beta=0"]),
         ("grpo", "fsdp", 1, ["entropy_coef=50"]),
+        ("grpo", "ddp", 0, ["scale_rewards=batch"]),
     ],
 )
 def test_two_processes_match_one_process(tiny_model_dir, tmp_path, loss_type, strategy, micro, extra):

@@ -163,6 +163,10 @@ def test_group_advantages_values():
     batch_std = rewards.std().item()
     adv = group_advantages(rewards, 2, scale="batch", eps=1e-4)
     torch.testing.assert_close(adv, torch.tensor([0.5, -0.5, 0.0, 0.0]) / (batch_std + 1e-4))
+    # one rank's half of a larger batch: centred within its groups, scaled by the whole batch's std
+    everyone = torch.tensor([1.0, 0.0, 2.0, 2.0, 5.0, 9.0])
+    adv = group_advantages(rewards[:2], 2, scale="batch", eps=0.0, batch_rewards=everyone)
+    torch.testing.assert_close(adv, torch.tensor([0.5, -0.5]) / everyone.std())
 
 
 def test_group_advantages_zero_spread_and_errors():
