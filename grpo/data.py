@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ class Prompt:
     reference: str
     row: dict[str, Any]
     truncated: bool = False
+    messages: list[dict[str, str]] = field(default_factory=list)  # system + user, before the chat template
 
 
 # ---------------------------------------------------------------- the built-in task
@@ -175,7 +176,12 @@ def build_prompts(
             ids = ids[-max_prompt_tokens:]
         prompts.append(
             Prompt(
-                text=text, ids=ids, reference=reference_answer(output.render(**row)), row=row, truncated=cut
+                text=text,
+                ids=ids,
+                reference=reference_answer(output.render(**row)),
+                row=row,
+                truncated=cut,
+                messages=messages,
             )
         )
     if not prompts:

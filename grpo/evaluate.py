@@ -166,6 +166,7 @@ def evaluate(
         "tags": tags,
         "rows": [p.row for p in expanded],
         "prompts": [p.text for p in expanded],
+        "prompt_messages": [p.messages for p in expanded],
         "completion_lengths": [int(n) for n in lengths],
         "max_completion_length": max_new_tokens,
     }

@@ -3,8 +3,9 @@
     def my_reward(completions: list[str], references: list[str], **kwargs) -> list[float]
 
 `completions[i]` is the decoded text of sample i, `references[i]` its prompt's reference answer. kwargs holds
-`prompts` (list[str], chat-formatted), `rows` (list[dict], the dataset rows), `tags` (a `Tags` with the
-template's four tag strings), `completion_lengths` (list[int], completion tokens) and `max_completion_length` (int,
+`prompts` (list[str], chat-formatted), `prompt_messages` (list of the prompt's chat messages, system + user),
+`rows` (list[dict], the dataset rows), `tags` (a `Tags` with the template's four tag strings),
+`completion_lengths` (list[int], completion tokens) and `max_completion_length` (int,
 config.maximum_completion_length). Accept **kwargs so that new keys do not break your function. A template entry
 {name: ..., weight: ..., KEY: VALUE} also passes KEY=VALUE to its function on every call.
 """
@@ -22,6 +23,8 @@ from typing import Any
 import torch
 
 from grpo.config import ConfigError, TrainConfig
+from grpo.reward_model import options_problem as reward_model_options_problem
+from grpo.reward_model import reward_model
 
 RewardFn = Callable[..., list[float]]
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
@@ -192,6 +195,7 @@ BUILTIN: dict[str, RewardFn] = {
         tag_count,
         answer_mentioned,
         overlong_penalty,
+        reward_model,
     )
 }
 # What the trainer and evaluator pass to every reward function; a template entry cannot set these.
@@ -203,6 +207,7 @@ PASSED_KWARGS = (
     "prompts",
     "completion_lengths",
     "max_completion_length",
+    "prompt_messages",
 )
 
 
@@ -290,10 +295,13 @@ def resolve_rewards(entries: list[Any], *, max_completion_length: int | None = N
                 f"{', '.join(BUILTIN)} or package.module:function."
             )
         _check_reward_kwargs(fn, entry, options, where)
+        problem = None
         if fn is overlong_penalty and "buffer" in options:
             problem = _buffer_problem(options["buffer"], max_completion_length)
-            if problem:
-                raise ConfigError(f"{where} {problem}")
+        elif fn is reward_model:
+            problem = reward_model_options_problem(options)
+        if problem:
+            raise ConfigError(f"{where} {problem}")
         # The same function twice (e.g. with other options) is logged apart: reward/<name>, reward/<name>#2.
         repeats = sum(r.fn is fn for r in rewards)
         label = entry if not repeats else f"{entry}#{repeats + 1}"

@@ -204,13 +204,15 @@ class GRPOTrainer(PolicyUpdates):
         batch = self.sampler.next_batch()
         ro, texts, refs, rows = self.rollout(batch)
         t1 = time.perf_counter()
+        expanded = [self.prompts[i] for i in batch for _ in range(self.c.num_generations)]
         scores = rw.score(
             self.rewards,
             texts,
             refs,
             tags=self.tags,
             rows=rows,
-            prompts=[self.prompts[i].text for i in batch for _ in range(self.c.num_generations)],
+            prompts=[p.text for p in expanded],
+            prompt_messages=[p.messages for p in expanded],
             completion_lengths=ro.completion_mask.sum(-1).tolist(),
             max_completion_length=self.c.maximum_completion_length,
         )  # [N, R]

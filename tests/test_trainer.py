@@ -292,7 +292,7 @@ def cli(*args, cwd=REPO, env=None):
         (
             ["rewards=[nope]"],
             "error: config.rewards[0] = 'nope' is not a built-in reward; use one of correctness, "
-            "int_answer, strict_format, soft_format, tag_count, answer_mentioned, overlong_penalty or "
+            "int_answer, strict_format, soft_format, tag_count, answer_mentioned, overlong_penalty, reward_model or "
             "package.module:function.",
         ),
         (
