@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from grpo.config import ConfigError
+from grpo.logprobs import cache_argument
 
 
 def options_problem(options: dict[str, Any]) -> str | None:
@@ -49,8 +50,7 @@ def load_reward_model(model: str, device: str) -> tuple[torch.nn.Module, Any]:
             f"reward_model model = {model!r} has {net.config.num_labels} outputs; a reward model has 1."
         )
     tokenizer = AutoTokenizer.from_pretrained(model)
-    tokenizer.truncation_side = "left"  # a conversation over max_length keeps its end: the reply being scored
-    if tokenizer.pad_token_id is None:  # batches need padding; the model pools the last real token
+    if tokenizer.pad_token_id is None:  # a classifier without a score head pools by the pad token
         tokenizer.pad_token = tokenizer.eos_token
     net.config.pad_token_id = tokenizer.pad_token_id
     return net, tokenizer
@@ -85,15 +85,74 @@ def reward_model(
     net, tokenizer = load_reward_model(model, _auto_device() if device == "auto" else device)
     texts = [conversation_text(tokenizer, m, c) for m, c in zip(prompt_messages, completions, strict=True)]
     templated = bool(getattr(tokenizer, "chat_template", None))
+    ids = tokenizer(texts, add_special_tokens=not templated)["input_ids"]  # a chat template writes its own
+    ids = [x[-max_length:] for x in ids]  # a conversation over max_length keeps its end: the reply scored
+    if not _decoder_with_score_head(net):
+        return [
+            v for i in range(0, len(ids), batch_size) for v in _plain_scores(net, ids[i : i + batch_size])
+        ]
     scores: list[float] = []
-    for i in range(0, len(texts), batch_size):
-        batch = tokenizer(
-            texts[i : i + batch_size],
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            add_special_tokens=not templated,  # a chat template writes its own
-        ).to(net.device)
-        scores += net(**batch).logits[:, 0].float().tolist()
+    # The G samples of a prompt share the conversation's start: encode it once per group (see _group_scores).
+    for group in _consecutive_groups(prompt_messages):
+        for i in range(group.start, group.stop, batch_size):
+            scores += _group_scores(net, ids[i : min(i + batch_size, group.stop)])
     return scores
+
+
+def _consecutive_groups(prompt_messages: list[list[dict[str, str]]]) -> list[slice]:
+    groups, start = [], 0
+    for i in range(1, len(prompt_messages) + 1):
+        if i == len(prompt_messages) or prompt_messages[i] != prompt_messages[start]:
+            groups.append(slice(start, i))
+            start = i
+    return groups
+
+
+def _decoder_with_score_head(net: torch.nn.Module) -> bool:
+    """Llama/Qwen/Mistral-style: a decoder whose last real token's hidden state goes through a linear `score`."""
+    base = getattr(net, net.base_model_prefix, None)
+    return (
+        isinstance(getattr(net, "score", None), torch.nn.Linear)
+        and base is not None
+        and not net.config.is_encoder_decoder
+    )
+
+
+def _plain_scores(net: torch.nn.Module, ids: list[list[int]]) -> list[float]:
+    """Any sequence classifier: right-padded batch, the model's own pooling."""
+    width = max(len(x) for x in ids)
+    pad = net.config.pad_token_id if net.config.pad_token_id is not None else 0
+    batch = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=net.device)
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=net.device)
+    return net(input_ids=batch, attention_mask=mask).logits[:, 0].float().tolist()
+
+
+def _group_scores(net: torch.nn.Module, ids: list[list[int]]) -> list[float]:
+    """Conversations that share their first L tokens: those run once (batch 1), their key/value cache is
+    repeated for every row, and only the rest of each conversation runs per row. The score is the linear head
+    on the hidden state of each conversation's last token (with the pad token's id only as padding)."""
+    base = getattr(net, net.base_model_prefix)
+    common = min(len(x) for x in ids) - 1  # every row keeps at least one token of its own
+    for j in range(common):
+        if any(x[j] != ids[0][j] for x in ids):
+            common = j
+            break
+    rest = [x[common:] for x in ids]
+    width = max(len(x) for x in rest)
+    batch = torch.tensor([x + [0] * (width - len(x)) for x in rest], device=net.device)  # [B, S]
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in rest], device=net.device)  # [B, S]
+    kwargs: dict[str, Any] = {}
+    if common > 0:
+        prefix = base(input_ids=torch.tensor([ids[0][:common]], device=net.device), use_cache=True)
+        cache = prefix.cache if hasattr(prefix, "cache") else prefix.past_key_values
+        cache.batch_repeat_interleave(len(ids))  # [1, ...] -> [B, ...]
+        kwargs[cache_argument(base)] = cache
+    hidden = base(
+        input_ids=batch,
+        attention_mask=torch.cat([mask.new_ones(len(ids), common), mask], dim=1),
+        position_ids=common + torch.arange(width, device=net.device).expand(len(ids), -1),
+        use_cache=common > 0,
+        **kwargs,
+    ).last_hidden_state  # [B, S, H]
+    last = hidden[torch.arange(len(ids), device=net.device), mask.sum(-1) - 1]  # [B, H]
+    return net.score(last)[:, 0].float().tolist()

@@ -36,22 +36,27 @@ def reward_dir(tokenizer, tmp_path_factory):
     return build_reward_model(tokenizer, tmp_path_factory.mktemp("rm") / "model")
 
 
-def test_scores_are_the_models_logit_for_each_conversation(reward_dir):
-    completions = ["5", "The answer is 5 because 2 + 3 = 5.", "six"]
-    entry = {"name": "reward_model", "model": str(reward_dir), "batch_size": 2}
+@pytest.mark.parametrize("batch_size", [2, 8])
+def test_scores_are_the_models_logit_for_each_conversation(reward_dir, batch_size):
+    """Against transformers' own forward, one conversation at a time (no padding, no shared prefix): two
+    prompts, the replies of each sharing the start of the conversation."""
+    completions = ["5", "The answer is 5 because 2 + 3 = 5.", "six", "4", "It is 4."]
+    other = [MESSAGES[0], {"role": "user", "content": "What is 2 + 2?"}]
+    messages = [MESSAGES] * 3 + [other] * 2
+    entry = {"name": "reward_model", "model": str(reward_dir), "batch_size": batch_size}
     [reward] = rw.resolve_rewards([entry])
-    got = rw.score([reward], completions, ["5"] * 3, prompt_messages=[MESSAGES] * 3)[:, 0]  # [3]
+    got = rw.score([reward], completions, ["5"] * 5, prompt_messages=messages)[:, 0]  # [5]
     net, tok = load_reward_model(str(reward_dir), "cpu")
     expected = []
-    for c in completions:  # one at a time: no padding at all
-        text = conversation_text(tok, MESSAGES, c)
-        assert (
-            text.startswith("<|im_start|>system\nAnswer briefly.") and "<|im_start|>assistant\n" + c in text
-        )
-        ids = tok(text, return_tensors="pt", add_special_tokens=False)
-        expected.append(float(net(**ids).logits[0, 0]))
-    torch.testing.assert_close(got, torch.tensor(expected), rtol=1e-5, atol=1e-6)
-    assert len(set(got.tolist())) == 3  # different replies, different scores
+    with torch.no_grad():
+        for m, c in zip(messages, completions):
+            text = conversation_text(tok, m, c)
+            assert text.startswith("<|im_start|>system\nAnswer briefly.")
+            assert "<|im_start|>assistant\n" + c in text
+            ids = tok(text, return_tensors="pt", add_special_tokens=False)
+            expected.append(float(net(**ids).logits[0, 0]))
+    torch.testing.assert_close(got, torch.tensor(expected), rtol=1e-5, atol=1e-5)
+    assert len(set(got.tolist())) == 5  # different conversations, different scores
 
 
 def test_a_training_run_logs_the_learned_reward(tiny_model_dir, reward_dir, tmp_path):
