@@ -107,3 +107,21 @@ def test_decode_bench_times_each_implementation_on_equal_work(tiny_model_dir):
     if not torch.cuda.is_available():
         result = bench_decode(*args, "--device", "cuda")
         assert result.stderr.strip() == "error: --device cuda, but no CUDA GPU is visible."
+
+
+def test_reward_model_bench_compares_both_paths(tokenizer, tmp_path):
+    from tests.test_reward_model import build_reward_model
+
+    model = build_reward_model(tokenizer, tmp_path / "rm")
+    run = [sys.executable, "scripts/bench_reward_model.py", "--model", str(model), "--repeat", "1"]
+    result = subprocess.run(
+        [*run, "--prompts", "2", "--generations", "3"], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["conversations"] == 6 and row["tokens_per_conversation"] > 50
+    assert row["max_score_difference"] < 1e-5  # the shared start changes the cost, not the scores
+    assert row["speedup"] == pytest.approx(row["padded_s"] / row["shared_start_s"], rel=0.02)
+    result = subprocess.run([*run, "--generations", "0"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith("error: --generations = 0: it must be at least 1.")
