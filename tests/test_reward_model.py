@@ -95,3 +95,37 @@ def test_a_folder_without_a_model_and_a_classifier_with_two_labels(tokenizer, tm
     two = build_reward_model(tokenizer, tmp_path / "two", labels=2)
     with pytest.raises(ConfigError, match=r"has 2 outputs; a reward model has 1\.$"):
         load_reward_model(str(two), "cpu")
+
+
+def test_a_classifier_without_a_score_head_takes_padded_batches(tokenizer, tmp_path):
+    """An encoder classifier (BERT: a pooler and `classifier`, no `score`) scores through its own forward."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(2)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    completions = ["5", "The answer is 5 because 2 + 3 = 5.", "six"]
+    [reward] = rw.resolve_rewards(
+        [{"name": "reward_model", "model": str(tmp_path / "bert"), "batch_size": 3}]
+    )
+    got = rw.score([reward], completions, ["5"] * 3, prompt_messages=[MESSAGES] * 3)[:, 0]
+    net, tok = load_reward_model(str(tmp_path / "bert"), "cpu")
+    with torch.no_grad():
+        expected = [
+            float(
+                net(
+                    **tok(conversation_text(tok, MESSAGES, c), return_tensors="pt", add_special_tokens=False)
+                ).logits[0, 0]
+            )
+            for c in completions
+        ]
+    torch.testing.assert_close(got, torch.tensor(expected), rtol=1e-5, atol=1e-5)
