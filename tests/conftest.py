@@ -28,14 +28,11 @@ def tokenizer():
     return load_tokenizer(EMBEDDED_MODEL)
 
 
-def build_tiny_model(tokenizer, folder: Path, *, seed: int = 0, tie: bool = True) -> Path:
-    """A 2-layer Llama with hidden 32 and the real tokenizer's vocabulary, saved as an HF folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(tokenizer, **extra):
+    """A 2-layer Llama with hidden 32 and the real tokenizer's vocabulary and special tokens."""
+    from transformers import LlamaConfig
 
-    from grpo.models import save_model
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -43,12 +40,21 @@ def build_tiny_model(tokenizer, folder: Path, *, seed: int = 0, tie: bool = True
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=tie,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
-    model = LlamaForCausalLM(config)
+
+
+def build_tiny_model(tokenizer, folder: Path, *, seed: int = 0, tie: bool = True) -> Path:
+    """The tiny Llama as a causal LM, saved as an HF folder."""
+    from transformers import LlamaForCausalLM
+
+    from grpo.models import save_model
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer, tie_word_embeddings=tie))
     save_model(model, tokenizer, folder)
     return folder
 

@@ -7,26 +7,16 @@ from grpo import rewards as rw
 from grpo.config import ConfigError, template_from_dict
 from grpo.reward_model import conversation_text, load_reward_model
 from grpo.trainer import GRPOTrainer
-from tests.conftest import tiny_template
+from tests.conftest import tiny_llama_config, tiny_template
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 + 3?"}]
 
 
 def build_reward_model(tokenizer, folder, *, labels=1):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
 
     torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_labels=labels,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForSequenceClassification(config).save_pretrained(folder)
+    LlamaForSequenceClassification(tiny_llama_config(tokenizer, num_labels=labels)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
