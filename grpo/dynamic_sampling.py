@@ -98,17 +98,7 @@ def informative_groups(total: torch.Tensor, group_size: int) -> list[bool]:
 
 def select_rows(ro: Rollout, index: torch.Tensor, pad_id: int) -> Rollout:
     """Rows `index` of a rollout (whole groups), with columns that became all padding trimmed."""
-    index = index.to(ro.prompt_ids.device)
-    out = Rollout(
-        prompt_ids=ro.prompt_ids[index],
-        prompt_mask=ro.prompt_mask[index],
-        completion_ids=ro.completion_ids[index],
-        completion_mask=ro.completion_mask[index],
-        truncated=ro.truncated[index],
-        group_size=ro.group_size,
-        sampling_logps=None if ro.sampling_logps is None else ro.sampling_logps[index],
-    )
-    return concat_rollouts([out], pad_id)
+    return concat_rollouts([ro.rows(index.to(ro.prompt_ids.device))], pad_id)
 
 
 def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:

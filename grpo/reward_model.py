@@ -118,12 +118,17 @@ def _decoder_with_score_head(net: torch.nn.Module) -> bool:
     )
 
 
+def _right_pad(ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(x) for x in ids)
+    batch = torch.tensor([x + [pad_id] * (width - len(x)) for x in ids], device=device)  # [B, S]
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)  # [B, S]
+    return batch, mask
+
+
 def _plain_scores(net: torch.nn.Module, ids: list[list[int]]) -> list[float]:
     """Any sequence classifier: right-padded batch, the model's own pooling."""
-    width = max(len(x) for x in ids)
     pad = net.config.pad_token_id if net.config.pad_token_id is not None else 0
-    batch = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=net.device)
-    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=net.device)
+    batch, mask = _right_pad(ids, pad, net.device)
     return net(input_ids=batch, attention_mask=mask).logits[:, 0].float().tolist()
 
 
@@ -137,10 +142,8 @@ def _group_scores(net: torch.nn.Module, ids: list[list[int]]) -> list[float]:
         if any(x[j] != ids[0][j] for x in ids):
             common = j
             break
-    rest = [x[common:] for x in ids]
-    width = max(len(x) for x in rest)
-    batch = torch.tensor([x + [0] * (width - len(x)) for x in rest], device=net.device)  # [B, S]
-    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in rest], device=net.device)  # [B, S]
+    batch, mask = _right_pad([x[common:] for x in ids], 0, net.device)  # [B, S]
+    width = batch.shape[1]
     kwargs: dict[str, Any] = {}
     if common > 0:
         prefix = base(input_ids=torch.tensor([ids[0][:common]], device=net.device), use_cache=True)

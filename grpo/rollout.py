@@ -6,7 +6,7 @@ the B*G sequences decode together; decoding stops as soon as every sequence has 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -43,20 +43,13 @@ class Rollout:
         start = int(mask.any(dim=0).long().argmax())  # left padding shared by all U prompts is skipped
         return ids[:, start:], mask[:, start:], index
 
-    def rows(self, s: slice) -> Rollout:
-        """Rows s as a rollout of their own (views, no copies): a mini-batch of whole prompt groups."""
-        if s.start % self.group_size or s.stop % self.group_size:
-            raise ValueError(f"rows {s.start}:{s.stop} split a group of {self.group_size} samples.")
-        logps = self.sampling_logps
-        return replace(
-            self,
-            prompt_ids=self.prompt_ids[s],
-            prompt_mask=self.prompt_mask[s],
-            completion_ids=self.completion_ids[s],
-            completion_mask=self.completion_mask[s],
-            truncated=self.truncated[s],
-            sampling_logps=None if logps is None else logps[s],
-        )
+    def rows(self, index: slice | torch.Tensor) -> Rollout:
+        """Rows `index` (a slice, or an index tensor of whole groups) as a rollout of their own; a slice gives
+        views, no copies. Every tensor field is per row, so each is indexed the same way."""
+        if isinstance(index, slice) and (index.start % self.group_size or index.stop % self.group_size):
+            raise ValueError(f"rows {index.start}:{index.stop} split a group of {self.group_size} samples.")
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: v[index] for k, v in tensors.items() if isinstance(v, torch.Tensor)})
 
     @property
     def num_completion_tokens(self) -> int:

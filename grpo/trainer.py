@@ -1,8 +1,9 @@
 """The GRPO loop: sample -> score -> advantages -> num_iterations x mini-batch updates -> log / save.
 
 Everything a step needs is built once in `GRPOTrainer.__init__` (cheap checks first, then the heavy loads), so
-`train()` reads as the algorithm; the updates themselves are in grpo/update.py. One step = one batch of prompts sampled G times; each step makes
-`num_iterations` passes over those samples, each pass one optimizer update per mini-batch.
+`train()` reads as the algorithm; the updates themselves are in grpo/update.py. One step = one batch of
+prompts sampled G times; each step makes `num_iterations` passes over those samples, each pass one optimizer
+update per mini-batch.
 """
 
 from __future__ import annotations
