@@ -198,13 +198,22 @@ def full_state_dict(model: nn.Module, env: DistEnv) -> dict[str, torch.Tensor] |
 
 
 # ---------------------------------------------------------------- reductions
-def mean_over_ranks(values: dict[str, float], env: DistEnv) -> dict[str, float]:
+def is_max_metric(key: str) -> bool:
+    return key.endswith("_max") or key.startswith("memory/peak")
+
+
+def reduce_over_ranks(values: dict[str, float], env: DistEnv) -> dict[str, float]:
+    """A step's metrics over all ranks, in one collective: maxima (`*_max`, `memory/peak*`) take the largest
+    rank's value, the rest the mean over ranks (each rank holds the same number of samples)."""
     if not env.enabled or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t)
-    return {k: v / env.world_size for k, v in zip(keys, t.tolist())}
+    local = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_comm_device())
+    rows = [torch.empty_like(local) for _ in range(env.world_size)]
+    dist.all_gather(rows, local)
+    table = torch.stack(rows)  # [world, keys]
+    largest = torch.tensor([is_max_metric(k) for k in keys], device=table.device)
+    return dict(zip(keys, torch.where(largest, table.amax(0), table.mean(0)).tolist()))
 
 
 def sum_over_ranks(x: torch.Tensor, env: DistEnv) -> torch.Tensor:

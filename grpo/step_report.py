@@ -5,20 +5,25 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from grpo.advantages import zero_spread_share
 from grpo.data import Prompt
 from grpo.dynamic_sampling import Samples
 from grpo.rewards import Reward
 
 
-def sample_metrics(first: Samples, rewards: list[Reward], num_generations: int) -> dict[str, float]:
-    """reward/* and completion/* of the step's first round: the prompts a run without dynamic sampling sees."""
+def sample_metrics(
+    first: Samples, rewards: list[Reward], num_generations: int, all_totals: torch.Tensor
+) -> dict[str, float]:
+    """reward/* and completion/* of the step's first round: the prompts a run without dynamic sampling sees.
+    all_totals holds the total rewards of every rank's first round, for a spread over the whole batch."""
     scores, total = first.scores, first.total  # [N, R], [N]
     lengths = first.rollout.completion_mask.sum(-1).float()  # [N]
     return {
         **{f"reward/{r.name}": float(scores[:, i].mean()) for i, r in enumerate(rewards)},
         "reward/total_mean": float(total.mean()),
-        "reward/total_std": float(total.std()) if total.numel() > 1 else 0.0,
+        "reward/total_std": float(all_totals.std()) if all_totals.numel() > 1 else 0.0,
         "reward/zero_spread_groups": zero_spread_share(total, num_generations),
         "completion/length_mean": float(lengths.mean()),
         "completion/length_max": float(lengths.max()),

@@ -32,7 +32,7 @@ from grpo.distributed import (
     full_state_dict,
     gather_over_ranks,
     init_distributed,
-    mean_over_ranks,
+    reduce_over_ranks,
     wrap_models,
 )
 from grpo.dynamic_sampling import Samples, fill_batch
@@ -277,7 +277,9 @@ class GRPOTrainer(PolicyUpdates):
         timings["time/fwd_bwd_s"] = timings["time/update_s"] - self.optimizer_seconds
         step_time = time.perf_counter() - t0
         metrics = {
-            **sample_metrics(first, self.rewards, c.num_generations),
+            **sample_metrics(
+                first, self.rewards, c.num_generations, gather_over_ranks(first.total, self.env)
+            ),
             **stats,
             "prompt/truncated": float(sum(self.prompts[i].truncated for i in step.prompts)),
             "learning_rate": self.scheduler.get_last_lr()[0],
@@ -325,7 +327,7 @@ class GRPOTrainer(PolicyUpdates):
                 self.step += 1
                 if sync_due(self.step, c.ref_model_sync_steps):  # TR-DPO: the reference follows the policy
                     mix_into_reference(self.model, self.synced_reference(), c.ref_model_mixup_alpha)
-                metrics = mean_over_ranks(metrics, env)
+                metrics = reduce_over_ranks(metrics, env)
                 self.stop_requested = any_over_ranks(self.stop_requested, env)  # all ranks stop together
                 if c.eval_steps > 0 and (self.step % c.eval_steps == 0 or self.step == self.total_steps):
                     result = run_eval(self)

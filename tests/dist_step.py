@@ -60,9 +60,9 @@ def main(argv: list[str]) -> int:
     trainer = GRPOTrainer(load_template(argv[0], argv[2:]))
     trainer.rollout = lambda batch: fixed_rollout(trainer, batch)
     metrics, _ = trainer.train_step()
-    from grpo.distributed import mean_over_ranks
+    from grpo.distributed import reduce_over_ranks
 
-    metrics = mean_over_ranks(metrics, trainer.env)
+    metrics = reduce_over_ranks(metrics, trainer.env)
     state = full_state_dict(trainer.model, trainer.env)
     if trainer.env.is_main:
         state = state if state is not None else trainer.model.state_dict()
