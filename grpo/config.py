@@ -74,8 +74,11 @@ class TrainConfig:
     distributed_strategy: Literal["ddp", "fsdp"] = doc(
         "Multi-process strategy under torchrun.", default="ddp"
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc(
-        "Training dtype: auto = bfloat16 on GPU, float32 on CPU.", default="auto"
+    dtype: Literal["auto", "bf16-mixed", "float32", "bfloat16", "float16"] = doc(
+        "Training dtype: auto = bf16-mixed on GPU, float32 on CPU. bf16-mixed keeps the trained weights and "
+        "AdamW's state in fp32 and computes in bf16; bfloat16/float16 store the weights themselves in that "
+        "dtype (half the memory, but AdamW steps below the weight's precision are lost: at lr 1e-6 most).",
+        default="auto",
     )
     # -- the four tags of the reasoning format
     start_thinking_string: str = doc("Tag that opens the reasoning.", default="<reasoning>")

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import torch
@@ -45,6 +46,10 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def fsdp(self) -> bool:
+        return self.enabled and self.strategy == "fsdp"
 
     @property
     def enabled(self) -> bool:
@@ -101,26 +106,34 @@ def init_distributed(c: TrainConfig, device_type: str) -> DistEnv:
 
 # ---------------------------------------------------------------- wrapping
 def wrap_models(
-    policy: nn.Module, ref: nn.Module | None, env: DistEnv, *, device: torch.device
+    policy: nn.Module,
+    ref: nn.Module | None,
+    env: DistEnv,
+    *,
+    device: torch.device,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[nn.Module, nn.Module | None]:
     """DDP around the policy (the reference stays a plain frozen copy per rank), or FSDP2 around both."""
     if not env.enabled:
         return policy, ref
-    if env.strategy == "fsdp":
-        return _shard(policy, device, frozen=False), None if ref is None else _shard(ref, device, frozen=True)
+    if env.fsdp:
+        shard = partial(_shard, device=device, compute_dtype=compute_dtype)
+        return shard(policy, frozen=False), None if ref is None else shard(ref, frozen=True)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(policy, device_ids=[device.index] if device.type == "cuda" else None), ref
 
 
-def _shard(root: nn.Module, device: torch.device, *, frozen: bool) -> nn.Module:
+def _shard(root: nn.Module, *, device: torch.device, compute_dtype: torch.dtype, frozen: bool) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # Our [B, T] log-probs are a view; FSDP warns about in-place edits of views, which the pure loss never does.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    # Weights are gathered in the compute dtype (bf16-mixed: fp32 shards, bf16 compute); gradients are always
+    # reduced in fp32, so a sum over many ranks keeps its precision.
     mp = (
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if device.type == "cuda"
+        MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        if compute_dtype != torch.float32
         else MixedPrecisionPolicy()
     )
     for layer in root.model.get_decoder().layers:

@@ -24,6 +24,13 @@ def peak_memory_bytes(device: torch.device | str) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
 
 
+def finish_queued(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a phase's wall-clock time covers its kernels rather than the
+    next phase's first host read (one sync per phase; nothing to wait for on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def peak_memory_metric(device: torch.device) -> dict[str, float]:
     """{'memory/peak_allocated_gb' or 'memory/peak_rss_gb': GB}, named by what was measured."""
     key = "memory/peak_allocated_gb" if device.type == "cuda" else "memory/peak_rss_gb"

@@ -13,6 +13,7 @@ head + log-softmax go through kernels/ in chunks. Two ways to run the decoder:
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -21,11 +22,19 @@ from kernels import token_logprobs
 
 
 class CompletionLogprobs(nn.Module):
-    def __init__(self, model: nn.Module, *, temperature: float = 1.0, impl: str = "auto"):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        temperature: float = 1.0,
+        impl: str = "auto",
+        autocast: torch.dtype | None = None,
+    ):
         super().__init__()
         self.model = model  # a transformers CausalLM (possibly with LoRA layers injected in place)
         self.temperature = temperature
         self.impl = impl
+        self.autocast = autocast  # compute dtype over fp32 weights (bf16-mixed), None: the weights' own
 
     def forward(
         self,
@@ -44,37 +53,45 @@ class CompletionLogprobs(nn.Module):
         prompt_ids/prompt_mask: [U, P] left-padded; completion_ids/completion_mask: [B, T];
         prompt_index: [B], the prompt row of each completion (None: U == B, row i goes with prompt i).
         """
-        width = int(completion_mask.sum(-1).max())  # trailing all-padding columns need no compute
-        if prompt_index is not None:
-            # The shared-prefix pass always makes its second decoder call, which needs 2 columns: under FSDP
-            # each call gathers the weights on every rank, so a rank that skipped it would hang the others.
-            width = max(width, 2)
-        ids, mask = completion_ids[:, :width], completion_mask[:, :width]
-        if ids.shape[1] < width:  # a 1-column rollout: one padding column more
-            ids, mask = (nn.functional.pad(x, (0, width - x.shape[1])) for x in (ids, mask))
-        if prompt_index is None:
-            h = self._concatenated_hidden(prompt_ids, prompt_mask, ids, mask)
-        else:
-            h = self._shared_prefix_hidden(prompt_ids, prompt_mask, ids, mask, prompt_index)
-        head = self.model.get_output_embeddings()
-        out = token_logprobs(
-            h.reshape(-1, h.shape[-1]),
-            head.weight,
-            ids.reshape(-1),
-            bias=getattr(head, "bias", None),
-            temperature=self.temperature,
-            impl=self.impl,
-            return_entropy=return_entropy,
-            detach_entropy=not entropy_grad,
+        context = (
+            nullcontext()
+            if self.autocast is None
+            else torch.autocast(prompt_ids.device.type, dtype=self.autocast)
         )
-        per_token = out if return_entropy else (out,)
-        t = completion_ids.shape[1]
-        # padding carries no value and no gradient; trailing columns come back as zeros: [B, T] each
-        padded = [
-            nn.functional.pad(x.view(ids.shape).masked_fill(mask == 0, 0.0)[:, :t], (0, max(t - width, 0)))
-            for x in per_token
-        ]
-        return tuple(padded) if return_entropy else padded[0]
+        with context:
+            width = int(completion_mask.sum(-1).max())  # trailing all-padding columns need no compute
+            if prompt_index is not None:
+                # The shared-prefix pass always makes its second decoder call, which needs 2 columns: under FSDP
+                # each call gathers the weights on every rank, so a rank that skipped it would hang the others.
+                width = max(width, 2)
+            ids, mask = completion_ids[:, :width], completion_mask[:, :width]
+            if ids.shape[1] < width:  # a 1-column rollout: one padding column more
+                ids, mask = (nn.functional.pad(x, (0, width - x.shape[1])) for x in (ids, mask))
+            if prompt_index is None:
+                h = self._concatenated_hidden(prompt_ids, prompt_mask, ids, mask)
+            else:
+                h = self._shared_prefix_hidden(prompt_ids, prompt_mask, ids, mask, prompt_index)
+            head = self.model.get_output_embeddings()
+            out = token_logprobs(
+                h.reshape(-1, h.shape[-1]),
+                head.weight,
+                ids.reshape(-1),
+                bias=getattr(head, "bias", None),
+                temperature=self.temperature,
+                impl=self.impl,
+                return_entropy=return_entropy,
+                detach_entropy=not entropy_grad,
+            )
+            per_token = out if return_entropy else (out,)
+            t = completion_ids.shape[1]
+            # padding carries no value and no gradient; trailing columns come back as zeros: [B, T] each
+            padded = [
+                nn.functional.pad(
+                    x.view(ids.shape).masked_fill(mask == 0, 0.0)[:, :t], (0, max(t - width, 0))
+                )
+                for x in per_token
+            ]
+            return tuple(padded) if return_entropy else padded[0]
 
     def _concatenated_hidden(self, prompt_ids, prompt_mask, ids, mask) -> torch.Tensor:
         full_mask = torch.cat([prompt_mask, mask], dim=1)  # [B, P+T]

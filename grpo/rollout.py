@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from grpo.decode import StaticDecoder, StaticKVCache, static_decode_supported
+from grpo.decode import STATIC_DECODE_MODEL_TYPES, StaticDecoder, StaticKVCache, static_decode_supported
 from grpo.graph_decode import CUDAGraphDecoder, FixedShapeDecoder, graph_decode_supported
 from grpo.logprobs import cache_argument
 from grpo.packed_decode import PackedDecoder, packed_decode_supported
@@ -234,6 +234,25 @@ DECODE_IMPLS = ("auto", "graph", "packed", "static", "hf")
 PACK_MIN_NEW_TOKENS = 32
 GRAPH_MIN_NEW_TOKENS = 8  # recording costs about two steps (a warm-up and the capture)
 CUDA_CHECK_DONE_EVERY = 8
+
+
+def decode_impl_problem(
+    impl: str, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, capacity: int
+) -> str | None:
+    """Why an explicitly chosen decode path cannot run this model here (None: it can). `auto` never fails: it
+    picks among the paths that can."""
+    if impl in ("auto", "hf"):
+        return None
+    if not static_decode_supported(model, capacity):
+        return (
+            f"needs a {'/'.join(sorted(STATIC_DECODE_MODEL_TYPES))} model with sdpa or eager attention and no "
+            f"sliding window shorter than maximum_sequence_length ({capacity})"
+        )
+    if impl == "graph" and not graph_decode_supported(model):
+        return "cannot record FSDP-wrapped layers or a RoPE that rescales with the sequence length"
+    if impl == "packed" and not packed_decode_supported(model, device, dtype):
+        return "runs on CPU, in float32, with MKL only"
+    return None
 
 
 def make_decoder(

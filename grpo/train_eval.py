@@ -22,7 +22,7 @@ def run_eval(trainer: Any) -> EvalResult | None:
     with full_params(trainer.policy):  # FSDP: every rank takes part in the gather, rank 0 generates
         if trainer.env.is_main:
             result = evaluate(
-                trainer.model,
+                trainer.sampling_model(),
                 trainer.tokenizer,
                 trainer.eval_prompts,
                 trainer.rewards,

@@ -38,13 +38,14 @@ from grpo.distributed import (
 from grpo.dynamic_sampling import Samples, fill_batch
 from grpo.evaluate import EvalResult, load_eval_prompts
 from grpo.fsio import atomic_write_text
-from grpo.logging import RunLogger, peak_memory_metric
+from grpo.logging import RunLogger, finish_queued, peak_memory_metric
 from grpo.logprobs import CompletionLogprobs
 from grpo.lora import AdaptersDisabled, inject_lora
 from grpo.loss import LOSS_TYPES, policy_loss
-from grpo.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+from grpo.models import load_model, load_tokenizer, resolve_device
+from grpo.precision import SamplingWeights, resolve_precision
 from grpo.reference import mix_into_reference, sync_due
-from grpo.rollout import Rollout, generate
+from grpo.rollout import Rollout, decode_impl_problem, generate
 from grpo.schedule import build_optimizer
 from grpo.step_report import sample_metrics, sample_records
 from grpo.train_eval import best_accuracy_so_far, final_eval, keep_best, run_eval
@@ -74,7 +75,7 @@ class GRPOTrainer(PolicyUpdates):
         # torchrun: check gpu_ids against the processes, pin this rank's GPU, start the process group.
         self.env = env or init_distributed(c, resolve_device(c).type)
         self.device = resolve_device(c)
-        self.dtype = resolve_dtype(c, self.device)
+        self.precision = resolve_precision(c.dtype, self.device)
         if self.device.type == "cpu":
             keep_freed_memory()  # no page faults on memory the last step freed (grpo/cpu_memory.py)
         if c.backend == "unsloth":
@@ -136,9 +137,11 @@ class GRPOTrainer(PolicyUpdates):
         if c.backend == "unsloth":
             from grpo.unsloth_backend import load_unsloth_model
 
-            self.model = load_unsloth_model(template, dtype=self.dtype)
+            self.model = load_unsloth_model(template, dtype=self.precision.compute)
         else:
-            self.model = load_model(template.model, device=self.device, dtype=self.dtype)
+            # LoRA trains fp32 adapters (grpo/lora.py) over a frozen base, which needs only the compute dtype.
+            dtype = self.precision.compute if self.lora else self.precision.weights
+            self.model = load_model(template.model, device=self.device, dtype=dtype)
             if c.use_lora:
                 inject_lora(
                     self.model,
@@ -157,23 +160,49 @@ class GRPOTrainer(PolicyUpdates):
         self.shared_prefix = c.backend != "unsloth" and not c.gradient_checkpointing
         if c.gradient_checkpointing and c.backend != "unsloth":  # unsloth turns on its own variant
             enable_checkpointing(self.model)
-        self.policy = CompletionLogprobs(self.model, temperature=c.temperature, impl=c.logprob_impl)
+        # bf16-mixed (grpo/precision.py): the passes autocast, except under FSDP, which gathers bf16 weights.
+        mixed = self.precision.mixed and c.backend != "unsloth"
+        autocast = self.precision.compute if mixed and self.env.strategy != "fsdp" else None
+        self.policy = CompletionLogprobs(
+            self.model, temperature=c.temperature, impl=c.logprob_impl, autocast=autocast
+        )
         # With dropout active in training forwards, the old-policy log-probs need their own no-grad pass.
         self.old_from_first_update = not (self.model.training and _has_dropout(self.model))
         self.ref = None
         if c.beta > 0 and not self.lora:
-            ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-            self.ref = CompletionLogprobs(ref_model, temperature=c.temperature, impl=c.logprob_impl)
+            # frozen: the compute dtype is all it needs
+            ref_model = copy.deepcopy(self.model).to(self.precision.compute).eval().requires_grad_(False)
+            self.ref = CompletionLogprobs(
+                ref_model, temperature=c.temperature, impl=c.logprob_impl, autocast=autocast
+            )
         # torchrun: DDP around the policy, or FSDP2 around policy and reference (grpo/distributed.py).
-        self.policy, self.ref = wrap_models(self.policy, self.ref, self.env, device=self.device)
+        self.policy, self.ref = wrap_models(
+            self.policy, self.ref, self.env, device=self.device, compute_dtype=self.precision.compute
+        )
+        # Sampling reads every weight per token: from a bf16 copy, not the fp32 master weights. FSDP gathers
+        # bf16 weights for the rollout anyway, and a LoRA base is bf16 already.
+        self.sampling_weights = (
+            SamplingWeights(self.model, self.precision.compute)
+            if mixed and not self.lora and self.env.strategy != "fsdp"
+            else None
+        )
         if c.beta > 0 and self.lora:
             # The KL reference is the base model: the (wrapped) policy with its adapters off, no second copy.
             self.ref = AdaptersDisabled(self.policy, self.model)
+        problem = decode_impl_problem(
+            c.decode_impl, self.model, self.device, self.precision.compute, c.maximum_sequence_length
+        )
+        if problem:  # an explicit choice that cannot run fails here, not in the first rollout
+            raise ConfigError(f"config.decode_impl = {c.decode_impl!r} {problem}: use auto, static or hf.")
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(
             params, c, total_updates=self.total_steps * c.num_iterations * c.mini_batches
         )
         self.generator = torch.Generator(device=self.device).manual_seed(c.seed + 1000 * self.env.rank)
+
+    def sampling_model(self) -> torch.nn.Module:
+        """The model the rollout and evaluation decode with: the policy, or its bf16 copy under bf16-mixed."""
+        return self.model if self.sampling_weights is None else self.sampling_weights.refresh()
 
     # ---------------------------------------------------------------- one step
     def rollout(self, batch: list[int]) -> tuple[Rollout, list[str], list[str], list[dict[str, Any]]]:
@@ -181,7 +210,7 @@ class GRPOTrainer(PolicyUpdates):
         prompts = [self.prompts[i] for i in batch]
         with full_params(self.policy):  # FSDP: gather the sharded weights for sampling
             ro = generate(
-                self.model,
+                self.sampling_model(),
                 [p.ids for p in prompts],
                 num_generations=c.num_generations,
                 max_new_tokens=c.maximum_completion_length,
@@ -256,6 +285,7 @@ class GRPOTrainer(PolicyUpdates):
         size = n // c.mini_batches  # whole prompt groups: mini_batches divides batch_size
         minis = [slice(j, j + size) for j in range(0, n, size)]
         olds, reuse = self.old_logprobs(ro, minis)
+        finish_queued(self.device)
         timings["time/logprob_s"] = time.perf_counter() - t2
         t3, self.optimizer_seconds = time.perf_counter(), 0.0
         for i in range(c.num_iterations):

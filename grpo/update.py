@@ -22,6 +22,7 @@ from grpo.distributed import (
     gradient_scale,
     sum_over_ranks,
 )
+from grpo.logging import finish_queued
 from grpo.logprobs import CompletionLogprobs
 from grpo.loss import micro_batch_weight, rollout_gap, rollout_is_weights, rollout_mismatch_kl
 from grpo.rollout import Rollout
@@ -179,6 +180,7 @@ class PolicyUpdates:
         # Free the gradients now, so the next rollout runs without a model's worth of them.
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        finish_queued(self.device)
         self.optimizer_seconds += time.perf_counter() - t_opt
         return first_logps
 

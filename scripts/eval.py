@@ -44,7 +44,8 @@ def main(argv: list[str]) -> int:
         from grpo import rewards as rw
         from grpo.config import ConfigError, apply_overrides, read_yaml, template_from_dict
         from grpo.evaluate import evaluate, load_eval_prompts
-        from grpo.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+        from grpo.models import load_model, load_tokenizer, resolve_device
+        from grpo.precision import resolve_precision
 
         data = apply_overrides(read_yaml(args.config), args.overrides)
         if args.model:
@@ -61,7 +62,7 @@ def main(argv: list[str]) -> int:
         device = resolve_device(c)
         tokenizer = load_tokenizer(t.model)
         prompts = load_eval_prompts(t, tokenizer, split=split, limit=args.limit)
-        model = load_model(t.model, device=device, dtype=resolve_dtype(c, device))
+        model = load_model(t.model, device=device, dtype=resolve_precision(c.dtype, device).compute)
         if args.adapter:
             from grpo.lora import load_adapter
 

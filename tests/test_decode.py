@@ -237,6 +237,42 @@ def test_unsupported_architectures_fall_back_to_transformers():
     assert static_decode_supported(window, capacity=16) and not static_decode_supported(window, capacity=17)
 
 
+def test_an_explicit_decode_path_that_cannot_run_is_named(tiny_model_dir, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from grpo.config import ConfigError, template_from_dict
+    from grpo.rollout import DECODE_IMPLS, decode_impl_problem
+    from grpo.trainer import GRPOTrainer
+    from tests.conftest import tiny_template
+
+    llama = tiny("llama", vocab=50)
+    assert all(decode_impl_problem(i, llama, CPU, torch.float32, 64) is None for i in DECODE_IMPLS)
+    dynamic = tiny(
+        "llama", vocab=50, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}
+    )
+    assert decode_impl_problem("graph", dynamic, CPU, torch.float32, 64) == (
+        "cannot record FSDP-wrapped layers or a RoPE that rescales with the sequence length"
+    )
+    for device, dtype in [(CPU, torch.bfloat16), (torch.device("cuda"), torch.float32)]:
+        assert (
+            decode_impl_problem("packed", llama, device, dtype, 64)
+            == "runs on CPU, in float32, with MKL only"
+        )
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=16, n_layer=1, n_head=2, n_positions=64))
+    assert decode_impl_problem("static", gpt2, CPU, torch.float32, 64) == (
+        "needs a llama/mistral/qwen2/qwen3 model with sdpa or eager attention and no sliding window shorter "
+        "than maximum_sequence_length (64)"
+    )
+    assert decode_impl_problem("auto", gpt2, CPU, torch.float32, 64) is None
+    # bf16-mixed samples from a bf16 copy, which the fp32-only packed decoder cannot run: refused at start
+    data = tiny_template(tiny_model_dir, tmp_path, dtype="bf16-mixed", decode_impl="packed")
+    with pytest.raises(ConfigError) as e:
+        GRPOTrainer(template_from_dict(data))
+    assert str(e.value) == (
+        "config.decode_impl = 'packed' runs on CPU, in float32, with MKL only: use auto, static or hf."
+    )
+
+
 def test_sampler_follows_the_distribution_and_the_nucleus():
     probs = torch.tensor([0.5, 0.25, 0.125, 0.125, 0.0])
     logits = probs.clamp(min=1e-30).log().expand(20_000, 5)
