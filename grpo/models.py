@@ -16,7 +16,7 @@ from grpo.config import EMBEDDED_MODEL, ConfigError, TrainConfig
 from grpo.fsio import fresh_dir, replace_dir
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERSION_VERSION = 2  # 2: no gguf quantization_config in config.json
+CONVERSION_VERSION = 3  # 2: no gguf quantization_config in config.json; 3: special tokens from the file's ids
 
 
 def resolve_device(c: TrainConfig) -> torch.device:
@@ -58,7 +58,15 @@ def _converted_gguf(gguf: Path) -> Path:
     """De-quantising a GGUF takes ~15 s; a safetensors copy keyed by the file's identity loads in ~1 s."""
     stat = gguf.stat()
     # CONVERSION_VERSION changes when the written folder does, so stale caches are rebuilt, not reused.
-    identity = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERSION_VERSION}"
+    # transformers' GGUF readers change between versions (5.17 named the wrong end token): one cache per version
+    import transformers
+
+    identity = ":".join(
+        map(
+            str,
+            (gguf.resolve(), stat.st_size, stat.st_mtime_ns, CONVERSION_VERSION, transformers.__version__),
+        )
+    )
     key = hashlib.sha1(identity.encode()).hexdigest()[:12]
     target = cache_dir() / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file():
@@ -67,8 +75,21 @@ def _converted_gguf(gguf: Path) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    name_special_tokens(tokenizer, model.config)
     save_model(model, tokenizer, target)
     return target
+
+
+def name_special_tokens(tokenizer: Any, config: Any) -> None:
+    """Set the tokenizer's bos/eos/pad tokens to the ids the GGUF file gives (in the model config).
+
+    transformers 5.17 builds a llama-architecture GGUF's tokenizer with the start token as its end token and no
+    padding (SmolLM2: eos <|im_start|>): sampling would stop at the next turn's start, and padding would use a
+    token every prompt contains. Later versions read the file's ids, and then this changes nothing."""
+    for name in ("bos", "eos", "pad"):
+        token_id = getattr(config, f"{name}_token_id", None)
+        if isinstance(token_id, int) and 0 <= token_id < len(tokenizer):
+            setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(token_id))
 
 
 def load_tokenizer(model: str) -> Any:

@@ -416,6 +416,13 @@ def test_triton_masked_rows_and_auto() -> None:
 
 
 INTERPRETED = """
+import triton.runtime.interpreter as ti
+if hasattr(ti, "_patch_lang_tensor"):  # triton < 3.7 calls int() on a [1] array, an error from numpy 2.4 on
+    patch_tensor = ti._patch_lang_tensor
+    def _patch_lang_tensor(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    ti._patch_lang_tensor = _patch_lang_tensor
 import torch, kernels.triton_logprobs as tl_mod
 from kernels.chunked import ChunkedLogprobs
 from kernels.reference import naive_token_logprobs

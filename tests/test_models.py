@@ -22,3 +22,21 @@ def test_converted_gguf_is_a_plain_trainable_folder(tokenizer):
     assert not getattr(model, "is_quantized", False)
     assert getattr(model, "hf_quantizer", None) is None
     assert sum(p.numel() for p in model.parameters()) == 134_515_008  # SmolLM2-135M, tied head
+
+
+def test_embedded_tokenizer_names_the_files_special_tokens(tokenizer):
+    from transformers import AutoConfig
+
+    from grpo.config import EMBEDDED_MODEL
+    from grpo.models import name_special_tokens, resolve_model_source
+
+    config = AutoConfig.from_pretrained(resolve_model_source(EMBEDDED_MODEL)[0])
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, 2)
+    want = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"}
+    assert {k: getattr(tokenizer, k) for k in want} == want
+    # what transformers 5.17's GGUF reader produced: the start token as the end token, no padding
+    tokenizer = tokenizer.__class__.from_pretrained(resolve_model_source(EMBEDDED_MODEL)[0])
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_start|>", None
+    name_special_tokens(tokenizer, config)
+    assert {k: getattr(tokenizer, k) for k in want} == want
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (2, 2)
