@@ -12,6 +12,8 @@ On CPU the same step runs eagerly (the tests hold it to transformers' logits); o
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -77,20 +79,67 @@ class CUDAGraphDecoder:
 
     def __init__(self, fixed: FixedShapeDecoder):
         self.fixed = fixed
-        # Warm up on a side stream first: lazy initialisation (cuBLAS workspaces, autotuning) cannot be recorded.
-        side = torch.cuda.Stream()
+        side = capture_stream()
+        # Warm up on the side stream first: lazy initialisation (cuBLAS workspaces, autotuning) cannot be recorded.
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             fixed.step()
         torch.cuda.current_stream().wait_stream(side)
         # The warm-up wrote column `start` from dummy tokens; the first real step rewrites it before reading it.
         fixed.column.fill_(fixed.start)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # records without running: the column stays at `start`
-            self.logits = fixed.step()
+        # Records without running: the column stays at `start`.
+        self.graph, self.logits = record(fixed.step, side)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self.fixed.tokens.copy_(tokens)
         self.fixed.positions.copy_(positions)
         self.graph.replay()
         return self.logits
+
+
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+_LAST_GRAPHS: dict[int, torch.cuda.CUDAGraph] = {}
+
+
+def capture_stream() -> torch.cuda.Stream:
+    """One side stream per device for every warm-up and capture, as torch.cuda.graph keeps one: the caching
+    allocator hands a freed block only to allocations on the stream it was allocated on, so a fresh stream per
+    rollout could not reuse the blocks of the rollouts before it."""
+    device = torch.cuda.current_device()
+    if device not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[device] = torch.cuda.Stream()
+    return _CAPTURE_STREAMS[device]
+
+
+def record(
+    step: Callable[[], torch.Tensor], side: torch.cuda.Stream
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """`with torch.cuda.graph(g, stream=side): out = step()` (torch 2.11-2.13), less the clean-up its __enter__
+    does on every capture: torch.cuda.empty_cache() and the host allocator's, and gc.collect() when
+    TORCH_CUDAGRAPH_GC is set. A rollout records a graph every training step, so that handed the caching
+    allocator's free blocks back to the driver each step, and the reference and policy passes after the rollout
+    had to cudaMalloc them again.
+
+    Without empty_cache, a dead graph's private memory pool stays reserved until some cudaMalloc fails: one more
+    pool per rollout. So each capture shares the pool of the graph recorded before it on this device, kept alive
+    here until the next capture: the pool never drops to zero users (capturing into a pool id that did, while
+    its blocks are still cached, fails an internal assert), and a new capture reuses the blocks earlier captures
+    freed. Sharing is safe here: a captured step's temporaries live only within one replay, replays run one at a
+    time on the rollout's stream, and a graph's output (the logits) stays allocated while its decoder lives, so
+    no later capture takes it."""
+    device = torch.cuda.current_device()
+    previous = _LAST_GRAPHS.get(device)
+    graph = torch.cuda.CUDAGraph()
+    # As torch.cuda.graph: the warm-up and all work queued before it are done. This also lets the capture reuse
+    # the shared pool's free blocks, which earlier graphs' replays used on another stream than the side one.
+    torch.cuda.synchronize()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graph.capture_begin(pool=None if previous is None else previous.pool(), capture_error_mode="global")
+        try:
+            out = step()
+        finally:
+            graph.capture_end()  # as torch.cuda.graph's __exit__, also when the step raised
+    torch.cuda.current_stream().wait_stream(side)
+    _LAST_GRAPHS[device] = graph
+    return graph, out

@@ -1,12 +1,15 @@
 """Step time and memory of our GRPO trainer against TRL's GRPOTrainer on the same work.
 
-    python scripts/bench.py cpu                     # ours, and TRL when installed (pip install .[bench])
+    python scripts/bench.py cpu                     # ours, and TRL when `import trl, datasets` works
     python scripts/bench.py cpu --repeats 2 --ignore-eos
     python scripts/bench.py gpu --systems ours
 
 Runs alternate (ours, trl, ours, trl, ...), each in a fresh child process so peak memory is per system.
 Prints one JSON line per system: median step time, rollout tokens/s, peak memory and ours/TRL ratios, and
-rollout tokens/s against the memory-bandwidth bound (rows x measured copy bandwidth / weight bytes).
+rollout tokens/s against the memory-bandwidth bound: rows x measured copy bandwidth / bytes read per decode
+step (the weights, plus each row's KV cache at the decode steps' mean context length; the weights-only bound of
+earlier runs is reported too). When one system's run fails, the other systems' rows are still printed (and
+written to --out), an error line names the failed one, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +46,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def trl_importable() -> tuple[bool, str]:
+    """Whether `import trl, datasets` works, tried in a fresh interpreter: an installed TRL can still fail to
+    import (say, a datasets built against another pyarrow), and a failed import must not touch this process."""
+    proc = subprocess.run([sys.executable, "-c", "import trl, datasets"], capture_output=True, text=True)
+    lines = proc.stderr.strip().splitlines()
+    return proc.returncode == 0, lines[-1] if lines else f"exit {proc.returncode}"
+
+
 def pick_systems(spec: str) -> list[str]:
     if spec == "auto":
-        return ["ours", "trl"] if importlib.util.find_spec("trl") else ["ours"]
+        if not importlib.util.find_spec("trl"):
+            return ["ours"]
+        ok, error = trl_importable()
+        if not ok:
+            print(f"[bench] trl is installed but does not import ({error}): ours alone.", file=sys.stderr)
+        return ["ours", "trl"] if ok else ["ours"]
     systems = [s.strip() for s in spec.split(",") if s.strip()]
     bad = [s for s in systems if s not in SYSTEMS]
     if bad or not systems:
@@ -54,16 +71,37 @@ def pick_systems(spec: str) -> list[str]:
     return systems
 
 
+class ChildFailed(Exception):
+    def __init__(self, system: str, returncode: int, stderr: str):
+        super().__init__(f"the {system} benchmark run failed (exit {returncode})")
+        self.system, self.returncode, self.stderr = system, returncode, stderr
+
+
 def run_child(system: str, cfg: BenchConfig) -> dict[str, Any]:
     """One measured run in a fresh interpreter; its last stdout line is the JSON result."""
     cmd = [sys.executable, __file__, cfg.name, "--child", system, "--config-json", json.dumps(cfg.to_dict())]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(
-            f"error: the {system} benchmark run failed (exit {proc.returncode}); its log is above."
-        )
+        raise ChildFailed(system, proc.returncode, proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_systems(
+    systems: list[str], cfg: BenchConfig, repeats: int, run: Callable[[str, BenchConfig], dict[str, Any]]
+) -> tuple[dict[str, list[dict[str, Any]]], list[ChildFailed]]:
+    """Alternating runs (ours, trl, ours, trl, ...). A system whose run fails is not run again and gets no row;
+    the others still run and keep theirs. Returns the finished runs per system and the failures."""
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+    failures: list[ChildFailed] = []
+    for r in range(repeats):
+        for system in [s for s in systems if s in runs]:
+            print(f"[bench] {cfg.name}: {system} run {r + 1}/{repeats} ...", file=sys.stderr, flush=True)
+            try:
+                runs[system].append(run(system, cfg))
+            except ChildFailed as e:
+                failures.append(e)
+                del runs[system]
+    return runs, failures
 
 
 def summarize(system: str, cfg: BenchConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -90,6 +128,25 @@ def summarize(system: str, cfg: BenchConfig, runs: list[dict[str, Any]]) -> dict
     if runs[0].get("trl_version"):
         row["trl_version"] = runs[0]["trl_version"]
     return row
+
+
+def add_rollout_bound(rows: list[dict[str, Any]], ours_runs: list[dict[str, Any]]) -> None:
+    """The memory-bandwidth bounds measured on our side, medians over its runs (the byte counts of its first run),
+    on every row: the same model, rows and prompts on both sides, so one bound serves both (with end tokens, the
+    completion lengths behind the KV-cache bytes may differ a little between the sides)."""
+    if not ours_runs:
+        return
+    bytes_ = ours_runs[0]["rollout_bound_bytes"]
+    bound = round(statistics.median(r["rollout_bound_tokens_per_s"] for r in ours_runs), 1)
+    weights_only = round(
+        statistics.median(r["rollout_bound_weights_only_tokens_per_s"] for r in ours_runs), 1
+    )
+    for row in rows:
+        row["rollout_bound_tokens_per_s"] = bound  # weights + KV cache read per decode step
+        row["rollout_vs_bound"] = round(row["rollout_tokens_per_s"] / bound, 3)
+        row["rollout_bound_weights_only_tokens_per_s"] = weights_only  # what earlier runs called the bound
+        row["rollout_vs_weights_only_bound"] = round(row["rollout_tokens_per_s"] / weights_only, 3)
+        row["rollout_bound_bytes"] = bytes_
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,28 +176,26 @@ def main(argv: list[str] | None = None) -> int:
                 f"error: the {cfg.name} benchmark needs a CUDA GPU and none is visible; use cpu."
             )
     systems = pick_systems(args.systems)
-    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
-    for r in range(args.repeats):
-        for system in systems:
-            print(f"[bench] {cfg.name}: {system} run {r + 1}/{args.repeats} ...", file=sys.stderr, flush=True)
-            runs[system].append(run_child(system, cfg))
-    rows = [summarize(s, cfg, runs[s]) for s in systems]
-    if "trl" in runs and "ours" in runs:
-        ours, trl = rows[0], rows[1]
+    runs, failures = run_systems(systems, cfg, args.repeats, run_child)
+    rows = [summarize(s, cfg, runs[s]) for s in systems if s in runs]
+    by_system = {row["system"]: row for row in rows}
+    if "trl" in by_system and "ours" in by_system:
+        ours, trl = by_system["ours"], by_system["trl"]
         ours["step_time_vs_trl"] = round(ours["median_step_s"] / trl["median_step_s"], 3)
         ours["peak_memory_vs_trl"] = round(ours["peak_memory_gb"] / trl["peak_memory_gb"], 3)
-    bound = [
-        r["rollout_bound_tokens_per_s"] for r in runs.get("ours", []) if "rollout_bound_tokens_per_s" in r
-    ]
-    for row in rows if bound else []:  # same model and rows on both sides, so one bound serves both
-        row["rollout_bound_tokens_per_s"] = round(statistics.median(bound), 1)
-        row["rollout_vs_bound"] = round(row["rollout_tokens_per_s"] / row["rollout_bound_tokens_per_s"], 3)
+    add_rollout_bound(rows, runs.get("ours", []))
     lines = [json.dumps({**row, "settings": cfg.to_dict()}) for row in rows]
-    print("\n".join(lines))
-    if args.out:
+    if lines:
+        print("\n".join(lines), flush=True)
+    if args.out:  # written even when empty, so no earlier file passes for this run's result
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines) + "\n")
-    return 0
+        args.out.write_text("".join(line + "\n" for line in lines))
+    for failure in failures:
+        print(f"--- the {failure.system} run's stderr, last 4000 characters ---", file=sys.stderr)
+        sys.stderr.write(failure.stderr[-4000:].rstrip() + "\n")
+        last = (failure.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
+        print(f"error: {failure}, so it has no result row; its stderr ends: {last}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

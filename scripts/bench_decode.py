@@ -5,7 +5,9 @@
 
 Every completion runs to full length (no end token), so each implementation does the same work. One JSON line
 per implementation: median seconds per rollout, completion tokens/s, ms per token (prefill included), and tokens/s as a
-share of the bound (rows x measured copy bandwidth / weight bytes: a decode step reads every weight once).
+share of the memory-bandwidth bound: rows x measured copy bandwidth / bytes a decode step reads (every weight once,
+and each row's keys and values at the decode steps' mean context length, prompt + tokens / 2). The weights-only
+bound of earlier runs is reported too (bound_weights_only_tokens_per_s, vs_weights_only_bound).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     import torch
 
-    from grpo.bench import sync
+    from grpo.bench import decode_bound, kv_cache_bytes_per_token, mean_decode_context, sync
     from grpo.bench.ours import copy_bandwidth
     from grpo.models import load_model
     from grpo.rollout import generate
@@ -71,7 +73,9 @@ def main(argv: list[str]) -> int:
     ]
     rows = args.prompts * args.generations
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    bound = rows * copy_bandwidth(device) / weight_bytes
+    kv_per_token = kv_cache_bytes_per_token(model.config, dtype.itemsize)
+    context = mean_decode_context(args.prompt_tokens, args.tokens)
+    bound = decode_bound(rows, copy_bandwidth(device), weight_bytes, kv_per_token, context)
     for impl in args.impls:
         times = []
         for i in range(args.repeat + 1):  # the first rollout warms up (allocations, calibration, autotuning)
@@ -100,8 +104,12 @@ def main(argv: list[str]) -> int:
             "median_rollout_s": round(median, 6),
             "tokens_per_s": round(tokens_per_s, 1),
             "ms_per_token": round(1000 * median / args.tokens, 3),  # prefill included
-            "bound_tokens_per_s": round(bound, 1),
-            "vs_bound": round(tokens_per_s / bound, 3),
+            "bound_tokens_per_s": round(bound["tokens_per_s"], 1),  # weights + KV cache per decode step
+            "vs_bound": round(tokens_per_s / bound["tokens_per_s"], 3),
+            "bound_weights_only_tokens_per_s": round(bound["weights_only_tokens_per_s"], 1),
+            "vs_weights_only_bound": round(tokens_per_s / bound["weights_only_tokens_per_s"], 3),
+            "weight_bytes": weight_bytes,
+            "kv_cache_bytes_per_step": round(bound["kv_bytes_per_step"]),  # all rows, mean context
         }
         print(json.dumps(line), flush=True)
     return 0

@@ -155,37 +155,48 @@ def main() -> None:
     device = torch.cuda.get_device_name() if cuda else f"{_cpu_name()}, {os.cpu_count()} cores"
     print(
         f"# {device}, torch {torch.__version__}, {args.dtype}, N={args.rows}, H={args.hidden}, {args.repeat} rounds"
-        + (", frozen LM head" if args.frozen_head else "")
+        + (", frozen LM head" if args.frozen_head else ""),
+        flush=True,
     )
     print("| V | impl | peak memory (MiB) | vs naive | wall (s) | vs naive | CPU (s) | vs naive |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|", flush=True)
     for vocab in args.vocab:
         runs: dict[str, list[dict]] = {impl: [] for impl in impls}
         for _ in range(args.repeat):  # rounds interleave the impls, so a busy spell hits them alike
             for impl in impls:
                 r = _child(args, impl, vocab)  # one child at a time: never two big ones at once
                 runs[impl] += [r] if r else []
-        best = {
-            impl: {
-                "peak": statistics.median(r["peak"] for r in rs),
-                "lower_bound": any(r["lower_bound"] for r in rs),
-                "wall": min(r["wall"] for r in rs),  # the least disturbed step
-                "cpu": min(r["cpu"] for r in rs),
-            }
-            for impl, rs in runs.items()
-            if rs
+        # Each vocabulary's rows go out as soon as it is done: a time limit hit during the next one keeps them.
+        rows = table_rows(vocab, runs)
+        if rows:  # none when every child failed (each failure was printed)
+            print(rows, flush=True)
+
+
+def table_rows(vocab: int, runs: dict[str, list[dict]]) -> str:
+    """One vocabulary's rows: each impl's median peak and fastest round, against naive's."""
+    best = {
+        impl: {
+            "peak": statistics.median(r["peak"] for r in rs),
+            "lower_bound": any(r["lower_bound"] for r in rs),
+            "wall": min(r["wall"] for r in rs),  # the least disturbed step
+            "cpu": min(r["cpu"] for r in rs),
         }
-        base = best.get("naive")
-        for impl, r in best.items():
-            cols = [
-                f"{vocab:,}",
-                impl,
-                f"{r['peak'] / 2**20:,.0f}" + (" (lower bound)" if r["lower_bound"] else ""),
-            ]
-            cols.append(f"{base['peak'] / r['peak']:.1f}x lower" if base and impl != "naive" else "")
-            for k in ("wall", "cpu"):
-                cols += [f"{r[k]:.2f}", f"{r[k] / base[k]:.2f}x" if base and impl != "naive" else ""]
-            print("| " + " | ".join(cols) + " |", flush=True)
+        for impl, rs in runs.items()
+        if rs
+    }
+    base = best.get("naive")
+    lines = []
+    for impl, r in best.items():
+        cols = [
+            f"{vocab:,}",
+            impl,
+            f"{r['peak'] / 2**20:,.0f}" + (" (lower bound)" if r["lower_bound"] else ""),
+        ]
+        cols.append(f"{base['peak'] / r['peak']:.1f}x lower" if base and impl != "naive" else "")
+        for k in ("wall", "cpu"):
+            cols += [f"{r[k]:.2f}", f"{r[k] / base[k]:.2f}x" if base and impl != "naive" else ""]
+        lines.append("| " + " | ".join(cols) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

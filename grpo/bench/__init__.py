@@ -21,7 +21,7 @@ LOCAL_GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 class BenchConfig:
     name: str
     device: str  # cpu | cuda
-    dtype: str  # float32 | bfloat16
+    dtype: str  # ours: config.dtype (float32 | bf16-mixed | bfloat16); TRL: float32, or bf16 for the others
     prompts_per_step: int
     num_generations: int
     completion_tokens: int
@@ -42,7 +42,9 @@ class BenchConfig:
 CONFIGS = {
     # The issue's CPU setting: fp32, one GSM8K prompt per step, G=4, 64 tokens, beta 0.04.
     "cpu": BenchConfig("cpu", "cpu", "float32", 1, 4, 64),
-    "gpu": BenchConfig("gpu", "cuda", "bfloat16", 16, 8, 256, steps=8, warmup_steps=2),
+    # The GPU setting: each side's bf16 default. Ours trains fp32 weights with bf16 compute (bf16-mixed, more
+    # work per step); TRL trains the weights in bf16 as loaded (the model's own dtype) with bf16=True.
+    "gpu": BenchConfig("gpu", "cuda", "bf16-mixed", 16, 8, 256, steps=8, warmup_steps=2),
 }
 
 
@@ -94,6 +96,38 @@ def sync(device: str) -> None:
 
 def step_record(step_s: float, rollout_s: float, tokens: int) -> dict[str, float]:
     return {"step_s": step_s, "rollout_s": rollout_s, "tokens": tokens}
+
+
+def kv_cache_bytes_per_token(config: Any, dtype_bytes: int) -> int:
+    """Bytes of one token's keys and values over all layers, for one row: 2 x layers x kv_heads x head_dim x
+    dtype bytes. With grouped-query attention kv_heads is below the query heads."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+
+
+def mean_decode_context(prompt_tokens: float, completion_tokens: float) -> float:
+    """Mean number of cached tokens a decode step reads per row: the prefill gives the first of T completion
+    tokens, and decode step k = 1 .. T-1 reads the prompt's P tokens and k more, so the mean is P + T / 2."""
+    return prompt_tokens + completion_tokens / 2
+
+
+def decode_bound(
+    rows: int, bandwidth: float, weight_bytes: int, kv_bytes_per_token: int, mean_context: float
+) -> dict[str, float]:
+    """Upper bounds on decoding tokens/s from memory bandwidth (bytes/s). Each decode step reads every weight
+    once and, for every row, the keys and values of its whole context: at the decode steps' mean context length,
+    rows x bandwidth / (weight bytes + rows x mean context x KV bytes per token). The weights-only figure, the
+    one this bench reported before, leaves the cache out; with many rows and long contexts the cache dominates."""
+    kv_bytes = rows * mean_context * kv_bytes_per_token
+    return {
+        "tokens_per_s": rows * bandwidth / (weight_bytes + kv_bytes),
+        "weights_only_tokens_per_s": rows * bandwidth / weight_bytes,
+        "weight_bytes": weight_bytes,
+        "kv_bytes_per_step": kv_bytes,
+    }
 
 
 def prompts_in_step_order(cfg: BenchConfig) -> list[Any]:

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from typing import Any
 
 import torch
 
-from grpo.bench import BenchConfig, gsm8k_template, step_record, sync
+from grpo.bench import (
+    BenchConfig,
+    decode_bound,
+    gsm8k_template,
+    kv_cache_bytes_per_token,
+    mean_decode_context,
+    step_record,
+    sync,
+)
 from grpo.config import template_from_dict
 from grpo.logging import peak_memory_bytes
 from grpo.trainer import GRPOTrainer
 
+DECODE_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "bf16-mixed": 2}
 PHASES = ("time/rollout_s", "time/reward_s", "time/logprob_s", "time/fwd_bwd_s", "time/optimizer_s")
 
 
@@ -32,15 +42,28 @@ def run_ours(cfg: BenchConfig) -> dict[str, Any]:
             )
             phases.append({k: metrics[k] for k in PHASES if k in metrics})
         peak = peak_memory_bytes(cfg.device)  # before the bandwidth probe allocates its buffers
-        weight_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
-        rows = cfg.prompts_per_step * cfg.num_generations
-        # A decode step reads every weight once, so rows * bandwidth / weight bytes bounds tokens/s.
-        bound = rows * copy_bandwidth(trainer.device) / weight_bytes
+        model = trainer.model
+        # What decoding reads: every weight in the compute dtype (a bf16-mixed run samples from a bf16 copy).
+        itemsize = DECODE_DTYPE_BYTES[cfg.dtype]
+        weight_bytes = sum(p.numel() for p in model.parameters()) * itemsize
+        # The run's prompts: the dataset is cut to the prompts its steps draw. The mean completion length is
+        # over the measured steps (every one at full length with ignore_eos).
+        prompt_tokens = statistics.mean(len(p.ids) for p in trainer.prompts)
+        completion_tokens = statistics.mean(s["tokens"] for s in steps[cfg.warmup_steps :]) / rows(cfg)
+        context = mean_decode_context(prompt_tokens, completion_tokens)
+        kv_per_token = kv_cache_bytes_per_token(model.config, itemsize)
+        bound = decode_bound(rows(cfg), copy_bandwidth(trainer.device), weight_bytes, kv_per_token, context)
         return {
             "steps": steps,
             "phases": phases,
             "peak_memory_bytes": peak,
-            "rollout_bound_tokens_per_s": bound,
+            "rollout_bound_tokens_per_s": bound["tokens_per_s"],
+            "rollout_bound_weights_only_tokens_per_s": bound["weights_only_tokens_per_s"],
+            "rollout_bound_bytes": {
+                "weights": bound["weight_bytes"],
+                "kv_cache_per_step": round(bound["kv_bytes_per_step"]),
+                "mean_context_tokens": round(context, 1),
+            },
         }
 
 
@@ -57,5 +80,9 @@ def copy_bandwidth(device: torch.device, mib: int = 512) -> float:
     return 2 * src.nbytes * repeats / (time.perf_counter() - t0)
 
 
+def rows(cfg: BenchConfig) -> int:
+    return cfg.prompts_per_step * cfg.num_generations
+
+
 def _tokens(metrics: dict[str, float], cfg: BenchConfig) -> int:
-    return round(metrics["completion/length_mean"] * cfg.prompts_per_step * cfg.num_generations)
+    return round(metrics["completion/length_mean"] * rows(cfg))

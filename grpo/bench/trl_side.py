@@ -61,8 +61,8 @@ def run_trl(cfg: BenchConfig) -> dict[str, Any]:
             report_to=[],
             disable_tqdm=True,
             use_cpu=cfg.device == "cpu",
-            bf16=cfg.dtype == "bfloat16",
-            model_init_kwargs={"dtype": getattr(torch, cfg.dtype)},
+            bf16=cfg.dtype != "float32",
+            model_init_kwargs={"dtype": torch.float32 if cfg.dtype == "float32" else torch.bfloat16},
             generation_kwargs={"min_new_tokens": cfg.completion_tokens} if cfg.ignore_eos else None,
         )
         trainer = trl.GRPOTrainer(
