@@ -314,13 +314,15 @@ def test_bf16_mixed_two_processes_match_one_process(tiny_model_dir, tmp_path, st
         torch.testing.assert_close(two["state"][k], one["state"][k], rtol=0, atol=atol)
 
 
-def test_fsdp_bf16_mixed_run_samples_from_gathered_bf16_weights(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_bf16_mixed_run_samples_in_bf16(tiny_model_dir, tmp_path, strategy):
+    """ddp samples from each rank's bf16 copy of the policy, fsdp from the weights it gathers in bf16."""
     out = tmp_path / "run"
     data = tiny_template(
         tiny_model_dir, out, beta=0.1, rewards=["tests.user_rewards:length"], dtype="bf16-mixed"
     )
     result = launch(
-        "scripts/train.py", write_template(tmp_path / "t.yaml", data), "distributed_strategy=fsdp"
+        "scripts/train.py", write_template(tmp_path / "t.yaml", data), f"distributed_strategy={strategy}"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     state = load_file(out / "model" / "model.safetensors")
