@@ -162,7 +162,7 @@ class GRPOTrainer(PolicyUpdates):
             enable_checkpointing(self.model)
         # bf16-mixed (grpo/precision.py): the passes autocast, except under FSDP, which gathers bf16 weights.
         mixed = self.precision.mixed and c.backend != "unsloth"
-        autocast = self.precision.compute if mixed and self.env.strategy != "fsdp" else None
+        autocast = self.precision.compute if mixed and not self.env.fsdp else None
         self.policy = CompletionLogprobs(
             self.model, temperature=c.temperature, impl=c.logprob_impl, autocast=autocast
         )
@@ -183,7 +183,7 @@ class GRPOTrainer(PolicyUpdates):
         # bf16 weights for the rollout anyway, and a LoRA base is bf16 already.
         self.sampling_weights = (
             SamplingWeights(self.model, self.precision.compute)
-            if mixed and not self.lora and self.env.strategy != "fsdp"
+            if mixed and not self.lora and not self.env.fsdp
             else None
         )
         if c.beta > 0 and self.lora:
