@@ -16,9 +16,7 @@ Where the bf16 compute comes from:
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -32,10 +30,6 @@ class Precision:
     @property
     def mixed(self) -> bool:
         return self.weights != self.compute
-
-    def autocast(self, device: torch.device) -> Any:
-        """The compute dtype for a forward over weights stored in `weights`; nothing when they are equal."""
-        return torch.autocast(device.type, dtype=self.compute) if self.mixed else nullcontext()
 
 
 def resolve_precision(dtype: str, device: torch.device) -> Precision:
