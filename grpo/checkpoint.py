@@ -212,7 +212,7 @@ def _barrier(env: Any) -> None:
 
 
 def _optimizer_state(trainer: Any) -> dict[str, Any]:
-    if trainer.env.enabled and trainer.c.distributed_strategy == "fsdp":
+    if trainer.env.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -259,13 +259,13 @@ def save_checkpoint(trainer: Any) -> Path:
 
 def resume(trainer: Any, path: Path) -> Path:
     """Load a checkpoint (already checked with check_compatible) into a freshly built trainer."""
-    c, env = trainer.c, trainer.env
+    env = trainer.env
     _load_weights(trainer, path / "model")
     reference, ref_state = trainer.synced_reference(), load_reference(path)
     if reference is not None and ref_state is not None:  # none: saved before sync was on (force_resume)
         _load_full_state(trainer, reference, ref_state)
     optim = torch.load(path / "optimizer.pt", weights_only=False)
-    if env.enabled and c.distributed_strategy == "fsdp":
+    if env.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(
@@ -297,7 +297,7 @@ def _load_weights(trainer: Any, folder: Path) -> None:
 def _load_full_state(trainer: Any, model: Any, state: dict[str, torch.Tensor]) -> None:
     """A full (unsharded) state dict into `model`: FSDP scatters it to the shards. Only a tied head may be
     missing from the file."""
-    if trainer.env.enabled and trainer.c.distributed_strategy == "fsdp":
+    if trainer.env.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))

@@ -62,8 +62,7 @@ class PolicyUpdates:
     def frozen_logprobs(self, module: CompletionLogprobs, ro: Rollout) -> torch.Tensor:
         """Reference / old-policy log-probs [N, T]: no graph. inference_mode also skips version counters,
         but FSDP's parameter all-gathers must stay ordinary tensors, so it gets plain no_grad."""
-        fsdp = self.env.enabled and self.c.distributed_strategy == "fsdp"
-        with torch.no_grad() if fsdp else torch.inference_mode():
+        with torch.no_grad() if self.env.fsdp else torch.inference_mode():
             out = torch.cat(
                 [module(*self.logprob_inputs(ro, s)) for s in self.micro_batches(ro.completion_ids.shape[0])]
             )

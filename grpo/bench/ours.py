@@ -22,7 +22,6 @@ from grpo.config import template_from_dict
 from grpo.logging import peak_memory_bytes
 from grpo.trainer import GRPOTrainer
 
-DECODE_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "bf16-mixed": 2}
 PHASES = ("time/rollout_s", "time/reward_s", "time/logprob_s", "time/fwd_bwd_s", "time/optimizer_s")
 
 
@@ -44,7 +43,7 @@ def run_ours(cfg: BenchConfig) -> dict[str, Any]:
         peak = peak_memory_bytes(cfg.device)  # before the bandwidth probe allocates its buffers
         model = trainer.model
         # What decoding reads: every weight in the compute dtype (a bf16-mixed run samples from a bf16 copy).
-        itemsize = DECODE_DTYPE_BYTES[cfg.dtype]
+        itemsize = trainer.precision.compute.itemsize
         weight_bytes = sum(p.numel() for p in model.parameters()) * itemsize
         # The run's prompts: the dataset is cut to the prompts its steps draw. The mean completion length is
         # over the measured steps (every one at full length with ignore_eos).
