@@ -9,6 +9,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "transformers>=4.46",
+        "accelerate>=1.0",  # transformers needs it to read GGUF files (the embedded model)
         "datasets>=2.19",
         "safetensors>=0.4",
         "tensorboard>=2.14",
