@@ -21,9 +21,21 @@ def main(argv: list[str]) -> int:
         return 0 if argv else 2
 
     def job() -> int:
+        from grpo.run_report import closing_report, example_question
+
         template = load_template(argv[0], argv[1:])
-        path = GRPOTrainer(template).train()
-        print(f"saved: {path}")
+        trainer = GRPOTrainer(template)
+        path = trainer.train()
+        if trainer.env.is_main:
+            example = example_question(template.template.input, trainer.prompts[0].row)
+            report = closing_report(
+                run_dir=trainer.output_dir,
+                model_dir=path,
+                template=template,
+                example=example,
+                scripts_dir=Path(__file__).resolve().parent,
+            )
+            print(report, flush=True)
         return 0
 
     return run_rank(lambda: run_cli(job))  # under torchrun a failing rank exits at once
