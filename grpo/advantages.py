@@ -27,7 +27,10 @@ def group_advantages(
             f"got shape {tuple(rewards.shape)}."
         )
     grouped = rewards.float().view(-1, num_generations)  # [P, G]
-    centred = grouped - grouped.mean(dim=1, keepdim=True)  # [P, G]
+    # A group whose rewards are all equal teaches nothing: its advantages are exactly 0. The float32 mean of G
+    # equal values need not equal them (8 x 0.733 gives a residue of 6e-8, which / (0 + eps) becomes 6e-4).
+    spread = grouped.amax(dim=1, keepdim=True) > grouped.amin(dim=1, keepdim=True)  # [P, 1]
+    centred = torch.where(spread, grouped - grouped.mean(dim=1, keepdim=True), 0.0)  # [P, G]
     if scale == "group":
         std = grouped.std(dim=1, keepdim=True)  # [P, 1]
     elif scale == "batch":
@@ -37,7 +40,7 @@ def group_advantages(
         return centred.reshape(-1)
     else:
         raise ValueError(f"scale = {scale!r} is not allowed: use group, batch or none.")
-    # A group with zero spread has centred == 0; keep it 0 even when eps is 0 (no 0 / 0).
+    # Zero-spread groups have centred == 0 and std == 0: the clamp keeps them 0 when eps is 0 (no 0 / 0).
     return (centred / (std + eps).clamp(min=torch.finfo(centred.dtype).tiny)).reshape(-1)  # [B]
 
 

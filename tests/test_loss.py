@@ -180,6 +180,17 @@ def test_group_advantages_zero_spread_and_errors():
         group_advantages(rewards, 3, scale="rank")
 
 
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("eps", [1e-4, 0.0])
+def test_a_group_of_equal_rewards_gets_exactly_zero_advantage(scale, eps):
+    # float32: the mean of eight 0.733s is not 0.733, and the residue / (0 + eps) used to be +6e-4 for all 8
+    rewards = torch.cat([torch.full((8,), 0.733), torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.9])])
+    adv = group_advantages(rewards, 8, scale=scale, eps=eps)
+    assert torch.equal(adv[:8], torch.zeros(8))
+    assert adv[8:].abs().min() > 0.01  # the group with spread keeps its signal
+    assert torch.equal(group_advantages(torch.full((8,), 0.733), 8, scale=scale, eps=eps), torch.zeros(8))
+
+
 def test_token_mask_drops_the_policy_term_but_keeps_kl_and_normalisers():
     # dapo over 5 tokens with beta 0.5: token (1, 0) leaves the policy term, its KL term stays.
     token_mask = MASK.clone()
