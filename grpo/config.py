@@ -74,10 +74,11 @@ class TrainConfig:
     distributed_strategy: Literal["ddp", "fsdp"] = doc(
         "Multi-process strategy under torchrun.", default="ddp"
     )
-    dtype: Literal["auto", "bf16-mixed", "float32", "bfloat16", "float16"] = doc(
+    dtype: Literal["auto", "bf16-mixed", "float32", "bfloat16", "float16", "float64"] = doc(
         "Training dtype: auto = bf16-mixed on GPU, float32 on CPU. bf16-mixed keeps the trained weights and "
         "AdamW's state in fp32 and computes in bf16; bfloat16/float16 store the weights themselves in that "
-        "dtype (half the memory, but AdamW steps below the weight's precision are lost: at lr 1e-6 most).",
+        "dtype (half the memory, but AdamW steps below the weight's precision are lost: at lr 1e-6 most); "
+        "float64 is for checking numerics (slow).",
         default="auto",
     )
     # -- the four tags of the reasoning format

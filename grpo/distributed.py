@@ -31,7 +31,6 @@ from torch import nn
 
 from grpo.cli_common import say_line
 from grpo.config import ConfigError, TrainConfig
-from grpo.loss import GLOBAL_TOKEN_LOSSES
 
 
 @dataclass
@@ -187,17 +186,6 @@ def grad_sync(policy: nn.Module, *, last: bool) -> Any:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return policy.no_sync() if isinstance(policy, DDP) and not last else nullcontext()
-
-
-def gradient_scale(loss_type: str, env: DistEnv) -> float:
-    """Backward averages gradients over ranks. dapo and cispo divide by the global token count already (their
-    loss is a sum over all ranks' tokens), so the per-rank loss is scaled back up by the number of ranks."""
-    return global_mean_scale(env) if loss_type in GLOBAL_TOKEN_LOSSES else 1.0
-
-
-def global_mean_scale(env: DistEnv) -> float:
-    """Factor for a rank's share of a mean over all ranks' tokens, which backward's rank average would shrink."""
-    return float(env.world_size) if env.enabled else 1.0
 
 
 def full_state_dict(model: nn.Module, env: DistEnv) -> dict[str, torch.Tensor] | None:

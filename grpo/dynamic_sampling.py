@@ -58,11 +58,13 @@ def fill_batch(
     max_rounds: int,
     pad_id: int,
     any_rank: Callable[[bool], bool] = lambda flag: flag,
+    mini_batches: int = 1,
 ) -> tuple[Samples, Samples, dict[str, float]]:
     """Call `sample_round` (one rollout of batch_size prompts, scored) until batch_size informative groups are
     kept or max_rounds rounds have run, then top up with dropped groups. `any_rank(flag)` is True when the flag
-    is set on any rank: every rank goes on while one still needs groups. Returns (the first round, the batch
-    to train on, metrics: completion tokens sampled, rounds, informative share of the batch)."""
+    is set on any rank: every rank goes on while one still needs groups. The top-ups are spread evenly over the
+    `mini_batches` (else a whole mini-batch could be groups that teach nothing). Returns (the first round, the
+    batch to train on, metrics: completion tokens sampled, rounds, informative share of the batch)."""
     first = current = sample_round()
     kept, dropped, have, rounds, tokens = [], [], 0, 1, first.rollout.num_completion_tokens
     while True:
@@ -87,7 +89,23 @@ def fill_batch(
         "dynamic_sampling/rounds": float(rounds),
         "dynamic_sampling/informative_share": have / batch_size,
     }
-    return first, concat_samples(kept, pad_id), {"tokens": tokens, **stats}
+    batch = concat_samples(kept, pad_id)
+    if have < batch.num_groups and mini_batches > 1:
+        batch = batch.select(spread_top_ups(have, batch.num_groups - have, mini_batches), pad_id)
+    return first, batch, {"tokens": tokens, **stats}
+
+
+def spread_top_ups(informative: int, top_ups: int, mini_batches: int) -> list[int]:
+    """An order of the groups [informative..., top-ups...] in which each of the equal, contiguous mini-batches
+    holds an even share of the top-ups."""
+    size = (informative + top_ups) // mini_batches
+    good, filler = list(range(informative)), list(range(informative, informative + top_ups))
+    order: list[int] = []
+    for j in range(mini_batches):
+        share = top_ups * (j + 1) // mini_batches - top_ups * j // mini_batches
+        order += filler[:share] + good[: size - share]
+        filler, good = filler[share:], good[size - share :]
+    return order
 
 
 def informative_groups(total: torch.Tensor, group_size: int) -> list[bool]:

@@ -15,23 +15,155 @@ Shapes: B sequences, T completion tokens. All inputs are [B, T] except advantage
            the ratio is capped and held constant instead of clipping the objective: no token loses its
            gradient, a stale one only counts less; no lower cap (epsilon unused); normalised as dapo
 
-Normalisations (m = completion mask):
-    grpo    mean_b [ sum_t m l / sum_t m ]            per-sequence mean, then mean (arXiv:2402.03300)
-    bnpo    sum_bt m l / sum_bt m                     token mean over this batch
-    dr_grpo sum_bt m l / (B * max_completion_length)  constant normaliser, no length bias (arXiv:2503.20783)
-    dapo    sum_bt m l / num_items_in_batch           token mean over the whole global batch (arXiv:2503.14476)
+A variant is a per-token objective (clipped ratio, CISPO; GSPO changes the ratio) and a reduction of the
+per-token terms l to one number (m = loss mask, B sequences of the update, N its tokens on every rank):
+    sequence_mean     mean_b [ sum_t m l / sum_t m ]      grpo (arXiv:2402.03300)
+    batch_token_mean  sum_bt m l / sum_bt m, per rank     bnpo: each rank's token mean, then the mean over ranks
+    constant          sum_bt m l / (B * max_completion)   dr_grpo, no length bias (arXiv:2503.20783)
+    global_token_mean sum_bt m l / N                      dapo and cispo (arXiv:2503.14476)
+
+`policy_loss` applies a variant to one batch. In training, `UpdateScale` turns each micro-batch's terms into its
+share of the update's reduction, weighted so that the micro-batches summed and the ranks averaged (DDP, FSDP)
+give the reduction of the whole update, whatever micro_batch_size and the number of ranks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 KL_ESTIMATORS = ("k3", "k2")
-# Divided by the token count of the whole global batch (all ranks, all micro-batches), not per micro-batch.
-GLOBAL_TOKEN_LOSSES = ("dapo", "cispo")
+REDUCTIONS = ("sequence_mean", "batch_token_mean", "constant", "global_token_mean")
+PRESETS = {  # loss_type -> (per-token objective, reduction)
+    "grpo": ("clipped", "sequence_mean"),
+    "bnpo": ("clipped", "batch_token_mean"),
+    "dr_grpo": ("clipped", "constant"),
+    "dapo": ("clipped", "global_token_mean"),
+    "cispo": ("cispo", "global_token_mean"),
+}
+LossFn = TypeVar("LossFn", bound=Callable)
+
+
+def reduced_by(reduction: str) -> Callable[[LossFn], LossFn]:
+    """Declare how a user loss is reduced: `@reduced_by("global_token_mean")` above `def my_loss(...)`.
+
+    A loss that returns per-token terms [B, T] is reduced that way by the trainer; one that returns a scalar
+    declares the reduction it computed over the batch it was handed (with num_items_in_batch, the update's
+    token count on every rank, for global_token_mean), and the trainer weighs the micro-batches to match."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction = {reduction!r} is not allowed: use one of {', '.join(REDUCTIONS)}.")
+
+    def declare(fn: LossFn) -> LossFn:
+        fn.reduction = reduction
+        return fn
+
+    return declare
+
+
+def importance_ratio(
+    logps: torch.Tensor, old_logps: torch.Tensor | None, mask: torch.Tensor, level: str = "token"
+) -> torch.Tensor:
+    """pi / pi_old per token [B, T], or GSPO's length-normalised sequence ratio [B, 1] (arXiv:2507.18071)."""
+    log_ratio = logps - (logps.detach() if old_logps is None else old_logps)  # [B, T]
+    if level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # [B, 1]
+    elif level != "token":
+        raise ValueError(f"importance_sampling_level = {level!r}: use token or sequence.")
+    return torch.exp(log_ratio)
+
+
+def clipped_objective(
+    ratio: torch.Tensor, adv: torch.Tensor, *, low: float, high: float, delta: float | None = None
+) -> torch.Tensor:
+    """PPO's pessimistic clipped term -min(r A, clip(r, 1 - low, 1 + high) A); delta caps the unclipped r."""
+    unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
+    return -torch.min(unclipped * adv, torch.clamp(ratio, 1.0 - low, 1.0 + high) * adv)
+
+
+def cispo_objective(
+    ratio: torch.Tensor, adv: torch.Tensor, logps: torch.Tensor, *, high: float
+) -> torch.Tensor:
+    """CISPO (arXiv:2506.13585): -sg(min(r, 1 + high)) A logp; the capped ratio is a constant weight."""
+    return -(torch.clamp(ratio, max=1.0 + high).detach() * adv) * logps
+
+
+def kl_term(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) [B, T]: k3 = e^d - d - 1, k2 = d^2 / 2, with d = ref - logp."""
+    d = ref_logps - logps
+    return torch.exp(d) - d - 1.0 if estimator == "k3" else 0.5 * d**2
+
+
+def token_terms(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    objective: str = "clipped",
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    importance_sampling_level: str = "token",
+    token_mask: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
+    kl_estimator: str = "k3",
+    delta: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The per-token loss l [B, T] (not yet masked) and its stats: the policy term, times token_mask and
+    token_weights, plus beta x KL."""
+    if beta > 0 and ref_logps is None:
+        raise ValueError("ref_logps is required when beta > 0.")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator = {kl_estimator!r} is not allowed: use {' or '.join(KL_ESTIMATORS)}.")
+    mask = mask.to(logps.dtype)  # [B, T]
+    ratio = importance_ratio(logps, old_logps, mask, importance_sampling_level)  # [B, T] or [B, 1]
+    high = epsilon if epsilon_high is None else epsilon_high
+    adv = advantages.unsqueeze(-1).to(logps.dtype)  # [B, 1]
+    if objective == "cispo":
+        per_token = cispo_objective(ratio, adv, logps, high=high)  # [B, T]
+    else:
+        per_token = clipped_objective(ratio, adv, low=epsilon, high=high, delta=delta)
+    per_token = per_token.expand_as(mask)
+    if token_mask is not None:
+        per_token = per_token * token_mask.to(per_token.dtype)
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach().to(per_token.dtype)
+    kl = None
+    if beta > 0:
+        kl = kl_term(logps, ref_logps, kl_estimator)
+        per_token = per_token + beta * kl
+    stats = _stats(ratio.expand_as(mask), adv, mask, kl, epsilon, high, capped=objective == "cispo")
+    return per_token, stats
+
+
+def reduce(
+    terms: torch.Tensor,
+    mask: torch.Tensor,
+    reduction: str,
+    *,
+    max_completion_length: int | None = None,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One batch's per-token terms [B, T] to a scalar (module docstring); global_token_mean divides by
+    num_items_in_batch when given, else by this batch's tokens."""
+    mask = mask.to(terms.dtype)
+    masked = terms * mask  # [B, T]
+    if reduction == "sequence_mean":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if reduction == "batch_token_mean":
+        return masked.sum() / mask.sum().clamp(min=1.0)
+    if reduction == "constant":
+        length = max_completion_length if max_completion_length is not None else mask.shape[1]
+        return masked.sum() / (mask.shape[0] * length)
+    if reduction == "global_token_mean":
+        count = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        return masked.sum() / torch.as_tensor(count, dtype=terms.dtype).clamp(min=1.0)
+    raise ValueError(f"reduction = {reduction!r} is not allowed: use one of {', '.join(REDUCTIONS)}.")
 
 
 def policy_loss(
@@ -53,7 +185,7 @@ def policy_loss(
     kl_estimator: str = "k3",
     delta: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Returns (scalar loss, stats). old_logps None means the samples are on-policy (ratio exactly 1).
+    """A built-in variant on one batch: (scalar loss, stats). old_logps None means on-policy (ratio exactly 1).
 
     token_mask [B, T] (0/1): tokens whose clipped policy term counts, e.g. the high-entropy minority of
     arXiv:2506.01939; the KL term and every normaliser still use `mask`, so dropping a token scales nothing up.
@@ -61,51 +193,74 @@ def policy_loss(
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type = {loss_type!r} is not allowed: use one of {', '.join(LOSS_TYPES)}.")
-    if beta > 0 and ref_logps is None:
-        raise ValueError("ref_logps is required when beta > 0.")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator = {kl_estimator!r} is not allowed: use {' or '.join(KL_ESTIMATORS)}.")
-    mask = mask.to(logps.dtype)  # [B, T]
-    old = logps.detach() if old_logps is None else old_logps
-    log_ratio = logps - old  # [B, T]
-    if importance_sampling_level == "sequence":
-        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # [B, 1]
-    elif importance_sampling_level != "token":
-        raise ValueError(f"importance_sampling_level = {importance_sampling_level!r}: use token or sequence.")
-    ratio = torch.exp(log_ratio)  # [B, T] or [B, 1]
-    high = epsilon if epsilon_high is None else epsilon_high
-    adv = advantages.unsqueeze(-1).to(logps.dtype)  # [B, 1]
-    if loss_type == "cispo":
-        per_token = -(torch.clamp(ratio, max=1.0 + high).detach() * adv) * logps  # [B, T]
-    else:
-        clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + high)
-        unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
-        per_token = -torch.min(unclipped * adv, clipped * adv)  # [B, T]
-    per_token = per_token.expand_as(mask)
-    if token_mask is not None:
-        per_token = per_token * token_mask.to(per_token.dtype)
-    if token_weights is not None:
-        per_token = per_token * token_weights.detach().to(per_token.dtype)
-
-    kl = None
-    if beta > 0:
-        delta = ref_logps - logps  # [B, T]
-        kl = torch.exp(delta) - delta - 1.0 if kl_estimator == "k3" else 0.5 * delta**2
-        per_token = per_token + beta * kl
-
-    if loss_type == "grpo":
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-    elif loss_type == "bnpo":
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
-    elif loss_type == "dr_grpo":
-        length = max_completion_length if max_completion_length is not None else mask.shape[1]
-        loss = (per_token * mask).sum() / (mask.shape[0] * length)
-    else:
-        count = mask.sum() if num_items_in_batch is None else num_items_in_batch
-        loss = (per_token * mask).sum() / torch.as_tensor(count, dtype=logps.dtype).clamp(min=1.0)
-
-    stats = _stats(ratio.expand_as(mask), adv, mask, kl, epsilon, high, capped=loss_type == "cispo")
+    objective, reduction = PRESETS[loss_type]
+    terms, stats = token_terms(
+        logps,
+        old_logps,
+        ref_logps,
+        advantages,
+        mask,
+        objective=objective,
+        epsilon=epsilon,
+        epsilon_high=epsilon_high,
+        beta=beta,
+        importance_sampling_level=importance_sampling_level,
+        token_mask=token_mask,
+        token_weights=token_weights,
+        kl_estimator=kl_estimator,
+        delta=delta,
+    )
+    loss = reduce(
+        terms,
+        mask,
+        reduction,
+        max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch,
+    )
     return loss, stats
+
+
+@dataclass(frozen=True)
+class UpdateScale:
+    """How one optimizer update's micro-batches add up to its reduction over every rank.
+
+    Each micro-batch backpropagates its share of the rank's objective; backward then averages the ranks
+    (DDP, FSDP). The shares are weighted so that sum over micro-batches, mean over ranks = the reduction of the
+    whole update: exact for any micro_batch_size and any number of ranks (batch_token_mean is per rank).
+    """
+
+    reduction: str
+    rows: int  # this rank's sequences in the update
+    tokens: torch.Tensor  # this rank's loss tokens in the update
+    global_tokens: torch.Tensor  # every rank's
+    world_size: int  # the ranks backward averages over
+    max_completion_length: int
+
+    def of_terms(self, terms: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's per-token terms [b, T] as its share of the rank's objective."""
+        loss = reduce(
+            terms,
+            mask,
+            self.reduction,
+            max_completion_length=self.max_completion_length,
+            num_items_in_batch=self.global_tokens,
+        )
+        return self.of_scalar(loss, mask)
+
+    def of_scalar(self, loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's scalar, computed with the declared reduction over that micro-batch alone (for
+        global_token_mean: divided by every rank's tokens, num_items_in_batch), as its share of the rank's
+        objective."""
+        if self.reduction == "batch_token_mean":
+            return loss * (mask.sum() / self.tokens.clamp(min=1.0))
+        if self.reduction == "global_token_mean":
+            return loss * float(self.world_size)  # backward's rank average would shrink a global mean
+        return loss * (mask.shape[0] / self.rows)
+
+    def token_mean(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's share of the mean of `values` [b, T] over the update's loss tokens on every rank (the
+        entropy bonus)."""
+        return (values * mask.to(values.dtype)).sum() / (self.global_tokens.clamp(min=1) / self.world_size)
 
 
 def rollout_gap(train_logps: torch.Tensor, rollout_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -157,16 +312,3 @@ def _stats(
         "clip_ratio_high": _masked_mean(high_clipped, mask),
         "clip_ratio": _masked_mean(torch.clamp(low_clipped + high_clipped, max=1.0), mask),
     }
-
-
-LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
-
-
-def micro_batch_weight(loss_type: str, micro_batch: int, local_batch: int) -> float:
-    """Factor that makes the sum of micro-batch losses equal the full-batch loss.
-
-    grpo and dr_grpo average over sequences, so each micro-batch counts by its share of sequences. dapo and
-    cispo already divide by the global token count. bnpo is a token mean per micro-batch (as in TRL),
-    weighted by sequences.
-    """
-    return 1.0 if loss_type in GLOBAL_TOKEN_LOSSES else micro_batch / local_batch

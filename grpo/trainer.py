@@ -41,7 +41,7 @@ from grpo.fsio import atomic_write_text
 from grpo.logging import RunLogger, finish_queued, peak_memory_metric
 from grpo.logprobs import CompletionLogprobs
 from grpo.lora import AdaptersDisabled, inject_lora
-from grpo.loss import LOSS_TYPES, policy_loss
+from grpo.loss import LOSS_TYPES, PRESETS, REDUCTIONS, policy_loss
 from grpo.models import load_model, load_tokenizer, resolve_device
 from grpo.precision import SamplingWeights, resolve_precision
 from grpo.reference import mix_into_reference, sync_due
@@ -52,16 +52,27 @@ from grpo.train_eval import best_accuracy_so_far, final_eval, keep_best, run_eva
 from grpo.update import PolicyUpdates
 from grpo.update_totals import UpdateTotals
 
+GSPO_EPSILON = 0.01  # clip ranges above this are token-level ones; GSPO's paper clips at 3e-4 / 4e-4
 
-def resolve_loss(loss_type: str) -> Any:
+
+def resolve_loss(loss_type: str) -> tuple[Any, str | None, str]:
+    """(loss function, built-in per-token objective or None, reduction) for config.loss_type."""
     if ":" in loss_type:
-        return rw.resolve_function(loss_type, field="config.loss_type")
+        fn = rw.resolve_function(loss_type, field="config.loss_type")
+        reduction = getattr(fn, "reduction", None)
+        if reduction not in REDUCTIONS:
+            raise ConfigError(
+                f"config.loss_type = {loss_type!r} does not declare its reduction: decorate it with "
+                f"@grpo.loss.reduced_by(NAME), NAME one of {', '.join(REDUCTIONS)} (docs/losses.md)."
+            )
+        return fn, None, reduction
     if loss_type not in LOSS_TYPES:
         raise ConfigError(
             f"config.loss_type = {loss_type!r} is not allowed: use one of "
             f"{', '.join(LOSS_TYPES)} or package.module:function."
         )
-    return policy_loss
+    objective, reduction = PRESETS[loss_type]
+    return policy_loss, objective, reduction
 
 
 class GRPOTrainer(PolicyUpdates):
@@ -70,7 +81,7 @@ class GRPOTrainer(PolicyUpdates):
         c = self.c
         # Cheap checks first: everything a user can get wrong fails here, before a model loads.
         self.rewards = rw.resolve_rewards(c.rewards, max_completion_length=c.maximum_completion_length)
-        self.loss_fn = resolve_loss(c.loss_type)
+        self.loss_fn, self.loss_objective, self.loss_reduction = resolve_loss(c.loss_type)
         self.tags = rw.Tags.from_config(c)
         # torchrun: check gpu_ids against the processes, pin this rank's GPU, start the process group.
         self.env = env or init_distributed(c, resolve_device(c).type)
@@ -264,6 +275,7 @@ class GRPOTrainer(PolicyUpdates):
             max_rounds=c.dynamic_sampling_max_rounds,
             pad_id=self.tokenizer.pad_token_id,
             any_rank=lambda flag: any_over_ranks(flag, self.env),
+            mini_batches=c.mini_batches,
         )
 
     def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -343,6 +355,15 @@ class GRPOTrainer(PolicyUpdates):
             )
             if self.resumed_from is not None:
                 logger.write(f"Resumed from {self.resumed_from} at step {self.step}")
+            if (
+                c.importance_sampling_level == "sequence"
+                and max(c.epsilon, c.epsilon_high or 0.0) > GSPO_EPSILON
+            ):
+                logger.write(
+                    f"warning: importance_sampling_level: sequence (GSPO) with epsilon {c.epsilon} / epsilon_high "
+                    f"{c.epsilon_high}: a sequence ratio rarely moves that far, so almost nothing is clipped; "
+                    "GSPO clips at 3e-4 / 4e-4 (docs/losses.md)."
+                )
             if self.dropped_prompts:
                 limit = c.maximum_sequence_length - c.maximum_completion_length
                 logger.write(

@@ -13,18 +13,10 @@ from typing import Any
 import torch
 
 from grpo.config import TrainConfig
-from grpo.distributed import (
-    DistEnv,
-    any_over_ranks,
-    gather_over_ranks,
-    global_mean_scale,
-    grad_sync,
-    gradient_scale,
-    sum_over_ranks,
-)
+from grpo.distributed import DistEnv, any_over_ranks, gather_over_ranks, grad_sync, sum_over_ranks
 from grpo.logging import finish_queued
 from grpo.logprobs import CompletionLogprobs
-from grpo.loss import micro_batch_weight, rollout_gap, rollout_is_weights, rollout_mismatch_kl
+from grpo.loss import UpdateScale, rollout_gap, rollout_is_weights, rollout_mismatch_kl, token_terms
 from grpo.rollout import Rollout
 from grpo.update_totals import UpdateTotals
 
@@ -42,6 +34,8 @@ class PolicyUpdates:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loss_fn: Any
+    loss_objective: str | None  # a built-in's per-token objective; None: a user function (loss_fn)
+    loss_reduction: str
     shared_prefix: bool
     old_from_first_update: bool
     step: int
@@ -60,12 +54,18 @@ class PolicyUpdates:
         return prompt_ids, prompt_mask, ro.completion_ids[s], ro.completion_mask[s], index
 
     def frozen_logprobs(self, module: CompletionLogprobs, ro: Rollout) -> torch.Tensor:
-        """Reference / old-policy log-probs [N, T]: no graph. inference_mode also skips version counters,
-        but FSDP's parameter all-gathers must stay ordinary tensors, so it gets plain no_grad."""
-        with torch.no_grad() if self.env.fsdp else torch.inference_mode():
-            out = torch.cat(
-                [module(*self.logprob_inputs(ro, s)) for s in self.micro_batches(ro.completion_ids.shape[0])]
-            )
+        """Reference / old-policy log-probs [N, T]: no graph, no dropout (a dropout forward is a random sample,
+        not the policy's log-prob). inference_mode also skips version counters, but FSDP's parameter
+        all-gathers must stay ordinary tensors, so it gets plain no_grad."""
+        modes = [(m, m.training) for m in module.modules()]  # a LoRA reference wraps the policy itself
+        module.eval()
+        try:
+            with torch.no_grad() if self.env.fsdp else torch.inference_mode():
+                rows = self.micro_batches(ro.completion_ids.shape[0])
+                out = torch.cat([module(*self.logprob_inputs(ro, s)) for s in rows])
+        finally:
+            for m, mode in modes:
+                m.training = mode
         return out.clone()  # an ordinary tensor that the loss may save for backward
 
     def old_logprobs(self, ro: Rollout, minis: list[slice]) -> tuple[list[torch.Tensor | None], bool]:
@@ -100,7 +100,14 @@ class PolicyUpdates:
         computed [N, T] (detached), else None."""
         c, n = self.c, ro.completion_ids.shape[0]
         self.optimizer.zero_grad(set_to_none=True)
-        num_items = sum_over_ranks(loss_mask.sum(), self.env)  # dapo: the token count of all ranks
+        scale = UpdateScale(
+            reduction=self.loss_reduction,
+            rows=n,
+            tokens=loss_mask.sum(),
+            global_tokens=sum_over_ranks(loss_mask.sum(), self.env),  # dapo: the token count of all ranks
+            world_size=self.env.world_size if self.env.enabled else 1,
+            max_completion_length=c.maximum_completion_length,
+        )
         slices, kept = self.micro_batches(n), []
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         # passed only when set, so user losses written for the base signature need not take them
@@ -128,32 +135,14 @@ class PolicyUpdates:
                 if c.top_entropy_quantile < 1:
                     extra["token_mask"], threshold = self.high_entropy_tokens(entropy.detach(), mask)
                     totals.thresholds.append(threshold)
-                loss, stats = self.loss_fn(
-                    logps,
-                    None if old is None else old[s],
-                    None if ref is None else ref[s],
-                    advantages[s],
-                    loss_mask[s],
-                    loss_type=c.loss_type,
-                    epsilon=c.epsilon,
-                    epsilon_high=c.epsilon_high,
-                    beta=c.beta,
-                    importance_sampling_level=c.importance_sampling_level,
-                    max_completion_length=c.maximum_completion_length,
-                    num_items_in_batch=num_items,
-                    **extra,
-                )
-                weight = micro_batch_weight(c.loss_type, s.stop - s.start, n)
-                objective = loss * weight * gradient_scale(c.loss_type, self.env)
-                if c.entropy_coef > 0:
-                    # a token mean over this update's loss tokens of all ranks, whatever the micro-batches;
-                    # backward averages over ranks, so the rank's share is scaled back up (as for dapo)
-                    total = num_items.clamp(min=1) / global_mean_scale(self.env)
-                    objective = objective - c.entropy_coef * (entropy * loss_mask[s]).sum() / total
+                loss, stats = self.loss_terms(logps, old, ref, advantages, loss_mask, s, scale, extra)
+                objective = loss
+                if c.entropy_coef > 0:  # a token mean over this update's loss tokens of all ranks
+                    objective = objective - c.entropy_coef * scale.token_mean(entropy, loss_mask[s])
                 objective.backward()
-            # the logged loss is the policy loss this update minimises (without any entropy bonus): the
-            # weighted sum of its micro-batches
-            totals.add_rows({"loss": loss.detach() * weight * n / (s.stop - s.start)}, s.stop - s.start)
+            # the logged loss is the policy loss this update minimises (without any entropy bonus): its
+            # micro-batches' shares summed, as one process would compute it
+            totals.add_rows({"loss": loss.detach() * n / (s.stop - s.start)}, s.stop - s.start)
             totals.add_rows(stats, s.stop - s.start)
             finite &= torch.isfinite(
                 torch.stack([torch.as_tensor(v, device=self.device).float() for v in (loss, *stats.values())])
@@ -182,6 +171,48 @@ class PolicyUpdates:
         finish_queued(self.device)
         self.optimizer_seconds += time.perf_counter() - t_opt
         return first_logps
+
+    def loss_terms(
+        self,
+        logps: torch.Tensor,
+        old: torch.Tensor | None,
+        ref: torch.Tensor | None,
+        advantages: torch.Tensor,
+        loss_mask: torch.Tensor,
+        s: slice,
+        scale: UpdateScale,
+        extra: dict[str, Any],
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Micro-batch s's share of the rank's loss, and its stats. A built-in runs its per-token objective; a
+        user function returns per-token terms [b, T] or a scalar of its declared reduction."""
+        c = self.c
+        args = (
+            logps,
+            None if old is None else old[s],
+            None if ref is None else ref[s],
+            advantages[s],
+            loss_mask[s],
+        )
+        settings = {
+            "epsilon": c.epsilon,
+            "epsilon_high": c.epsilon_high,
+            "beta": c.beta,
+            "importance_sampling_level": c.importance_sampling_level,
+            **extra,
+        }
+        if self.loss_objective is not None:
+            terms, stats = token_terms(*args, objective=self.loss_objective, **settings)
+            return scale.of_terms(terms, loss_mask[s]), stats
+        out, stats = self.loss_fn(
+            *args,
+            loss_type=c.loss_type,
+            max_completion_length=c.maximum_completion_length,
+            num_items_in_batch=scale.global_tokens,
+            **settings,
+        )
+        if out.dim() == 2:
+            return scale.of_terms(out, loss_mask[s]), stats
+        return scale.of_scalar(out, loss_mask[s]), stats
 
     def high_entropy_tokens(
         self, entropy: torch.Tensor, mask: torch.Tensor

@@ -2,7 +2,8 @@
 
 `python tests/dist_step.py TEMPLATE OUT.pt [key=value ...]`, plainly or under torchrun. The rollout is replaced
 by completions drawn from a generator seeded by the prompt's index, so any split of the prompts over ranks sees
-the same samples. Rank 0 writes the full updated state dict and the step's metrics to OUT.pt.
+the same samples. Rank 0 writes the full updated state dict, the first update's gradients (after the
+all-reduce) and the step's metrics to OUT.pt.
 """
 
 from __future__ import annotations
@@ -59,6 +60,17 @@ def fixed_rollout(trainer: GRPOTrainer, batch: list[int]):
 def main(argv: list[str]) -> int:
     trainer = GRPOTrainer(load_template(argv[0], argv[2:]))
     trainer.rollout = lambda batch: fixed_rollout(trainer, batch)
+    grads = {}
+
+    def keep_gradients(optimizer, args, kwargs):  # the first update's gradients, before AdamW uses them
+        if grads:
+            return
+        for name, p in trainer.model.named_parameters():
+            if p.grad is not None:
+                g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad  # FSDP: every shard
+                grads[name.replace("_fsdp_wrapped_module.", "")] = g.detach().cpu().double()
+
+    trainer.optimizer.register_step_pre_hook(keep_gradients)
     metrics, _ = trainer.train_step()
     from grpo.distributed import reduce_over_ranks
 
@@ -66,7 +78,10 @@ def main(argv: list[str]) -> int:
     state = full_state_dict(trainer.model, trainer.env)
     if trainer.env.is_main:
         state = state if state is not None else trainer.model.state_dict()
-        torch.save({"state": {k: v.detach().cpu() for k, v in state.items()}, "metrics": metrics}, argv[1])
+        torch.save(
+            {"state": {k: v.detach().cpu() for k, v in state.items()}, "metrics": metrics, "grads": grads},
+            argv[1],
+        )
     return 0
 
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from grpo.config import ConfigError, TrainConfig
-from grpo.distributed import DistEnv, check_settings, gradient_scale
+from grpo.distributed import DistEnv, check_settings
 from tests.conftest import REPO, tiny_template, write_template
 
 # PYTHONFAULTHANDLER: a rank that aborts in native code still prints every thread's Python stack.
@@ -185,6 +185,60 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path, loss_type, st
         torch.testing.assert_close(two["state"][k], one["state"][k], rtol=1e-5, atol=1e-6)
 
 
+def assert_same_gradients(got: dict, want: dict, rel: float = 1e-6) -> None:
+    """Every parameter's gradient equal to `rel` relative (in norm; a mis-scaled loss is off by 10% or more)."""
+    assert set(got) == set(want) and want
+    for k in want:
+        error = float((got[k] - want[k]).norm() / want[k].norm().clamp(min=1e-30))
+        assert error <= rel, (k, error)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        "terms_sequence_mean",
+        "terms_batch_token_mean",
+        "terms_constant",
+        "terms_global_token_mean",
+        "scalar_global_token_mean",
+    ],
+)
+def test_a_user_loss_is_exact_under_micro_batches_and_ranks(tiny_model_dir, tmp_path, loss):
+    """A user loss that names its reduction gets the gradient of that reduction over the whole update, whether
+    the rows go through at once or one by one, in one process or two (batch_token_mean is per rank by its
+    definition, so only micro-batching must not change it)."""
+    user = (
+        f"loss_type=tests.user_losses:{loss}",
+        "dtype=float64",
+    )  # fp32 sums in another order differ by 2e-6
+    whole = one_step(tmp_path, tiny_model_dir, "whole", "batch_size=4", *user, "micro_batch_size=0", nproc=0)
+    rows = one_step(tmp_path, tiny_model_dir, "rows", "batch_size=4", *user, "micro_batch_size=1", nproc=0)
+    assert_same_gradients(rows["grads"], whole["grads"])
+    assert rows["metrics"]["loss"] == pytest.approx(whole["metrics"]["loss"], rel=1e-6)
+    if "batch_token_mean" in loss:
+        return
+    two = one_step(
+        tmp_path,
+        tiny_model_dir,
+        "two",
+        "batch_size=2",
+        *user,
+        "micro_batch_size=1",
+        "distributed_strategy=ddp",
+        nproc=2,
+    )
+    assert_same_gradients(two["grads"], whole["grads"])
+    assert two["metrics"]["loss"] == pytest.approx(whole["metrics"]["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo"])
+def test_the_logged_loss_of_a_global_token_mean_is_the_one_process_value(tiny_model_dir, tmp_path, loss_type):
+    one = one_step(tmp_path, tiny_model_dir, "one", "batch_size=4", f"loss_type={loss_type}", nproc=0)
+    two = one_step(tmp_path, tiny_model_dir, "two", "batch_size=2", f"loss_type={loss_type}", nproc=2)
+    assert abs(one["metrics"]["loss"]) > 1e-4
+    assert two["metrics"]["loss"] == pytest.approx(one["metrics"]["loss"], rel=1e-5)
+
+
 def test_a_failing_rank_stops_every_rank_with_its_error(tiny_model_dir, tmp_path):
     path = write_template(
         tmp_path / "t.yaml",
@@ -231,10 +285,8 @@ def test_bad_settings_fail_before_the_model_loads(tiny_model_dir, tmp_path, over
     assert "Loading weights" not in result.stderr + result.stdout  # no model was loaded
 
 
-def test_gradient_scale_and_settings_without_processes():
+def test_settings_without_processes():
     two = DistEnv(rank=1, world_size=2, local_world_size=2, torchrun=True)
-    assert gradient_scale("dapo", two) == 2.0 and gradient_scale("grpo", two) == 1.0
-    assert gradient_scale("dapo", DistEnv()) == 1.0
     check_settings(TrainConfig(gpu_ids=[3, 5]), two)  # any ids, one per local process
     with pytest.raises(ConfigError, match=r"lists 1 GPU\(s\) but 2 process\(es\)"):
         check_settings(TrainConfig(gpu_ids=[0]), two)

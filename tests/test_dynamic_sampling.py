@@ -7,7 +7,14 @@ import torch
 
 from grpo.config import template_from_dict
 from grpo.data import PromptSampler
-from grpo.dynamic_sampling import Samples, concat_rollouts, fill_batch, informative_groups, select_rows
+from grpo.dynamic_sampling import (
+    Samples,
+    concat_rollouts,
+    fill_batch,
+    informative_groups,
+    select_rows,
+    spread_top_ups,
+)
 from grpo.rollout import Rollout
 from grpo.trainer import GRPOTrainer
 from tests.conftest import tiny_template
@@ -112,6 +119,20 @@ def test_fill_batch_keeps_informative_groups_in_order_and_tops_up():
     rounds = iter([fake_round([0, 1, 2], [1, 1, 0, 1, 2, 2]), fake_round([3, 4, 5], [0] * 6)])
     _, batch, stats = fill_batch(lambda: next(rounds), batch_size=3, max_rounds=2, pad_id=PAD)
     assert batch.prompts == [1, 0, 2] and stats["dynamic_sampling/informative_share"] == pytest.approx(1 / 3)
+
+
+def test_top_ups_are_spread_over_the_mini_batches():
+    # 4 prompts in 2 mini-batches, 2 informative: appended last, the second mini-batch would teach nothing
+    rounds = iter([fake_round([0, 1, 2, 3], [1, 1, 0, 1, 2, 2, 0, 5])])  # 1 and 3 disagree
+    _, batch, _ = fill_batch(lambda: next(rounds), batch_size=4, max_rounds=1, pad_id=PAD, mini_batches=2)
+    halves = [batch.prompts[:2], batch.prompts[2:]]
+    assert halves == [[0, 1], [2, 3]]  # a top-up and an informative group in each
+    rounds = iter([fake_round([0, 1, 2, 3], [1, 1, 0, 1, 2, 2, 0, 5])])
+    _, whole, _ = fill_batch(lambda: next(rounds), batch_size=4, max_rounds=1, pad_id=PAD)
+    assert whole.prompts == [1, 3, 0, 2]  # one mini-batch: informative first, as before
+    assert spread_top_ups(2, 2, 2) == [2, 0, 3, 1]
+    assert spread_top_ups(5, 1, 3) == [0, 1, 2, 3, 5, 4]
+    assert sorted(spread_top_ups(3, 5, 4)) == list(range(8))
 
 
 def test_fill_batch_goes_on_while_another_rank_needs_groups():

@@ -7,11 +7,16 @@ import torch
 
 from grpo.advantages import group_advantages, zero_spread_share
 from grpo.loss import (
-    micro_batch_weight,
+    PRESETS,
+    REDUCTIONS,
+    UpdateScale,
     policy_loss,
+    reduce,
+    reduced_by,
     rollout_gap,
     rollout_is_weights,
     rollout_mismatch_kl,
+    token_terms,
 )
 
 MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # 2 and 3 tokens
@@ -126,30 +131,54 @@ def test_fully_masked_row_contributes_nothing():
     assert torch.all(logps.grad[0] == 0)
 
 
-def test_micro_batch_weights_sum_to_full_batch():
+def scale_for(reduction, mask, ranks_masks, rank):
+    return UpdateScale(
+        reduction=reduction,
+        rows=mask.shape[0],
+        tokens=mask.sum(),
+        global_tokens=sum(m.sum() for m in ranks_masks),
+        world_size=len(ranks_masks),
+        max_completion_length=4,
+    )
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("as_scalar", [False, True])
+def test_micro_batch_shares_add_up_to_the_reduction_of_the_update_on_every_rank(reduction, as_scalar):
+    # 4 sequences on 2 ranks, each rank in micro-batches of 1: sum over micro-batches, mean over ranks (what
+    # backward's rank average does) must give the reduction of all 4 sequences at once
+    torch.manual_seed(0)
+    terms = torch.randn(4, 3)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    ranks = [slice(0, 2), slice(2, 4)]
+    per_rank = []
+    for r in ranks:
+        scale = scale_for(reduction, mask[r], [mask[q] for q in ranks], r)
+        shares = []
+        for i in range(r.start, r.stop):
+            t, m = terms[i : i + 1], mask[i : i + 1]
+            if as_scalar:  # a user loss that reduces its micro-batch itself, as it declared
+                own = reduce(t, m, reduction, max_completion_length=4, num_items_in_batch=scale.global_tokens)
+                shares.append(scale.of_scalar(own, m))
+            else:
+                shares.append(scale.of_terms(t, m))
+        per_rank.append(sum(shares))
+    got = sum(per_rank) / len(ranks)
+    if reduction == "batch_token_mean":  # per rank by definition: the mean of the ranks' token means
+        want = sum(reduce(terms[r], mask[r], reduction) for r in ranks) / len(ranks)
+    else:
+        want = reduce(terms, mask, reduction, max_completion_length=4)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_presets_are_a_per_token_objective_and_a_reduction():
     logps = logps_leaf()
-    full, _ = policy_loss(logps, None, None, ADV, MASK, loss_type="dapo", num_items_in_batch=5)
-    parts = sum(
-        policy_loss(
-            logps[i : i + 1],
-            None,
-            None,
-            ADV[i : i + 1],
-            MASK[i : i + 1],
-            loss_type="dapo",
-            num_items_in_batch=5,
-        )[0]
-        * micro_batch_weight("dapo", 1, 2)
-        for i in range(2)
-    )
-    assert parts.item() == pytest.approx(full.item(), abs=1e-7)
-    full, _ = policy_loss(logps, None, None, ADV, MASK, loss_type="grpo")
-    parts = sum(
-        policy_loss(logps[i : i + 1], None, None, ADV[i : i + 1], MASK[i : i + 1])[0]
-        * micro_batch_weight("grpo", 1, 2)
-        for i in range(2)
-    )
-    assert parts.item() == pytest.approx(full.item(), abs=1e-7)
+    for loss_type, (objective, reduction) in PRESETS.items():
+        loss, _ = policy_loss(logps, None, None, ADV, MASK, loss_type=loss_type, max_completion_length=4)
+        terms, _ = token_terms(logps, None, None, ADV, MASK, objective=objective)
+        assert loss.item() == reduce(terms, MASK, reduction, max_completion_length=4).item(), loss_type
+    with pytest.raises(ValueError, match="reduction = 'mean' is not allowed: use one of sequence_mean, "):
+        reduced_by("mean")
 
 
 # ---------------------------------------------------------------- advantages
@@ -232,7 +261,7 @@ def test_cispo_on_policy_gradient_equals_dapo():
         policy_loss(logps, None, None, ADV, MASK, loss_type=loss_type, num_items_in_batch=8)[0].backward()
         grads.append(logps.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-7)
-    assert micro_batch_weight("cispo", 2, 8) == 1.0
+    assert PRESETS["cispo"][1] == PRESETS["dapo"][1] == "global_token_mean"
 
 
 def test_token_weights_scale_the_policy_term_only():

@@ -609,3 +609,44 @@ def test_entropy_bonus_is_the_gradient_of_the_mean_token_entropy(tiny_model_dir,
     assert max(float((expected[k] - moved[0.0][k]).abs().max()) for k in expected) > 2e-4
     for k in expected:
         torch.testing.assert_close(moved[100.0][k], expected[k], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("epsilons", "warned"), [({}, True), ({"epsilon": 3e-4, "epsilon_high": 4e-4}, False)]
+)
+def test_gspo_with_token_level_clip_ranges_is_warned(tiny_model_dir, tmp_path, capsys, epsilons, warned):
+    data = tiny_template(
+        tiny_model_dir, tmp_path / "g", max_steps=1, importance_sampling_level="sequence", **epsilons
+    )
+    run(data)
+    warning = (
+        "warning: importance_sampling_level: sequence (GSPO) with epsilon 0.2 / epsilon_high None: a sequence "
+        "ratio rarely moves that far, so almost nothing is clipped; GSPO clips at 3e-4 / 4e-4 (docs/losses.md)."
+    )
+    assert (warning in capsys.readouterr().out) is warned
+
+
+def test_old_and_reference_passes_run_without_dropout(tiny_model_dir, tmp_path):
+    # LoRA dropout 0.5: a train-mode forward is a random sample of log-probs; the frozen passes are not
+    data = tiny_template(
+        tiny_model_dir, tmp_path / "d", use_lora=True, lora_dropout=0.5, num_iterations=2, beta=0.04
+    )
+    trainer = GRPOTrainer(template_from_dict(data))
+    from grpo.lora import lora_layers
+
+    with torch.no_grad():  # B starts at 0, which hides dropout: give the adapters an effect
+        for layer in lora_layers(trainer.model).values():
+            layer.lora_B.weight.normal_()
+    ro = trainer.rollout(trainer.sampler.next_batch())[0]
+    assert trainer.model.training and not trainer.old_from_first_update
+    old = [trainer.frozen_logprobs(trainer.policy, ro) for _ in range(2)]
+    ref = [trainer.frozen_logprobs(trainer.ref, ro) for _ in range(2)]
+    assert torch.equal(old[0], old[1]) and torch.equal(ref[0], ref[1])
+    trainer.model.eval()
+    with torch.no_grad():
+        rows = slice(0, ro.completion_ids.shape[0])
+        assert torch.equal(old[0], trainer.policy(*trainer.logprob_inputs(ro, rows)))
+    trainer.model.train()
+    with torch.no_grad():  # the same forward with dropout on differs
+        assert not torch.equal(old[0], trainer.policy(*trainer.logprob_inputs(ro, rows)))
+    assert all(m.training for m in trainer.model.modules())  # the passes left the policy in train mode
