@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from grpo.config import ConfigError, TrainConfig
-from grpo.distributed import DistEnv, check_settings, gradient_scale
+from grpo.parallel.collectives import gradient_scale
+from grpo.parallel.launch import DistEnv, check_settings
 from tests.conftest import REPO, tiny_template, write_template
 
 # PYTHONFAULTHANDLER: a rank that aborts in native code still prints every thread's Python stack.
@@ -269,7 +270,7 @@ def check_reference_copy(out):
 
     from safetensors.torch import load_file
 
-    from grpo.reference import REFERENCE_FILE
+    from grpo.model.reference_sync import REFERENCE_FILE
 
     ckpt = out / "checkpoints" / "step-000002"
     policy, ref = load_file(str(ckpt / "model" / "model.safetensors")), load_file(str(ckpt / REFERENCE_FILE))

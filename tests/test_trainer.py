@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file
 
 from grpo.config import ConfigError, load_template, template_from_dict
-from grpo.logging import peak_memory_bytes
+from grpo.run.logger import peak_memory_bytes
 from grpo.trainer import GRPOTrainer, enable_checkpointing
 from tests.conftest import GSM8K, REPO, VOLATILE, tiny_template, write_template
 

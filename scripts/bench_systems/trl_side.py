@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from grpo import rewards as rw
-from grpo.bench import BenchConfig, prompts_in_step_order, step_record, sync
-from grpo.logging import peak_memory_bytes
-from grpo.models import resolve_model_source
+from grpo.model.loading import resolve_model_source
+from grpo.run.logger import peak_memory_bytes
+from scripts.bench_systems import BenchConfig, prompts_in_step_order, step_record, sync
 
 SEED_REWARDS = ("correctness", "int_answer", "strict_format", "soft_format", "tag_count")
 

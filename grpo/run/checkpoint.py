@@ -2,7 +2,7 @@
 
 Layout: <output_dir>/checkpoints/step-000012/ holding the model folder (or only the adapter under LoRA),
 optimizer.pt, scheduler.pt, reference.safetensors (only when the reference follows the policy,
-grpo/reference.py), trainer_state.json (step, data position), rng-rank<R>.pt (every RNG of every rank)
+grpo/model/reference_sync.py), trainer_state.json (step, data position), rng-rank<R>.pt (every RNG of every rank)
 and template.yaml. A checkpoint is written into step-N.tmp, fsynced, then renamed: a folder without the .tmp
 suffix is always complete, and leftover .tmp folders from a killed save are removed on resume.
 """
@@ -23,8 +23,8 @@ import torch
 import yaml
 
 from grpo.config import ConfigError, Template
-from grpo.fsio import atomic_write_text, fresh_dir, fsync_tree
-from grpo.reference import load_reference, save_reference
+from grpo.model.reference_sync import load_reference, save_reference
+from grpo.run.atomic_files import atomic_write_text, fresh_dir, fsync_tree
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 # Fields that may change between a run and its resume without changing what is computed.
@@ -188,12 +188,12 @@ def load_rng(path: Path, rank: int, generator: torch.Generator) -> None:
 def write_model(trainer: Any, folder: Path, state: dict[str, torch.Tensor] | None) -> None:
     """The model as users load it: the adapter under LoRA (plus the merged model if asked), else the full
     model. Rank 0 only; `state` is the full state dict FSDP gathered (None without FSDP)."""
-    from grpo.lora import export_merged, save_adapter
-    from grpo.models import save_model
+    from grpo.model.loading import save_model
+    from grpo.model.lora import export_merged, save_adapter
 
     c, tok = trainer.c, trainer.tokenizer
     if c.backend == "unsloth":
-        from grpo.unsloth_backend import save_unsloth
+        from grpo.model.unsloth_backend import save_unsloth
 
         save_unsloth(trainer.model, tok, folder, export_merged=c.export_merged)
     elif c.use_lora:
@@ -222,7 +222,7 @@ def _optimizer_state(trainer: Any) -> dict[str, Any]:
 
 def save_checkpoint(trainer: Any) -> Path:
     """Every rank calls this at a step boundary; rank 0 writes the shared files, each rank its RNG."""
-    from grpo.distributed import full_state_dict
+    from grpo.parallel.wrapping import full_state_dict
 
     env, step, out = trainer.env, trainer.step, trainer.output_dir
     state = full_state_dict(trainer.model, env)
@@ -287,7 +287,7 @@ def _load_weights(trainer: Any, folder: Path) -> None:
     from safetensors.torch import load_file
 
     if trainer.c.use_lora:
-        from grpo.lora import load_adapter
+        from grpo.model.lora import load_adapter
 
         load_adapter(trainer.model, folder)
         return

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from grpo.config import EMBEDDED_MODEL, ConfigError, TrainConfig
-from grpo.fsio import fresh_dir, replace_dir
+from grpo.run.atomic_files import fresh_dir, replace_dir
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERSION_VERSION = 3  # 2: no gguf quantization_config in config.json; 3: special tokens from the file's ids

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from grpo.fsio import atomic_write_text
+from grpo.run.atomic_files import atomic_write_text
 
 
 def peak_memory_bytes(device: torch.device | str) -> int:

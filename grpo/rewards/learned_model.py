@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from grpo.config import ConfigError
-from grpo.logprobs import cache_argument
+from grpo.errors import ConfigError
+from grpo.model.logprobs import cache_argument
 
 
 def options_problem(options: dict[str, Any]) -> str | None:

@@ -6,6 +6,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from grpo.errors import ConfigError, NonFiniteError, RewardError
+
 EXIT_USER_ERROR = 2
 EXIT_RUN_ERROR = 1
 
@@ -26,10 +28,6 @@ def say_line(text: str) -> None:
 
 
 def run_cli(job: Callable[[], int]) -> int:
-    from grpo.config import ConfigError
-    from grpo.rewards import RewardError
-    from grpo.update import NonFiniteError
-
     try:
         return job()
     except ConfigError as e:

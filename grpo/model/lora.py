@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from grpo.config import ConfigError
-from grpo.fsio import fresh_dir, replace_dir
+from grpo.run.atomic_files import fresh_dir, replace_dir
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
@@ -323,7 +323,7 @@ def export_merged(
 ) -> Path:
     """Write the adapted model as a plain HF folder (AutoModelForCausalLM loads it; no LoRA keys inside).
     `state`: a full state dict with the model's key names (FSDP), else the model's own."""
-    from grpo.models import save_model
+    from grpo.model.loading import save_model
 
     save_model(model, tokenizer, Path(folder), state=merged_state_dict(model, state))
     return Path(folder)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from grpo.logprobs import cache_argument
+from grpo.model.logprobs import cache_argument
 
 # Model types whose decoder forward is exactly embed -> rotary -> layers -> norm with full causal attention.
 STATIC_DECODE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")

@@ -9,7 +9,10 @@ from typing import Any
 
 import torch
 
-from grpo.bench import (
+from grpo.config import template_from_dict
+from grpo.run.logger import peak_memory_bytes
+from grpo.trainer import GRPOTrainer
+from scripts.bench_systems import (
     BenchConfig,
     decode_bound,
     gsm8k_template,
@@ -18,9 +21,6 @@ from grpo.bench import (
     step_record,
     sync,
 )
-from grpo.config import template_from_dict
-from grpo.logging import peak_memory_bytes
-from grpo.trainer import GRPOTrainer
 
 PHASES = ("time/rollout_s", "time/reward_s", "time/logprob_s", "time/fwd_bwd_s", "time/optimizer_s")
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from grpo import rewards as rw
 from grpo.config import ConfigError, Template
 from grpo.data import BUILTIN_SEEDS, Prompt, build_prompts, load_rows
-from grpo.rollout import generate
+from grpo.rollout.generate import generate
 
 CORRECTNESS = "correctness"
 

@@ -9,8 +9,8 @@ import torch
 
 from grpo.advantages import zero_spread_share
 from grpo.data import Prompt
-from grpo.dynamic_sampling import Samples
 from grpo.rewards import Reward
+from grpo.samples import Samples
 
 
 def sample_metrics(

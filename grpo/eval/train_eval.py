@@ -1,6 +1,6 @@
 """Evaluation during training: greedy answers on the held-out prompts every eval_steps (rank 0 generates, the
 other ranks wait), the best model so far with save_best, and eval.json / eval.jsonl beside the saved model at
-the end. The evaluation itself is grpo/evaluate.py; these functions only decide when and where it runs."""
+the end. The evaluation itself is grpo/eval/evaluate.py; these functions only decide when and where it runs."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
-from grpo.distributed import any_over_ranks, full_params, full_state_dict
-from grpo.evaluate import EvalResult, evaluate
-from grpo.fsio import atomic_write_text
-from grpo.logging import RunLogger
+from grpo.eval.evaluate import EvalResult, evaluate
+from grpo.parallel.collectives import any_over_ranks
+from grpo.parallel.wrapping import full_params, full_state_dict
+from grpo.run.atomic_files import atomic_write_text
+from grpo.run.logger import RunLogger
 
 
 def run_eval(trainer: Any) -> EvalResult | None:
@@ -80,7 +81,7 @@ def keep_best(trainer: Any, result: EvalResult | None) -> None:
         return
     state = full_state_dict(trainer.model, trainer.env)
     if trainer.env.is_main:
-        from grpo.checkpoint import write_model
+        from grpo.run.checkpoint import write_model
 
         folder = best_dir(trainer)
         write_model(trainer, folder, state)

@@ -2,7 +2,7 @@
 
 unsloth is an optional extra (`pip install .[unsloth]`) that needs a CUDA GPU. It is imported only inside
 `load_unsloth_model`, after `require_unsloth` has checked both, so nothing else in the package depends on it.
-The model it returns is a PEFT model: `grpo.lora.disabled_adapters` switches its adapters off for the KL
+The model it returns is a PEFT model: `grpo.model.lora.disabled_adapters` switches its adapters off for the KL
 reference through PEFT's own `disable_adapter()`, and it saves in the same PEFT format as ours.
 """
 
@@ -55,8 +55,8 @@ def load_unsloth_model(template: Template, *, dtype: torch.dtype) -> Any:
     """FastLanguageModel.from_pretrained + get_peft_model with the template's LoRA fields."""
     from unsloth import FastLanguageModel  # the only import of unsloth in the package
 
-    from grpo.lora import DEFAULT_TARGETS
-    from grpo.models import resolve_model_source
+    from grpo.model.loading import resolve_model_source
+    from grpo.model.lora import DEFAULT_TARGETS
 
     c = template.config
     source, kwargs = resolve_model_source(template.model)

@@ -134,7 +134,7 @@ def prompts_in_step_order(cfg: BenchConfig) -> list[Any]:
     """The Prompt objects our trainer draws, in the order it draws them (TRL gets them in this order)."""
     from grpo.config import template_from_dict
     from grpo.data import PromptSampler, build_prompts, load_rows
-    from grpo.models import load_tokenizer
+    from grpo.model.loading import load_tokenizer
 
     t = template_from_dict(gsm8k_template(cfg, "unused"))
     tokenizer = load_tokenizer(t.model)
