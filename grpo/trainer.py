@@ -19,38 +19,33 @@ from typing import Any
 import torch
 import yaml
 
-from grpo import checkpoint as ckpt
 from grpo import rewards as rw
 from grpo.advantages import group_advantages
 from grpo.config import ConfigError, Template
-from grpo.cpu_memory import keep_freed_memory
 from grpo.data import PromptSampler, build_prompts, load_rows
-from grpo.distributed import (
-    DistEnv,
-    any_over_ranks,
-    full_params,
-    full_state_dict,
-    gather_over_ranks,
-    init_distributed,
-    reduce_over_ranks,
-    wrap_models,
-)
-from grpo.dynamic_sampling import Samples, fill_batch
-from grpo.evaluate import EvalResult, load_eval_prompts
-from grpo.fsio import atomic_write_text
-from grpo.logging import RunLogger, finish_queued, peak_memory_metric
-from grpo.logprobs import CompletionLogprobs
-from grpo.lora import AdaptersDisabled, inject_lora
+from grpo.eval.evaluate import EvalResult, load_eval_prompts
+from grpo.eval.train_eval import best_accuracy_so_far, final_eval, keep_best, run_eval
 from grpo.loss import LOSS_TYPES, PRESETS, REDUCTIONS, policy_loss
-from grpo.models import load_model, load_tokenizer, resolve_device
-from grpo.precision import SamplingWeights, resolve_precision
-from grpo.reference import mix_into_reference, sync_due
-from grpo.rollout import Rollout, decode_impl_problem, generate
+from grpo.model.loading import load_model, load_tokenizer, resolve_device
+from grpo.model.logprobs import CompletionLogprobs
+from grpo.model.lora import AdaptersDisabled, inject_lora
+from grpo.model.precision import SamplingWeights, resolve_precision
+from grpo.model.reference_sync import mix_into_reference, sync_due
+from grpo.parallel.collectives import any_over_ranks, gather_over_ranks, reduce_over_ranks
+from grpo.parallel.launch import DistEnv, init_distributed
+from grpo.parallel.wrapping import full_params, full_state_dict, wrap_models
+from grpo.rollout.decoders import decode_impl_problem
+from grpo.rollout.dynamic_sampling import fill_batch
+from grpo.rollout.generate import Rollout, generate
+from grpo.run import checkpoint as ckpt
+from grpo.run.atomic_files import atomic_write_text
+from grpo.run.cpu_memory import keep_freed_memory
+from grpo.run.logger import RunLogger, finish_queued, peak_memory_metric
+from grpo.run.step_report import sample_metrics, sample_records
+from grpo.run.update_totals import UpdateTotals
+from grpo.samples import Samples
 from grpo.schedule import build_optimizer
-from grpo.step_report import sample_metrics, sample_records
-from grpo.train_eval import best_accuracy_so_far, final_eval, keep_best, run_eval
 from grpo.update import PolicyUpdates
-from grpo.update_totals import UpdateTotals
 
 GSPO_EPSILON = 0.01  # clip ranges above this are token-level ones; GSPO's paper clips at 3e-4 / 4e-4
 
@@ -88,9 +83,9 @@ class GRPOTrainer(PolicyUpdates):
         self.device = resolve_device(c)
         self.precision = resolve_precision(c.dtype, self.device)
         if self.device.type == "cpu":
-            keep_freed_memory()  # no page faults on memory the last step freed (grpo/cpu_memory.py)
+            keep_freed_memory()  # no page faults on memory the last step freed (grpo/run/cpu_memory.py)
         if c.backend == "unsloth":
-            from grpo.unsloth_backend import require_unsloth
+            from grpo.model.unsloth_backend import require_unsloth
 
             require_unsloth(self.device)  # no CUDA or no package: stop before anything loads
         self.output_dir = Path(c.output_dir)
@@ -146,11 +141,11 @@ class GRPOTrainer(PolicyUpdates):
         # unsloth always trains a LoRA adapter (its own PEFT layers); ours is injected after loading.
         self.lora = c.use_lora or c.backend == "unsloth"
         if c.backend == "unsloth":
-            from grpo.unsloth_backend import load_unsloth_model
+            from grpo.model.unsloth_backend import load_unsloth_model
 
             self.model = load_unsloth_model(template, dtype=self.precision.compute)
         else:
-            # LoRA trains fp32 adapters (grpo/lora.py) over a frozen base, which needs only the compute dtype.
+            # LoRA trains fp32 adapters (grpo/model/lora.py) over a frozen base, which needs only the compute dtype.
             dtype = self.precision.compute if self.lora else self.precision.weights
             self.model = load_model(template.model, device=self.device, dtype=dtype)
             if c.use_lora:
@@ -171,7 +166,7 @@ class GRPOTrainer(PolicyUpdates):
         self.shared_prefix = c.backend != "unsloth" and not c.gradient_checkpointing
         if c.gradient_checkpointing and c.backend != "unsloth":  # unsloth turns on its own variant
             enable_checkpointing(self.model)
-        # bf16-mixed (grpo/precision.py): the passes autocast, except under FSDP, which gathers bf16 weights.
+        # bf16-mixed (grpo/model/precision.py): the passes autocast, except under FSDP, which gathers bf16 weights.
         mixed = self.precision.mixed and c.backend != "unsloth"
         autocast = self.precision.compute if mixed and not self.env.fsdp else None
         self.policy = CompletionLogprobs(
@@ -186,7 +181,7 @@ class GRPOTrainer(PolicyUpdates):
             self.ref = CompletionLogprobs(
                 ref_model, temperature=c.temperature, impl=c.logprob_impl, autocast=autocast
             )
-        # torchrun: DDP around the policy, or FSDP2 around policy and reference (grpo/distributed.py).
+        # torchrun: DDP around the policy, or FSDP2 around policy and reference (grpo/parallel/wrapping.py).
         self.policy, self.ref = wrap_models(
             self.policy, self.ref, self.env, device=self.device, compute_dtype=self.precision.compute
         )
@@ -264,7 +259,7 @@ class GRPOTrainer(PolicyUpdates):
 
     def sample_step(self, timings: dict[str, float]) -> tuple[Samples, Samples, dict[str, float]]:
         """(the first round, the batch to train on, sampling metrics). Without dynamic_sampling both are the
-        same single round; with it, see grpo/dynamic_sampling.py."""
+        same single round; with it, see grpo/rollout/dynamic_sampling.py."""
         c = self.c
         if not c.dynamic_sampling:
             first = self.sample_round(timings)

@@ -13,16 +13,15 @@ from typing import Any
 import torch
 
 from grpo.config import TrainConfig
-from grpo.distributed import DistEnv, any_over_ranks, gather_over_ranks, grad_sync, sum_over_ranks
-from grpo.logging import finish_queued
-from grpo.logprobs import CompletionLogprobs
+from grpo.errors import NonFiniteError
 from grpo.loss import UpdateScale, rollout_gap, rollout_is_weights, rollout_mismatch_kl, token_terms
-from grpo.rollout import Rollout
-from grpo.update_totals import UpdateTotals
-
-
-class NonFiniteError(RuntimeError):
-    pass
+from grpo.model.logprobs import CompletionLogprobs
+from grpo.parallel.collectives import any_over_ranks, gather_over_ranks, sum_over_ranks
+from grpo.parallel.launch import DistEnv
+from grpo.parallel.wrapping import grad_sync
+from grpo.rollout.generate import Rollout
+from grpo.run.logger import finish_queued
+from grpo.run.update_totals import UpdateTotals
 
 
 class PolicyUpdates:

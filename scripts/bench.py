@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from grpo.bench import CONFIGS, BenchConfig, resolve_config  # noqa: E402
+from scripts.bench_systems import CONFIGS, BenchConfig, resolve_config  # noqa: E402
 
 SYSTEMS = ("ours", "trl")
 
@@ -154,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         cfg = BenchConfig(**json.loads(args.config_json))
         if args.child == "ours":
-            from grpo.bench.ours import run_ours as run
+            from scripts.bench_systems.ours import run_ours as run
         else:
-            from grpo.bench.trl_side import run_trl as run
+            from scripts.bench_systems.trl_side import run_trl as run
         print(json.dumps(run(cfg)), flush=True)
         return 0
     overrides = {k: v for k, v in {"steps": args.steps, "model": args.model, "data": args.data}.items() if v}

@@ -25,7 +25,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from grpo.rollout import DECODE_IMPLS
+    from grpo.rollout.decoders import DECODE_IMPLS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="embedded:smollm2-135m-instruct", help="hub id, folder or .gguf")
@@ -55,10 +55,10 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     import torch
 
-    from grpo.bench import decode_bound, kv_cache_bytes_per_token, mean_decode_context, sync
-    from grpo.bench.ours import copy_bandwidth
-    from grpo.models import load_model
-    from grpo.rollout import generate
+    from grpo.model.loading import load_model
+    from grpo.rollout.generate import generate
+    from scripts.bench_systems import decode_bound, kv_cache_bytes_per_token, mean_decode_context, sync
+    from scripts.bench_systems.ours import copy_bandwidth
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda, but no CUDA GPU is visible.", file=sys.stderr)

@@ -35,7 +35,7 @@ def random_head_model(folder: Path) -> str:
     from transformers import AutoModelForSequenceClassification
 
     from grpo.config import EMBEDDED_MODEL
-    from grpo.models import load_tokenizer, resolve_model_source
+    from grpo.model.loading import load_tokenizer, resolve_model_source
 
     source, kwargs = resolve_model_source(EMBEDDED_MODEL)
     torch.manual_seed(0)
@@ -63,8 +63,8 @@ def main(argv: list[str]) -> int:
 
     from grpo.config import load_template
     from grpo.data import build_prompts, load_rows
-    from grpo.models import load_tokenizer
-    from grpo.reward_model import conversation_text, load_reward_model, reward_model
+    from grpo.model.loading import load_tokenizer
+    from grpo.rewards.learned_model import conversation_text, load_reward_model, reward_model
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or random_head_model(Path(tmp) / "rm")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from grpo.cli_common import run_cli  # noqa: E402
+from grpo.run.cli_common import run_cli  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -43,9 +43,9 @@ def main(argv: list[str]) -> int:
 
         from grpo import rewards as rw
         from grpo.config import ConfigError, apply_overrides, read_yaml, template_from_dict
-        from grpo.evaluate import evaluate, load_eval_prompts
-        from grpo.models import load_model, load_tokenizer, resolve_device
-        from grpo.precision import resolve_precision
+        from grpo.eval.evaluate import evaluate, load_eval_prompts
+        from grpo.model.loading import load_model, load_tokenizer, resolve_device
+        from grpo.model.precision import resolve_precision
 
         data = apply_overrides(read_yaml(args.config), args.overrides)
         if args.model:
@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
         prompts = load_eval_prompts(t, tokenizer, split=split, limit=args.limit)
         model = load_model(t.model, device=device, dtype=resolve_precision(c.dtype, device).compute)
         if args.adapter:
-            from grpo.lora import load_adapter
+            from grpo.model.lora import load_adapter
 
             load_adapter(model, args.adapter)
         result = evaluate(

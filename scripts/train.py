@@ -7,12 +7,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from grpo.cli_common import run_cli  # noqa: E402
+from grpo.run.cli_common import run_cli  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
     from grpo.config import load_template
-    from grpo.distributed import run_rank
+    from grpo.parallel.launch import run_rank
     from grpo.trainer import GRPOTrainer
 
     if not argv or argv[0] in ("-h", "--help"):
@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
         return 0 if argv else 2
 
     def job() -> int:
-        from grpo.run_report import closing_report, example_question
+        from grpo.run.run_report import closing_report, example_question
 
         template = load_template(argv[0], argv[1:])
         trainer = GRPOTrainer(template)

@@ -23,7 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tokenizer():
     from grpo.config import EMBEDDED_MODEL
-    from grpo.models import load_tokenizer
+    from grpo.model.loading import load_tokenizer
 
     # A folder holding the embedded model's tokenizer files, where its package is not installed (the first
     # call of the GPU checks, docs/gpu-checks.md); the same tokens either way.
@@ -53,7 +53,7 @@ def build_tiny_model(tokenizer, folder: Path, *, seed: int = 0, tie: bool = True
     """The tiny Llama as a causal LM, saved as an HF folder."""
     from transformers import LlamaForCausalLM
 
-    from grpo.models import save_model
+    from grpo.model.loading import save_model
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_llama_config(tokenizer, tie_word_embeddings=tie))

@@ -16,8 +16,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from grpo.config import load_template  # noqa: E402
-from grpo.distributed import full_state_dict, run_rank  # noqa: E402
-from grpo.rollout import Rollout, left_pad  # noqa: E402
+from grpo.parallel.launch import run_rank  # noqa: E402
+from grpo.parallel.wrapping import full_state_dict  # noqa: E402
+from grpo.rollout.generate import Rollout, left_pad  # noqa: E402
 from grpo.trainer import GRPOTrainer  # noqa: E402
 
 T = 8  # completion tokens
@@ -72,7 +73,7 @@ def main(argv: list[str]) -> int:
 
     trainer.optimizer.register_step_pre_hook(keep_gradients)
     metrics, _ = trainer.train_step()
-    from grpo.distributed import reduce_over_ranks
+    from grpo.parallel.collectives import reduce_over_ranks
 
     metrics = reduce_over_ranks(metrics, trainer.env)
     state = full_state_dict(trainer.model, trainer.env)

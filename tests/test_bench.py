@@ -173,7 +173,7 @@ def test_reward_model_bench_compares_both_paths(tokenizer, tmp_path):
 def test_kv_cache_bytes_and_the_decode_bound_exactly():
     from transformers import LlamaConfig, Qwen3Config
 
-    from grpo.bench import decode_bound, kv_cache_bytes_per_token, mean_decode_context
+    from scripts.bench_systems import decode_bound, kv_cache_bytes_per_token, mean_decode_context
 
     # Grouped-query attention: 8 query heads share 2 KV heads; head_dim = hidden / heads = 64 / 8 = 8.
     llama = LlamaConfig(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=3)

@@ -198,8 +198,8 @@ def test_resume_with_a_different_number_of_processes(template, tmp_path):
 def test_a_field_missing_from_an_older_checkpoint_counts_with_its_default(tmp_path):
     from dataclasses import asdict
 
-    from grpo.checkpoint import math_differences
     from grpo.config import template_from_dict
+    from grpo.run.checkpoint import math_differences
 
     current = template_from_dict(tiny_template(tmp_path, tmp_path / "out"))
     saved = asdict(current)

@@ -19,7 +19,7 @@ STEPS = 3
 
 CHILD = f"""
 import contextlib, resource, sys, torch
-from grpo.cpu_memory import keep_freed_memory, mapped_allocations
+from grpo.run.cpu_memory import keep_freed_memory, mapped_allocations
 if sys.argv[1] != "default":
     assert keep_freed_memory()
 def faults():

@@ -10,17 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo.decode import StaticDecoder, StaticKVCache, static_decode_supported
-from grpo.graph_decode import CUDAGraphDecoder, FixedShapeDecoder, graph_decode_supported
-from grpo.lora import inject_lora
-from grpo.packed_decode import (
+from grpo.model.lora import inject_lora
+from grpo.rollout.decoders import HFDecoder
+from grpo.rollout.generate import generate, left_pad
+from grpo.rollout.graph_decode import CUDAGraphDecoder, FixedShapeDecoder, graph_decode_supported
+from grpo.rollout.packed_decode import (
     MATMUL_STRATEGIES,
     PackedDecoder,
     PackedProjection,
     fastest_strategy,
     packed_decode_supported,
 )
-from grpo.rollout import HFDecoder, generate, left_pad, nucleus, sample_next, truncate
+from grpo.rollout.sampling import nucleus, sample_next, truncate
+from grpo.rollout.static_decode import StaticDecoder, StaticKVCache, static_decode_supported
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
@@ -121,7 +123,7 @@ def check_decoder_against_transformers(model, decoder, device=CPU):
 
 
 def test_generate_is_the_same_with_either_decoder(tiny_model_dir, tokenizer):
-    from grpo.models import load_model
+    from grpo.model.loading import load_model
 
     model = load_model(str(tiny_model_dir), device=CPU, dtype=torch.float32)
     prompts = [tokenizer("Hi there", add_special_tokens=False)["input_ids"], [7, 8, 9, 10, 11, 12]]
@@ -162,7 +164,7 @@ def test_graph_decoding_is_skipped_for_length_dependent_rope_and_fsdp():
     assert not graph_decode_supported(dynamic)
     script = (
         "import sys, torch, torch.distributed as dist; sys.path.insert(0, 'tests')\n"
-        "from test_decode import tiny; from grpo.graph_decode import graph_decode_supported\n"
+        "from test_decode import tiny; from grpo.rollout.graph_decode import graph_decode_supported\n"
         "from torch.distributed.fsdp import fully_shard\n"
         "dist.init_process_group('gloo', rank=0, world_size=1, store=dist.HashStore())\n"
         "model = tiny('llama', vocab=50); [fully_shard(layer) for layer in model.model.layers]\n"
@@ -241,7 +243,7 @@ def test_an_explicit_decode_path_that_cannot_run_is_named(tiny_model_dir, tmp_pa
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from grpo.config import ConfigError, template_from_dict
-    from grpo.rollout import DECODE_IMPLS, decode_impl_problem
+    from grpo.rollout.decoders import DECODE_IMPLS, decode_impl_problem
     from grpo.trainer import GRPOTrainer
     from tests.conftest import tiny_template
 
@@ -367,7 +369,7 @@ def test_sampler_returns_each_draw_log_prob_under_the_unfiltered_softmax():
 
 @pytest.mark.parametrize("impl", ["packed", "static", "graph", "hf"])
 def test_rollout_log_probs_match_the_training_forward(impl):
-    from grpo.logprobs import CompletionLogprobs
+    from grpo.model.logprobs import CompletionLogprobs
 
     model = tiny("llama", vocab=120)
     gen = torch.Generator().manual_seed(0)

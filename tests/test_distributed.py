@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from grpo.config import ConfigError, TrainConfig
-from grpo.distributed import DistEnv, check_settings
+from grpo.parallel.launch import DistEnv, check_settings
 from tests.conftest import REPO, tiny_template, write_template
 
 # PYTHONFAULTHANDLER: a rank that aborts in native code still prints every thread's Python stack.
@@ -321,7 +321,7 @@ def check_reference_copy(out):
 
     from safetensors.torch import load_file
 
-    from grpo.reference import REFERENCE_FILE
+    from grpo.model.reference_sync import REFERENCE_FILE
 
     ckpt = out / "checkpoints" / "step-000002"
     policy, ref = load_file(str(ckpt / "model" / "model.safetensors")), load_file(str(ckpt / REFERENCE_FILE))

@@ -7,15 +7,9 @@ import torch
 
 from grpo.config import template_from_dict
 from grpo.data import PromptSampler
-from grpo.dynamic_sampling import (
-    Samples,
-    concat_rollouts,
-    fill_batch,
-    informative_groups,
-    select_rows,
-    spread_top_ups,
-)
-from grpo.rollout import Rollout
+from grpo.rollout.dynamic_sampling import fill_batch, informative_groups, spread_top_ups
+from grpo.rollout.generate import Rollout
+from grpo.samples import Samples, concat_rollouts, select_rows
 from grpo.trainer import GRPOTrainer
 from tests.conftest import tiny_template
 

@@ -10,8 +10,8 @@ import torch
 
 from grpo import rewards as rw
 from grpo.config import ConfigError, template_from_dict
-from grpo.evaluate import evaluate, load_eval_prompts
-from grpo.models import load_model
+from grpo.eval.evaluate import evaluate, load_eval_prompts
+from grpo.model.loading import load_model
 from grpo.trainer import GRPOTrainer
 from tests.conftest import REPO, tiny_template, write_template
 
@@ -192,9 +192,9 @@ def test_script_missing_model_and_adapter(tiny_model_dir, tmp_path, capsys):
 
 
 def test_script_with_lora_adapter(tiny_model_dir, tmp_path, tokenizer):
-    lora = pytest.importorskip("grpo.lora")
+    lora = pytest.importorskip("grpo.model.lora")
     if not hasattr(lora, "load_adapter"):
-        pytest.skip("grpo.lora has no load_adapter yet")
+        pytest.skip("grpo.model.lora has no load_adapter yet")
     model = load_model(str(tiny_model_dir), device=torch.device("cpu"), dtype=torch.float32)
     lora.inject_lora(model, r=4, alpha=8)
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from grpo.run_report import closing_report, example_question, reward_movement
+from grpo.run.run_report import closing_report, example_question, reward_movement
 from scripts.generate import load_for_generation, render_prompt, resolve_target
 from tests.conftest import REPO, tiny_template, write_template
 
@@ -81,7 +81,7 @@ def test_generate_streams_the_greedy_answer_of_the_run(trained_run, tiny_model_d
     assert done.stdout.strip() == expected.strip()
     assert done.stdout.startswith("<reasoning>\n")
     if kind == "lora":  # generate.py put the adapter on its base: the logits differ from the base's
-        from grpo.models import load_model
+        from grpo.model.loading import load_model
 
         model, _ = load_for_generation(
             str(run_dir / "model"), device=torch.device("cpu"), dtype=torch.float32

@@ -1,4 +1,5 @@
-"""How grpo.graph_decode records its CUDA graph: torch.cuda.graph's steps without its per-capture empty_cache.
+"""How grpo/rollout/graph_decode.py records its CUDA graph: torch.cuda.graph's steps without its per-capture
+empty_cache.
 
 On CPU only the order of the CUDA calls can be checked (with stand-ins that log them); the tests marked for CUDA
 run the real capture on a GPU (scripts/gpu_checks.sh `tests`).
@@ -12,10 +13,11 @@ import gc
 import pytest
 import torch
 
-from grpo import graph_decode
-from grpo.decode import StaticKVCache
-from grpo.graph_decode import CUDAGraphDecoder
-from grpo.rollout import HFDecoder, generate
+from grpo.rollout import graph_decode
+from grpo.rollout.decoders import HFDecoder
+from grpo.rollout.generate import generate
+from grpo.rollout.graph_decode import CUDAGraphDecoder
+from grpo.rollout.static_decode import StaticKVCache
 from tests.test_decode import fixed_shape_on_stale_memory, prefill, tiny
 
 CUDA = torch.device("cuda")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grpo.logprobs import CompletionLogprobs
-from grpo.models import load_model
-from grpo.rollout import Rollout, left_pad
+from grpo.model.loading import load_model
+from grpo.model.logprobs import CompletionLogprobs
+from grpo.rollout.generate import Rollout, left_pad
 
 CPU, F32 = torch.device("cpu"), torch.float32
 

@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from grpo.config import ConfigError, template_from_dict
-from grpo.logprobs import CompletionLogprobs
-from grpo.lora import (
+from grpo.model.loading import load_model
+from grpo.model.logprobs import CompletionLogprobs
+from grpo.model.lora import (
     AdaptersDisabled,
     LoRALinear,
     disabled_adapters,
@@ -25,7 +26,6 @@ from grpo.lora import (
     merge_lora,
     unmerge_lora,
 )
-from grpo.models import load_model
 from grpo.trainer import GRPOTrainer
 from tests.conftest import tiny_template
 
@@ -291,7 +291,7 @@ def test_unsloth_backend_stops_before_loading_on_cpu(tiny_model_dir, tmp_path, m
 
 
 def test_unsloth_errors_name_what_is_missing(monkeypatch):
-    import grpo.unsloth_backend as ub
+    import grpo.model.unsloth_backend as ub
 
     assert ub.unsloth_problem(has_cuda=False, has_package=False) == UNSLOTH_NEITHER
     assert ub.unsloth_problem(has_cuda=False, has_package=True) == UNSLOTH_NO_CUDA

@@ -12,7 +12,7 @@ def test_converted_gguf_is_a_plain_trainable_folder(tokenizer):
     from transformers import AutoModelForCausalLM
 
     from grpo.config import EMBEDDED_MODEL
-    from grpo.models import resolve_model_source
+    from grpo.model.loading import resolve_model_source
 
     folder = Path(resolve_model_source(EMBEDDED_MODEL)[0])  # converted by the tokenizer fixture
     config = json.loads((folder / "config.json").read_text())
@@ -28,7 +28,7 @@ def test_embedded_tokenizer_names_the_files_special_tokens(tokenizer):
     from transformers import AutoConfig
 
     from grpo.config import EMBEDDED_MODEL
-    from grpo.models import name_special_tokens, resolve_model_source
+    from grpo.model.loading import name_special_tokens, resolve_model_source
 
     config = AutoConfig.from_pretrained(resolve_model_source(EMBEDDED_MODEL)[0])
     assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, 2)

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from grpo.config import ConfigError, template_from_dict
-from grpo.precision import Precision, resolve_precision
+from grpo.model.precision import Precision, resolve_precision
 from grpo.trainer import GRPOTrainer
 from tests.conftest import tiny_template
 from tests.dist_step import fixed_rollout

@@ -14,7 +14,7 @@ MAX_README_LINES = 250
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 # Paths the pages name in prose and commands, relative to the repository root.
-PATH = re.compile(r"(?:configs|scripts|docs|kernels|tests)/[\w./-]+\.(?:yaml|py|md|sh)")
+PATH = re.compile(r"(?:grpo|configs|scripts|docs|kernels|tests)/[\w./-]+\.(?:yaml|py|md|sh)")
 # The pages describe the project as it is; how it got there lives in git.
 NARRATION = re.compile(
     r"\bsessions?\b|\bdevice tool\b|\blent\b|\bborrowed\b|\bwent from\b|\bbefore the change\b",

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from grpo.config import ConfigError, template_from_dict
-from grpo.reference import REFERENCE_FILE, mix_into_reference, sync_due
+from grpo.model.reference_sync import REFERENCE_FILE, mix_into_reference, sync_due
 from grpo.trainer import GRPOTrainer
 from tests.conftest import build_tiny_model, tiny_template, write_template
 from tests.test_checkpoint import torchrun, train

@@ -5,7 +5,7 @@ import torch
 
 from grpo import rewards as rw
 from grpo.config import ConfigError, template_from_dict
-from grpo.reward_model import conversation_text, load_reward_model
+from grpo.rewards.learned_model import conversation_text, load_reward_model
 from grpo.trainer import GRPOTrainer
 from tests.conftest import tiny_llama_config, tiny_template
 

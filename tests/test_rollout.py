@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from grpo.logprobs import CompletionLogprobs
-from grpo.models import load_model
-from grpo.rollout import Rollout, generate, left_pad, sample_next
+from grpo.model.loading import load_model
+from grpo.model.logprobs import CompletionLogprobs
+from grpo.rollout.generate import Rollout, generate, left_pad
+from grpo.rollout.sampling import sample_next
 
 
 def tiny(tiny_model_dir):

@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file
 
 from grpo.config import ConfigError, load_template, template_from_dict
-from grpo.logging import peak_memory_bytes
+from grpo.run.logger import peak_memory_bytes
 from grpo.trainer import GRPOTrainer, enable_checkpointing
 from tests.conftest import GSM8K, REPO, VOLATILE, tiny_template, write_template
 
@@ -632,7 +632,7 @@ def test_old_and_reference_passes_run_without_dropout(tiny_model_dir, tmp_path):
         tiny_model_dir, tmp_path / "d", use_lora=True, lora_dropout=0.5, num_iterations=2, beta=0.04
     )
     trainer = GRPOTrainer(template_from_dict(data))
-    from grpo.lora import lora_layers
+    from grpo.model.lora import lora_layers
 
     with torch.no_grad():  # B starts at 0, which hides dropout: give the adapters an effect
         for layer in lora_layers(trainer.model).values():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from grpo.update_totals import UpdateTotals
+from grpo.run.update_totals import UpdateTotals
 
 
 def test_means_over_rows_tokens_and_updates():

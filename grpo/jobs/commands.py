@@ -149,7 +149,7 @@ def resume(store: Store, job_id: str, overrides: list[str]) -> None:
     """Queue a finished job again: it continues from the newest checkpoint in its folder. Everything that
     would stop the resumed run (no checkpoint, max_steps already reached, a field that changes the math) is
     refused here, before the job is queued."""
-    from grpo import checkpoint as ckpt  # imports torch: only this command needs it
+    from grpo.run import checkpoint as ckpt  # imports torch: only this command needs it
 
     job = store.job(job_id)
     if job.state not in FINAL_STATES:

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from grpo.config import ConfigError
-from grpo.fsio import atomic_write_text
+from grpo.run.atomic_files import atomic_write_text
 
 STATES = ("queued", "running", "completed", "failed", "stopped")
 FINAL_STATES = ("completed", "failed", "stopped")

@@ -1,0 +1,38 @@
+"""The training template: its schema (schema.py), its range checks (checks.py), and reading it from YAML with
+key=value overrides (loading.py). `from grpo.config import Template, load_template, ConfigError` is the way in."""
+
+from grpo.config.loading import apply_overrides, load_template, parse_override, read_yaml, template_from_dict
+from grpo.config.schema import (
+    ALIASES,
+    BUILTIN_DATASET,
+    EMBEDDED_MODEL,
+    LEAF_PATHS,
+    SECTIONS,
+    SEED_INSTRUCTION,
+    DatasetConfig,
+    DataTemplate,
+    Template,
+    TrainConfig,
+    field_docs,
+)
+from grpo.errors import ConfigError
+
+__all__ = [
+    "ALIASES",
+    "BUILTIN_DATASET",
+    "EMBEDDED_MODEL",
+    "LEAF_PATHS",
+    "SECTIONS",
+    "SEED_INSTRUCTION",
+    "ConfigError",
+    "DataTemplate",
+    "DatasetConfig",
+    "Template",
+    "TrainConfig",
+    "apply_overrides",
+    "field_docs",
+    "load_template",
+    "parse_override",
+    "read_yaml",
+    "template_from_dict",
+]

@@ -1,0 +1,292 @@
+"""The training template's schema: one dataclass tree with defaults and a description per field.
+
+A template is what a user saves and queues. Field names follow Transformer Lab's GRPO plugins so settings carry
+over. Reading one (YAML, key=value overrides, type checks) is grpo/config/loading.py; the range checks are
+grpo/config/checks.py. Everything here is cheap: validation runs before any model or dataset loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+BUILTIN_DATASET = "builtin:arithmetic"
+
+SEED_INSTRUCTION = """Respond in the following format:
+<reasoning>
+...
+</reasoning>
+<answer>
+...
+</answer>"""
+
+
+def doc(text: str, **kw: Any) -> Any:
+    return field(metadata={"doc": text}, **kw)
+
+
+@dataclass
+class DatasetConfig:
+    path: str = doc(
+        "Hub id (openai/gsm8k), a local .jsonl/.json/.csv/.parquet file, or builtin:arithmetic.",
+        default=BUILTIN_DATASET,
+    )
+    config: str | None = doc("Dataset config name on the hub (gsm8k: main).", default=None)
+    split: str = doc("Split to train on.", default="train")
+    limit: int | None = doc("Use only the first N rows (null = all).", default=None)
+    eval_split: str = doc("Held-out split for evaluation (a local file path also works).", default="test")
+
+
+@dataclass
+class DataTemplate:
+    instruction: str = doc("System prompt (Jinja2).", default=SEED_INSTRUCTION)
+    input: str = doc("User message rendered per row with Jinja2, e.g. {{question}}.", default="{{question}}")
+    output: str = doc(
+        "Reference answer rendered per row; the text after '#### ' is used when present.",
+        default="{{answer}}",
+    )
+    response_prefix: str = doc(
+        "Text the reply starts with, appended after the chat template's generation prompt (e.g. '<reasoning>\\n'); "
+        "rewards see it as part of the completion.",
+        default="",
+    )
+
+
+@dataclass
+class TrainConfig:
+    # -- device and placement
+    train_device: Literal["auto", "cuda", "cpu", "tpu"] = doc(
+        "Where to train: auto picks cuda when present.", default="auto"
+    )
+    gpu_ids: Literal["auto"] | list[int] = doc("auto = all visible GPUs, or a list of ids.", default="auto")
+    distributed_strategy: Literal["ddp", "fsdp"] = doc(
+        "Multi-process strategy under torchrun.", default="ddp"
+    )
+    dtype: Literal["auto", "bf16-mixed", "float32", "bfloat16", "float16", "float64"] = doc(
+        "Training dtype: auto = bf16-mixed on GPU, float32 on CPU. bf16-mixed keeps the trained weights and "
+        "AdamW's state in fp32 and computes in bf16; bfloat16/float16 store the weights themselves in that "
+        "dtype (half the memory, but AdamW steps below the weight's precision are lost: at lr 1e-6 most); "
+        "float64 is for checking numerics (slow).",
+        default="auto",
+    )
+    # -- the four tags of the reasoning format
+    start_thinking_string: str = doc("Tag that opens the reasoning.", default="<reasoning>")
+    end_thinking_string: str = doc("Tag that closes the reasoning.", default="</reasoning>")
+    start_answer_string: str = doc("Tag that opens the answer.", default="<answer>")
+    end_answer_string: str = doc("Tag that closes the answer.", default="</answer>")
+    # -- lengths and batches
+    maximum_sequence_length: int = doc(
+        "Prompt + completion tokens; longer prompts are cut from the left.", default=1024
+    )
+    maximum_completion_length: int = doc("Most tokens sampled per completion.", default=256)
+    long_prompts: Literal["truncate", "drop"] = doc(
+        "Training prompts over maximum_sequence_length - maximum_completion_length tokens: truncate (cut from "
+        "the left, which can cut the system prompt) or drop (left out; the log says how many).",
+        default="truncate",
+    )
+    batch_size: int = doc("Prompts per device per step (each sampled num_generations times).", default=4)
+    micro_batch_size: int = doc("Sequences per forward/backward of the loss (0 = all at once).", default=0)
+    gradient_checkpointing: bool = doc(
+        "Recompute each decoder layer in backward instead of keeping its activations: much less memory for "
+        "about one more forward of time; the log-prob passes then run prompt + completion per sequence.",
+        default=False,
+    )
+    # -- optimisation
+    learning_rate_schedule: Literal["constant", "linear", "cosine", "constant_with_warmup"] = doc(
+        "Learning-rate schedule after warmup.", default="constant"
+    )
+    learning_rate: float = doc("Peak learning rate of AdamW.", default=1e-6)
+    warmup_ratio: float = doc("Share of the total steps spent warming up linearly from 0.", default=0.0)
+    num_train_epochs: int = doc("Passes over the dataset.", default=1)
+    max_steps: int = doc("Optimizer steps to run; -1 = as many as the epochs give.", default=-1)
+    max_grad_norm: float = doc("Clip the global gradient norm to this (0 = no clipping).", default=1.0)
+    weight_decay: float = doc("AdamW weight decay.", default=0.0)
+    adam_beta1: float = doc("AdamW beta1.", default=0.9)
+    adam_beta2: float = doc("AdamW beta2.", default=0.99)
+    adam_epsilon: float = doc("AdamW epsilon.", default=1e-8)
+    seed: int = doc("Seed for data order, sampling and initialisation.", default=42)
+    # -- LoRA
+    use_lora: bool = doc("Train a LoRA adapter instead of all weights.", default=False)
+    adaptor_name: str = doc("Folder name of the trained adapter/model inside output_dir.", default="model")
+    lora_r: int = doc("LoRA rank.", default=16)
+    lora_alpha: float = doc("LoRA alpha (scaling = alpha / r).", default=32)
+    lora_dropout: float = doc("Dropout on the LoRA input.", default=0.05)
+    lora_target_modules: list[str] | None = doc(
+        "Module leaf names to adapt (null = attention + MLP).", default=None
+    )
+    backend: Literal["torch", "unsloth"] = doc(
+        "torch (ours) or unsloth (FastLanguageModel).", default="torch"
+    )
+    export_merged: bool = doc(
+        "With LoRA, also write the merged model as a plain HF folder <output_dir>/<adaptor_name>-merged.",
+        default=False,
+    )
+    load_in_4bit: bool = doc("backend unsloth only: load the base model in 4 bit (QLoRA).", default=False)
+    # -- GRPO
+    num_generations: int = doc("G: completions sampled per prompt.", default=4)
+    temperature: float = doc("Sampling temperature.", default=1.0)
+    top_p: float = doc("Nucleus sampling: keep the smallest token set with this probability.", default=1.0)
+    top_k: int = doc(
+        "Sample only among the k most probable tokens (applied before top_p); 0 = no limit.", default=0
+    )
+    min_p: float = doc(
+        "Drop tokens less probable than min_p times the most probable one (applied after top_p); 0 = off.",
+        default=0.0,
+    )
+    beta: float = doc("KL weight; 0 = no reference model is loaded at all.", default=0.0)
+    kl_estimator: Literal["k3", "k2"] = doc(
+        "Per-token KL term of the loss: k3 = exp(ref - logp) - (ref - logp) - 1 (GRPO's), k2 = (logp - ref)^2 / 2, "
+        "whose gradient is that of the reverse KL(policy || reference) (grpo/loss.py).",
+        default="k3",
+    )
+    ref_model_sync_steps: int = doc(
+        "Every N steps move the KL reference towards the policy: reference = ref_model_mixup_alpha * policy + "
+        "(1 - alpha) * reference (TR-DPO, arXiv:2404.09656; grpo/model/reference_sync.py); 0 = the reference stays the "
+        "starting model.",
+        default=0,
+    )
+    ref_model_mixup_alpha: float = doc(
+        "Weight of the policy in each reference update; 1 = copy the policy.", default=0.6
+    )
+    epsilon: float = doc("Lower clip range of the importance ratio.", default=0.2)
+    epsilon_high: float | None = doc("Upper clip range (null = epsilon).", default=None)
+    delta: float | None = doc(
+        "Two-sided clipping (INTELLECT-2): cap the unclipped ratio at delta, so tokens with a negative advantage "
+        "and a large ratio stop growing the loss; null = off; at least 1 + epsilon_high.",
+        default=None,
+    )
+    num_iterations: int = doc("Policy updates per batch of samples (mu).", default=1)
+    mini_batches: int = doc(
+        "Split each step's prompts (with all their G completions) into this many mini-batches and make one "
+        "optimizer update per mini-batch, PPO-style (TRL's steps_per_generation): a step makes num_iterations x "
+        "mini_batches updates from one rollout. Must divide batch_size.",
+        default=1,
+    )
+    loss_type: str = doc("grpo | bnpo | dr_grpo | dapo | cispo, or package.module:function.", default="grpo")
+    importance_sampling_level: Literal["token", "sequence"] = doc(
+        "token (GRPO) or sequence (GSPO).", default="token"
+    )
+    scale_rewards: Literal["group", "batch", "none"] = doc(
+        "Divide advantages by the std of the group, the batch, or not at all.", default="group"
+    )
+    top_entropy_quantile: float = doc(
+        "Apply the policy term only to the tokens whose entropy is in this top share of the step's tokens "
+        "(arXiv:2506.01939 kept 0.2); 1.0 = every token.",
+        default=1.0,
+    )
+    entropy_coef: float = doc(
+        "Entropy bonus: subtract entropy_coef x the mean entropy of the loss tokens (of all ranks) from the loss, "
+        "which slows the collapse of exploration; 0 = off (entropy is then only a metric, without gradient).",
+        default=0.0,
+    )
+    dynamic_sampling: bool = doc(
+        "DAPO's dynamic sampling: drop prompts whose G rewards are all equal and sample more prompts until "
+        "batch_size informative ones are found (grpo/rollout/dynamic_sampling.py).",
+        default=False,
+    )
+    dynamic_sampling_max_rounds: int = doc(
+        "Most rollouts per step with dynamic_sampling; a batch still short is topped up with dropped prompts.",
+        default=3,
+    )
+    rollout_is_cap: float = doc(
+        "Truncated importance sampling of the rollout: weight each token's policy term by min(pi_train / "
+        "pi_rollout, cap), pi_rollout being the decode path's probability of the drawn token and pi_train the "
+        "training forward's, which differ numerically (bf16, CUDA graphs, packed kernels); 0 = off (2 is usual).",
+        default=0.0,
+    )
+    mask_truncated_completions: bool = doc(
+        "Exclude completions cut at the length limit from the loss.", default=False
+    )
+    rewards: list[Any] = doc(
+        "Reward functions: names or package.module:function, or {name: ..., weight: ..., KEY: VALUE} where "
+        "the other keys are passed to the function.",
+        default_factory=lambda: ["correctness", "int_answer", "strict_format", "soft_format", "tag_count"],
+    )
+    logprob_impl: Literal["auto", "chunked", "naive", "triton"] = doc(
+        "How per-token log-probs are computed (kernels/).", default="auto"
+    )
+    decode_impl: Literal["auto", "graph", "packed", "static", "hf"] = doc(
+        "How rollouts decode: graph (CUDA graphs on GPU), packed (CPU fp32), static, hf (transformers' "
+        "generation path, the slowest and the reference); auto picks the fastest the model and device allow.",
+        default="auto",
+    )
+    # -- outputs
+    output_dir: str = doc("Run folder: model, metrics.jsonl, TensorBoard, samples.", default="runs/default")
+    logging_steps: int = doc("Write samples of completions every N steps.", default=1)
+    eval_steps: int = doc(
+        "Greedy evaluation on dataset.eval_split every N steps and after the save (eval.json); 0 = off.",
+        default=0,
+    )
+    eval_limit: int = doc("Held-out problems used by each evaluation during training.", default=200)
+    save_best: bool = doc(
+        "With eval_steps: copy the model to <output_dir>/<adaptor_name>-best whenever the held-out accuracy "
+        "beats every earlier evaluation of the run; best.json names the step and accuracy.",
+        default=False,
+    )
+    log_to_wandb: bool = doc("Also log to Weights & Biases.", default=False)
+    wandb_project: str = doc("W&B project name.", default="grpo")
+    # -- checkpoints and resume
+    save_steps: int = doc("Write a resumable checkpoint every N steps (0 = only the final model).", default=0)
+    save_total_limit: int = doc("Keep only the newest K checkpoints (0 = keep all).", default=0)
+    resume_from_checkpoint: str | None = doc(
+        "latest or a checkpoints/step-N folder: continue that run.", default=None
+    )
+    force_resume: bool = doc(
+        "Resume even when the template differs in fields that change the math.", default=False
+    )
+    skip_nonfinite_steps: bool = doc(
+        "Skip a step whose loss or gradient is not finite instead of stopping.", default=False
+    )
+
+    def sampling(self) -> dict[str, Any]:
+        """The settings that shape the sampling distribution, as keyword arguments of grpo.rollout.generate.generate."""
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+        }
+
+
+@dataclass
+class Template:
+    name: str = doc("Template name.", default="default")
+    model: str = doc("Hub id, local folder, .gguf file, or the embedded SmolLM2.", default=EMBEDDED_MODEL)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    template: DataTemplate = field(default_factory=DataTemplate)
+    config: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"dataset": DatasetConfig, "template": DataTemplate, "config": TrainConfig}
+
+
+def _leaf_paths() -> dict[str, tuple[str, ...]]:
+    """Every settable field as dotted path -> path tuple."""
+    paths: dict[str, tuple[str, ...]] = {}
+    for f in dataclasses.fields(Template):
+        if f.name in SECTIONS:
+            for sub in dataclasses.fields(SECTIONS[f.name]):
+                paths[f"{f.name}.{sub.name}"] = (f.name, sub.name)
+        else:
+            paths[f.name] = (f.name,)
+    return paths
+
+
+LEAF_PATHS = _leaf_paths()
+ALIASES = {"resume": ("config", "resume_from_checkpoint")}  # resume=latest on the command line
+
+
+def field_docs() -> list[tuple[str, str, str]]:
+    """(dotted name, default, doc) for every field: the README's template reference."""
+    rows = []
+    for dotted, path in LEAF_PATHS.items():
+        cls = SECTIONS[path[0]] if len(path) == 2 else Template
+        f = next(f for f in dataclasses.fields(cls) if f.name == path[-1])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((dotted, repr(default), f.metadata.get("doc", "")))
+    return rows

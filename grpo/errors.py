@@ -1,0 +1,19 @@
+"""The errors a run reports as one line instead of a traceback (grpo/run/cli_common.py maps them to exit codes).
+
+They live here, apart from the modules that raise them, so that the command-line wrapper can catch them without
+importing the trainer.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A user mistake in a template or override: the message is one sentence naming the field."""
+
+
+class RewardError(RuntimeError):
+    pass
+
+
+class NonFiniteError(RuntimeError):
+    pass

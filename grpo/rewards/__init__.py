@@ -1,0 +1,55 @@
+"""Reward functions: the built-ins (builtin.py), learned reward models (learned_model.py), and resolving and
+scoring a template's list (scoring.py). Every reward function has the same signature, the one user functions
+implement too:
+
+    def my_reward(completions: list[str], references: list[str], **kwargs) -> list[float]
+
+`completions[i]` is the decoded text of sample i, `references[i]` its prompt's reference answer. kwargs holds
+`prompts` (list[str], chat-formatted), `prompt_messages` (list of the prompt's chat messages, system + user),
+`rows` (list[dict], the dataset rows), `tags` (a `Tags` with the template's four tag strings),
+`completion_lengths` (list[int], completion tokens) and `max_completion_length` (int,
+config.maximum_completion_length). Accept **kwargs so that new keys do not break your function. A template entry
+{name: ..., weight: ..., KEY: VALUE} also passes KEY=VALUE to its function on every call.
+"""
+
+from grpo.errors import RewardError
+from grpo.rewards.builtin import (
+    BUILTIN,
+    RewardFn,
+    Tags,
+    answer_mentioned,
+    answers_match,
+    correctness,
+    extract_answer,
+    int_answer,
+    normalize_number,
+    overlong_penalty,
+    soft_format,
+    strict_format,
+    tag_count,
+)
+from grpo.rewards.learned_model import reward_model
+from grpo.rewards.scoring import PASSED_KWARGS, Reward, resolve_function, resolve_rewards, score
+
+__all__ = [
+    "BUILTIN",
+    "PASSED_KWARGS",
+    "Reward",
+    "RewardError",
+    "RewardFn",
+    "Tags",
+    "answer_mentioned",
+    "answers_match",
+    "correctness",
+    "extract_answer",
+    "int_answer",
+    "normalize_number",
+    "overlong_penalty",
+    "resolve_function",
+    "resolve_rewards",
+    "reward_model",
+    "score",
+    "soft_format",
+    "strict_format",
+    "tag_count",
+]

@@ -1,0 +1,10 @@
+"""The rollout: G completions per prompt, with every decoder that can draw them.
+
+generate.py         `Rollout` (token ids, masks, sampling log-probs, truncation flags) and `generate`
+sampling.py         the sampling filters: temperature, top_k, top_p, min_p
+decoders.py         which decoder runs (`decode_impl`), and transformers' forward as the reference decoder
+static_decode.py    a preallocated KV cache decoded with the model's own layers
+graph_decode.py     fixed shapes, recorded as CUDA graphs on GPU
+packed_decode.py    CPU fp32 with MKL-packed fused weights
+dynamic_sampling.py DAPO's dynamic sampling: more prompts until the batch has groups that disagree
+"""

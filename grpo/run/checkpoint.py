@@ -1,0 +1,316 @@
+"""Checkpoints that a killed run resumes from exactly: same prompts, same samples, same updates.
+
+Layout: <output_dir>/checkpoints/step-000012/ holding the model folder (or only the adapter under LoRA),
+optimizer.pt, scheduler.pt, reference.safetensors (only when the reference follows the policy,
+grpo/model/reference_sync.py), trainer_state.json (step, data position), rng-rank<R>.pt (every RNG of every rank)
+and template.yaml. A checkpoint is written into step-N.tmp, fsynced, then renamed: a folder without the .tmp
+suffix is always complete, and leftover .tmp folders from a killed save are removed on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from grpo.config import ConfigError, Template
+from grpo.model.reference_sync import load_reference, save_reference
+from grpo.run.atomic_files import atomic_write_text, fresh_dir, fsync_tree
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+# Fields that may change between a run and its resume without changing what is computed.
+RESUME_SAFE_FIELDS = {
+    "name",
+    "config.max_steps",
+    "config.num_train_epochs",
+    "config.output_dir",
+    "config.logging_steps",
+    "config.log_to_wandb",
+    "config.wandb_project",
+    "config.save_steps",
+    "config.save_total_limit",
+    "config.resume_from_checkpoint",
+    "config.force_resume",
+    "config.eval_steps",
+    "config.eval_limit",
+    "config.save_best",
+    "config.train_device",
+    "config.gpu_ids",
+    "config.distributed_strategy",
+    "config.micro_batch_size",
+    "config.skip_nonfinite_steps",
+    "config.logprob_impl",
+    "config.decode_impl",
+    "config.export_merged",
+    "dataset.eval_split",
+}
+
+
+def checkpoint_root(output_dir: Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def remove_partial(output_dir: Path) -> list[Path]:
+    root = checkpoint_root(output_dir)
+    partial = [p for p in root.glob("*.tmp")] if root.is_dir() else []
+    for p in partial:
+        shutil.rmtree(p, ignore_errors=True)
+    return partial
+
+
+def resolve_resume(spec: str | None, output_dir: Path) -> Path | None:
+    """'latest' -> newest complete checkpoint in output_dir (None when there is none yet); else a path."""
+    if spec in (None, "", "none"):
+        return None
+    if spec == "latest":
+        remove_partial(output_dir)
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(spec)
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(
+            f"config.resume_from_checkpoint = {spec!r} is not a checkpoint folder "
+            f"(no trainer_state.json); use latest or a checkpoints/step-N folder."
+        )
+    return path
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def math_differences(saved: dict[str, Any], current: Template) -> list[str]:
+    """Fields whose values differ between the checkpoint's template and this run's, ignoring the safe ones. A
+    field the checkpoint lacks (saved by an older version) counts with its default, which that version used."""
+    a, b = {**_flatten(asdict(Template())), **_flatten(saved)}, _flatten(asdict(current))
+    return sorted(k for k in set(a) | set(b) if k not in RESUME_SAFE_FIELDS and a.get(k) != b.get(k))
+
+
+def check_compatible(path: Path, current: Template, *, force: bool, world_size: int = 1) -> None:
+    """Refuse a resume whose template changes the math. batch_size is per process: a different process count
+    is fine as long as the global batch (batch_size x processes) stays the same."""
+    saved = yaml.safe_load((path / "template.yaml").read_text())
+    diffs = math_differences(saved, current)
+    saved_world = int(read_trainer_state(path).get("world_size", 1))
+    if saved["config"]["batch_size"] * saved_world == current.config.batch_size * world_size:
+        diffs = [d for d in diffs if d != "config.batch_size"]
+    if diffs and not force:
+        raise ConfigError(
+            f"Cannot resume from {path}: the template differs in fields that change the run "
+            f"({', '.join(diffs)}); set force_resume=true to resume anyway."
+        )
+
+
+# ---------------------------------------------------------------- RNG
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "generator": generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- write / read
+def _test_kill_point(name: str) -> None:
+    """Tests set GRPO_TEST_KILL_AT=<name> to SIGKILL the process between two file writes of a save."""
+    if os.environ.get("GRPO_TEST_KILL_AT") == name:
+        os.kill(os.getpid(), 9)
+
+
+def staging_dir(output_dir: Path, step: int) -> Path:
+    tmp = checkpoint_root(output_dir) / f"step-{step:06d}.tmp"
+    return fresh_dir(tmp)
+
+
+def commit(tmp: Path, output_dir: Path, step: int, save_total_limit: int) -> Path:
+    """fsync, then the rename that makes the checkpoint visible; then prune the oldest beyond the limit."""
+    fsync_tree(tmp)
+    final = checkpoint_root(output_dir) / f"step-{step:06d}"
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    if save_total_limit > 0:
+        for old in list_checkpoints(output_dir)[:-save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def load_rng(path: Path, rank: int, generator: torch.Generator) -> None:
+    file = path / f"rng-rank{rank}.pt"
+    if not file.is_file():  # resumed with more ranks than saved: reseed this rank deterministically instead
+        generator.manual_seed(generator.initial_seed() + 7919 * rank)
+        return
+    set_rng_state(torch.load(file, weights_only=False), generator)
+
+
+# ---------------------------------------------------------------- the trainer's side
+def write_model(trainer: Any, folder: Path, state: dict[str, torch.Tensor] | None) -> None:
+    """The model as users load it: the adapter under LoRA (plus the merged model if asked), else the full
+    model. Rank 0 only; `state` is the full state dict FSDP gathered (None without FSDP)."""
+    from grpo.model.loading import save_model
+    from grpo.model.lora import export_merged, save_adapter
+
+    c, tok = trainer.c, trainer.tokenizer
+    if c.backend == "unsloth":
+        from grpo.model.unsloth_backend import save_unsloth
+
+        save_unsloth(trainer.model, tok, folder, export_merged=c.export_merged)
+    elif c.use_lora:
+        save_adapter(
+            trainer.model, folder, base_model_name_or_path=trainer.t.model, tokenizer=tok, state=state
+        )
+        if c.export_merged:
+            export_merged(trainer.model, tok, folder.with_name(folder.name + "-merged"), state=state)
+    else:
+        save_model(trainer.model, tok, folder, state=state)
+
+
+def _barrier(env: Any) -> None:
+    if env.enabled and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _optimizer_state(trainer: Any) -> dict[str, Any]:
+    if trainer.env.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(trainer.model, trainer.optimizer, options=options)
+    return trainer.optimizer.state_dict()
+
+
+def save_checkpoint(trainer: Any) -> Path:
+    """Every rank calls this at a step boundary; rank 0 writes the shared files, each rank its RNG."""
+    from grpo.parallel.wrapping import full_state_dict
+
+    env, step, out = trainer.env, trainer.step, trainer.output_dir
+    state = full_state_dict(trainer.model, env)
+    reference = trainer.synced_reference()  # None unless the reference follows the policy
+    ref_state = None if reference is None else full_state_dict(reference, env)
+    optim = _optimizer_state(trainer)
+    tmp = checkpoint_root(out) / f"step-{step:06d}.tmp"
+    if env.is_main:
+        tmp = staging_dir(out, step)
+        write_model(trainer, tmp / "model", state)
+        if reference is not None:
+            save_reference(reference, tmp, ref_state)
+        torch.save(optim, tmp / "optimizer.pt")
+        _test_kill_point(f"after_optimizer_step{step}")
+        torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "template.yaml").write_text(yaml.safe_dump(asdict(trainer.t), sort_keys=False))
+        info = {
+            "step": step,
+            "sampler": trainer.sampler.state_dict(),
+            "skipped_steps": trainer.skipped_steps,
+            "world_size": env.world_size,
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(info, indent=2))
+    _barrier(env)
+    torch.save(rng_state(trainer.generator), tmp / f"rng-rank{env.rank}.pt")
+    _barrier(env)
+    final = tmp
+    if env.is_main:
+        final = commit(tmp, out, step, trainer.c.save_total_limit)
+        _test_kill_point(f"after_commit_step{step}")
+    _barrier(env)
+    return final
+
+
+def resume(trainer: Any, path: Path) -> Path:
+    """Load a checkpoint (already checked with check_compatible) into a freshly built trainer."""
+    env = trainer.env
+    _load_weights(trainer, path / "model")
+    reference, ref_state = trainer.synced_reference(), load_reference(path)
+    if reference is not None and ref_state is not None:  # none: saved before sync was on (force_resume)
+        _load_full_state(trainer, reference, ref_state)
+    optim = torch.load(path / "optimizer.pt", weights_only=False)
+    if env.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(
+            trainer.model, trainer.optimizer, optim, options=StateDictOptions(full_state_dict=True)
+        )
+    else:
+        trainer.optimizer.load_state_dict(optim)
+    trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    info = read_trainer_state(path)
+    trainer.step, trainer.skipped_steps = int(info["step"]), int(info.get("skipped_steps", 0))
+    trainer.sampler.load_state_dict(info["sampler"])
+    load_rng(path, env.rank, trainer.generator)
+    if env.is_main:
+        _truncate_logs(trainer.output_dir, trainer.step)
+    return path
+
+
+def _load_weights(trainer: Any, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    if trainer.c.use_lora:
+        from grpo.model.lora import load_adapter
+
+        load_adapter(trainer.model, folder)
+        return
+    _load_full_state(trainer, trainer.model, load_file(str(folder / "model.safetensors")))
+
+
+def _load_full_state(trainer: Any, model: Any, state: dict[str, torch.Tensor]) -> None:
+    """A full (unsharded) state dict into `model`: FSDP scatters it to the shards. Only a tied head may be
+    missing from the file."""
+    if trainer.env.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    assert not unexpected and set(missing) <= tied, (missing, unexpected)
+
+
+def _truncate_logs(output_dir: Path, step: int) -> None:
+    """Drop log lines of steps after the checkpoint: the resumed run writes them again."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = output_dir / name
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
