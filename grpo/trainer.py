@@ -26,7 +26,7 @@ from grpo.data import PromptSampler, build_prompts, load_rows
 from grpo.eval.evaluate import EvalResult, load_eval_prompts
 from grpo.eval.train_eval import best_accuracy_so_far, final_eval, keep_best, run_eval
 from grpo.loss import LOSS_TYPES, PRESETS, REDUCTIONS, policy_loss
-from grpo.model.loading import load_model, load_tokenizer, resolve_device
+from grpo.model.loading import load_model, load_tokenizer, resolve_device, stop_token_ids
 from grpo.model.logprobs import CompletionLogprobs
 from grpo.model.lora import AdaptersDisabled, inject_lora
 from grpo.model.precision import SamplingWeights, resolve_precision
@@ -120,13 +120,7 @@ class GRPOTrainer(PolicyUpdates):
         self.last_eval: tuple[int, EvalResult | None] | None = None
         self._build_models()
         self.step = 0
-        self.eos_ids = sorted(
-            {
-                i
-                for i in [self.tokenizer.eos_token_id, *_as_list(self.model.generation_config.eos_token_id)]
-                if i is not None
-            }
-        )
+        self.eos_ids = stop_token_ids(self.model, self.tokenizer)
         self.stop_requested = False
         self.skipped_steps = 0
         self.optimizer_seconds = 0.0
@@ -241,17 +235,11 @@ class GRPOTrainer(PolicyUpdates):
         ro, texts, refs, rows = self.rollout(batch)
         t1 = time.perf_counter()
         expanded = [self.prompts[i] for i in batch for _ in range(self.c.num_generations)]
-        scores = rw.score(
-            self.rewards,
-            texts,
-            refs,
-            tags=self.tags,
-            rows=rows,
-            prompts=[p.text for p in expanded],
-            prompt_messages=[p.messages for p in expanded],
-            completion_lengths=ro.completion_mask.sum(-1).tolist(),
-            max_completion_length=self.c.maximum_completion_length,
-        )  # [N, R]
+        lengths = ro.completion_mask.sum(-1).tolist()
+        inputs = rw.RewardInputs.of(
+            expanded, lengths, tags=self.tags, max_completion_length=self.c.maximum_completion_length
+        )
+        scores = rw.score(self.rewards, texts, refs, **inputs.as_kwargs())  # [N, R]
         total = (scores * torch.tensor([r.weight for r in self.rewards])).sum(dim=1)  # [N]
         timings["time/rollout_s"] += t1 - t0
         timings["time/reward_s"] += time.perf_counter() - t1
@@ -432,10 +420,6 @@ def _has_dropout(model: torch.nn.Module) -> bool:
     """Dropout that acts in a training-mode forward: LoRA's or the model's own (modules or attention)."""
     rate = float(getattr(model.config, "attention_dropout", 0.0) or 0.0)
     return rate > 0 or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
-
-
-def _as_list(x: Any) -> list[Any]:
-    return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:

@@ -110,7 +110,7 @@ def main(argv: list[str]) -> int:
         from transformers import TextStreamer
 
         from grpo.config import ConfigError
-        from grpo.eval.evaluate import eos_token_ids
+        from grpo.model.loading import stop_token_ids
 
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens = {args.max_new_tokens} must be at least 1.")
@@ -136,7 +136,7 @@ def main(argv: list[str]) -> int:
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=args.max_new_tokens or template.config.maximum_completion_length,
-            eos_token_id=eos_token_ids(model, tokenizer),
+            eos_token_id=stop_token_ids(model, tokenizer),
             pad_token_id=tokenizer.pad_token_id,
             streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
             use_cache=True,

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from grpo import rewards as rw
 from grpo.config import ConfigError, Template
 from grpo.data import BUILTIN_SEEDS, Prompt, build_prompts, load_rows
+from grpo.model.loading import stop_token_ids
 from grpo.rollout.generate import generate
 
 CORRECTNESS = "correctness"
@@ -71,14 +72,6 @@ def correctness_index(rewards: list[rw.Reward]) -> int | None:
         if r.name.rpartition(":")[2] == CORRECTNESS:
             return i
     return None
-
-
-def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
-    ids = [tokenizer.eos_token_id]
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    ids += list(eos) if isinstance(eos, (list, tuple)) else [eos]
-    return sorted({i for i in ids if i is not None})
 
 
 def load_eval_prompts(
@@ -134,7 +127,7 @@ def evaluate(
     if samples < 1 or batch_size < 1:
         raise ConfigError(f"samples = {samples} and batch_size = {batch_size} must both be at least 1.")
     start = time.perf_counter()
-    eos_ids = eos_token_ids(model, tokenizer)
+    eos_ids = stop_token_ids(model, tokenizer)
     texts: list[str] = []
     lengths: list[int] = []
     truncated: list[bool] = []
@@ -162,15 +155,8 @@ def evaluate(
         truncated += ro.truncated.tolist()
     expanded = [p for p in prompts for _ in range(samples)]  # the order generate returns: G per prompt
     refs = [p.reference for p in expanded]
-    kwargs = {
-        "tags": tags,
-        "rows": [p.row for p in expanded],
-        "prompts": [p.text for p in expanded],
-        "prompt_messages": [p.messages for p in expanded],
-        "completion_lengths": [int(n) for n in lengths],
-        "max_completion_length": max_new_tokens,
-    }
-    scores = rw.score(rewards, texts, refs, **kwargs)  # [N, R]
+    inputs = rw.RewardInputs.of(expanded, lengths, tags=tags, max_completion_length=max_new_tokens)
+    scores = rw.score(rewards, texts, refs, **inputs.as_kwargs())  # [N, R]
     j = correctness_index(rewards)
     correct_scores = scores[:, j] if j is not None else torch.tensor(rw.correctness(texts, refs, tags=tags))
     correct = correct_scores > 0  # [N]

@@ -110,6 +110,15 @@ def load_tokenizer(model: str) -> Any:
     return tok
 
 
+def stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    """The tokens that end a reply: the tokenizer's end token and the model's generation_config ones."""
+    ids = [tokenizer.eos_token_id]
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    ids += list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    return sorted({i for i in ids if i is not None})
+
+
 def load_model(model: str, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 

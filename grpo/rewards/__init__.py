@@ -29,13 +29,14 @@ from grpo.rewards.builtin import (
     tag_count,
 )
 from grpo.rewards.learned_model import reward_model
-from grpo.rewards.scoring import PASSED_KWARGS, Reward, resolve_function, resolve_rewards, score
+from grpo.rewards.scoring import PASSED_KWARGS, Reward, RewardInputs, resolve_function, resolve_rewards, score
 
 __all__ = [
     "BUILTIN",
     "PASSED_KWARGS",
     "Reward",
     "RewardError",
+    "RewardInputs",
     "RewardFn",
     "Tags",
     "answer_mentioned",

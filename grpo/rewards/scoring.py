@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -17,17 +17,39 @@ from grpo.rewards.builtin import BUILTIN, RewardFn, overlong_buffer_problem, ove
 from grpo.rewards.learned_model import options_problem as reward_model_options_problem
 from grpo.rewards.learned_model import reward_model
 
+
+@dataclass(frozen=True)
+class RewardInputs:
+    """What every reward function gets besides completions and references, one entry per completion: the
+    reward contract, built here for training and evaluation alike."""
+
+    tags: Any  # Tags: the template's four tag strings
+    rows: list[dict[str, Any]]  # the dataset rows
+    prompts: list[str]  # chat-formatted
+    prompt_messages: list[list[dict[str, str]]]  # system + user, before the chat template
+    completion_lengths: list[int]  # completion tokens
+    max_completion_length: int  # config.maximum_completion_length
+
+    @classmethod
+    def of(
+        cls, prompts: list[Any], completion_lengths: list[int], *, tags: Any, max_completion_length: int
+    ) -> RewardInputs:
+        """From the Prompt of each completion (a prompt repeated once per sample) and the completion lengths."""
+        return cls(
+            tags=tags,
+            rows=[p.row for p in prompts],
+            prompts=[p.text for p in prompts],
+            prompt_messages=[p.messages for p in prompts],
+            completion_lengths=[int(n) for n in completion_lengths],
+            max_completion_length=max_completion_length,
+        )
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
 # What the trainer and evaluator pass to every reward function; a template entry cannot set these.
-PASSED_KWARGS = (
-    "completions",
-    "references",
-    "tags",
-    "rows",
-    "prompts",
-    "completion_lengths",
-    "max_completion_length",
-    "prompt_messages",
-)
+PASSED_KWARGS = ("completions", "references", *(f.name for f in fields(RewardInputs)))
 
 
 # ---------------------------------------------------------------- registry
