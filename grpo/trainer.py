@@ -45,13 +45,13 @@ from grpo.run.step_report import sample_metrics, sample_records
 from grpo.run.update_totals import UpdateTotals
 from grpo.samples import Samples
 from grpo.schedule import build_optimizer
-from grpo.update import PolicyUpdates
+from grpo.update import LossChoice, PolicyUpdate
 
 GSPO_EPSILON = 0.01  # clip ranges above this are token-level ones; GSPO's paper clips at 3e-4 / 4e-4
 
 
-def resolve_loss(loss_type: str) -> tuple[Any, str | None, str]:
-    """(loss function, built-in per-token objective or None, reduction) for config.loss_type."""
+def resolve_loss(loss_type: str) -> LossChoice:
+    """The loss config.loss_type names: a built-in preset, or a user function with its declared reduction."""
     if ":" in loss_type:
         fn = rw.resolve_function(loss_type, field="config.loss_type")
         reduction = getattr(fn, "reduction", None)
@@ -60,23 +60,23 @@ def resolve_loss(loss_type: str) -> tuple[Any, str | None, str]:
                 f"config.loss_type = {loss_type!r} does not declare its reduction: decorate it with "
                 f"@grpo.loss.reduced_by(NAME), NAME one of {', '.join(REDUCTIONS)} (docs/losses.md)."
             )
-        return fn, None, reduction
+        return LossChoice(fn, None, reduction)
     if loss_type not in LOSS_TYPES:
         raise ConfigError(
             f"config.loss_type = {loss_type!r} is not allowed: use one of "
             f"{', '.join(LOSS_TYPES)} or package.module:function."
         )
     objective, reduction = PRESETS[loss_type]
-    return policy_loss, objective, reduction
+    return LossChoice(policy_loss, objective, reduction)
 
 
-class GRPOTrainer(PolicyUpdates):
+class GRPOTrainer:
     def __init__(self, template: Template, *, env: DistEnv | None = None):
         self.t, self.c = template, template.config
         c = self.c
         # Cheap checks first: everything a user can get wrong fails here, before a model loads.
         self.rewards = rw.resolve_rewards(c.rewards, max_completion_length=c.maximum_completion_length)
-        self.loss_fn, self.loss_objective, self.loss_reduction = resolve_loss(c.loss_type)
+        self.loss = resolve_loss(c.loss_type)
         self.tags = rw.Tags.from_config(c)
         # torchrun: check gpu_ids against the processes, pin this rank's GPU, start the process group.
         self.env = env or init_distributed(c, resolve_device(c).type)
@@ -122,8 +122,6 @@ class GRPOTrainer(PolicyUpdates):
         self.step = 0
         self.eos_ids = stop_token_ids(self.model, self.tokenizer)
         self.stop_requested = False
-        self.skipped_steps = 0
-        self.optimizer_seconds = 0.0
         self.resumed_from = ckpt.resume(self, resume_path) if resume_path is not None else None
         # save_best: a resumed run must beat what the interrupted one already kept
         self.best_accuracy = best_accuracy_so_far(self.output_dir) if resume_path else float("-inf")
@@ -157,7 +155,7 @@ class GRPOTrainer(PolicyUpdates):
         # The shared-prefix pass writes each layer's keys/values into a cache during forward, which a
         # recomputing (checkpointed) layer would write twice; unsloth patches the forward in ways it may not
         # survive. Both take the concatenated pass instead.
-        self.shared_prefix = c.backend != "unsloth" and not c.gradient_checkpointing
+        shared_prefix = c.backend != "unsloth" and not c.gradient_checkpointing
         if c.gradient_checkpointing and c.backend != "unsloth":  # unsloth turns on its own variant
             enable_checkpointing(self.model)
         # bf16-mixed (grpo/model/precision.py): the passes autocast, except under FSDP, which gathers bf16 weights.
@@ -167,7 +165,7 @@ class GRPOTrainer(PolicyUpdates):
             self.model, temperature=c.temperature, impl=c.logprob_impl, autocast=autocast
         )
         # With dropout active in training forwards, the old-policy log-probs need their own no-grad pass.
-        self.old_from_first_update = not (self.model.training and _has_dropout(self.model))
+        old_from_first_update = not (self.model.training and _has_dropout(self.model))
         self.ref = None
         if c.beta > 0 and not self.lora:
             # frozen: the compute dtype is all it needs
@@ -199,6 +197,18 @@ class GRPOTrainer(PolicyUpdates):
             params, c, total_updates=self.total_steps * c.num_iterations * c.mini_batches
         )
         self.generator = torch.Generator(device=self.device).manual_seed(c.seed + 1000 * self.env.rank)
+        self.updates = PolicyUpdate(
+            c,
+            env=self.env,
+            device=self.device,
+            policy=self.policy,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            loss=self.loss,
+            shared_prefix=shared_prefix,
+            old_from_first_update=old_from_first_update,
+        )
 
     def sampling_model(self) -> torch.nn.Module:
         """The model the rollout and evaluation decode with: the policy, or its bf16 copy under bf16-mixed."""
@@ -275,31 +285,33 @@ class GRPOTrainer(PolicyUpdates):
         if c.mask_truncated_completions:
             loss_mask = loss_mask * (~ro.truncated).long().unsqueeze(-1)
         t2 = time.perf_counter()
-        ref = self.frozen_logprobs(self.ref, ro) if self.ref is not None else None
+        updates = self.updates
+        ref = updates.frozen_logprobs(self.ref, ro) if self.ref is not None else None
         n = ro.completion_ids.shape[0]
         size = n // c.mini_batches  # whole prompt groups: mini_batches divides batch_size
         minis = [slice(j, j + size) for j in range(0, n, size)]
-        olds, reuse = self.old_logprobs(ro, minis)
+        olds, reuse = updates.old_logprobs(ro, minis)
         finish_queued(self.device)
         timings["time/logprob_s"] = time.perf_counter() - t2
-        t3, self.optimizer_seconds = time.perf_counter(), 0.0
+        t3, updates.optimizer_seconds = time.perf_counter(), 0.0
         for i in range(c.num_iterations):
             totals = UpdateTotals(self.device)  # the step reports its last pass over the samples
             for j, m in enumerate(minis):
-                kept = self.update(
+                kept = updates.update(
                     ro.rows(m),
                     advantages[m],
                     loss_mask[m],
                     olds[j],
                     None if ref is None else ref[m],
                     totals,
+                    step=self.step + 1,
                     keep_logps=reuse and i == 0 and j == 0,
                 )
                 olds[j] = kept if kept is not None else olds[j]
         stats = totals.result()
         timings["time/update_s"] = time.perf_counter() - t3
-        timings["time/optimizer_s"] = self.optimizer_seconds  # grad clip + step; the rest is fwd/bwd
-        timings["time/fwd_bwd_s"] = timings["time/update_s"] - self.optimizer_seconds
+        timings["time/optimizer_s"] = updates.optimizer_seconds  # grad clip + step; the rest is fwd/bwd
+        timings["time/fwd_bwd_s"] = timings["time/update_s"] - updates.optimizer_seconds
         step_time = time.perf_counter() - t0
         metrics = {
             **sample_metrics(
@@ -308,7 +320,7 @@ class GRPOTrainer(PolicyUpdates):
             **stats,
             "prompt/truncated": float(sum(self.prompts[i].truncated for i in step.prompts)),
             "learning_rate": self.scheduler.get_last_lr()[0],
-            "skipped_steps": float(self.skipped_steps),
+            "skipped_steps": float(updates.skipped_steps),
             "tokens_per_s": sampling.pop("tokens") / max(timings["time/rollout_s"], 1e-9),
             **sampling,
             "time/step_s": step_time,

@@ -1,13 +1,14 @@
 """One optimizer update on a step's samples: micro-batched log-probs -> policy loss -> backward -> clip ->
 AdamW -> LR, and the no-grad log-prob passes (reference, old policy) the loss compares against.
 
-`PolicyUpdates` is the half of `GRPOTrainer` that runs the math on samples already drawn; it uses the parts the
-trainer builds (config `c`, `policy`, `model`, `optimizer`, `scheduler`, `loss_fn`, `env`, `device`).
+`PolicyUpdate` runs the math on samples already drawn, with the parts the trainer built handed to it explicitly:
+the config, the (wrapped) policy and its model, the optimizer and schedule, the loss, the ranks and the device.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,25 +25,44 @@ from grpo.run.logger import finish_queued
 from grpo.run.update_totals import UpdateTotals
 
 
-class PolicyUpdates:
-    c: TrainConfig
-    env: DistEnv
-    device: torch.device
-    policy: Any  # CompletionLogprobs, possibly wrapped by DDP / FSDP
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    loss_fn: Any
-    loss_objective: str | None  # a built-in's per-token objective; None: a user function (loss_fn)
-    loss_reduction: str
-    shared_prefix: bool
-    old_from_first_update: bool
-    step: int
-    skipped_steps: int
-    optimizer_seconds: float
+@dataclass(frozen=True)
+class LossChoice:
+    """The loss a template names: a built-in's per-token objective (fn unused) or a user function, and its
+    reduction (grpo/loss.py)."""
+
+    fn: Any
+    objective: str | None  # None: the user function `fn` computes the loss
+    reduction: str
+
+
+class PolicyUpdate:
+    """Optimizer updates on sampled rollouts, and the no-grad log-prob passes they compare against."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        env: DistEnv,
+        device: torch.device,
+        policy: Any,  # CompletionLogprobs, possibly wrapped by DDP / FSDP
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        loss: LossChoice,
+        shared_prefix: bool,
+        old_from_first_update: bool,
+    ):
+        self.config, self.env, self.device = config, env, device
+        self.policy, self.model = policy, model
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.loss = loss
+        self.shared_prefix = shared_prefix  # each distinct prompt runs once in the log-prob passes
+        self.old_from_first_update = old_from_first_update  # no dropout: the first forward is the old policy
+        self.skipped_steps = 0  # non-finite steps skipped (skip_nonfinite_steps)
+        self.optimizer_seconds = 0.0  # grad clipping + optimizer step, summed until the trainer resets it
 
     def micro_batches(self, n: int) -> list[slice]:
-        size = self.c.micro_batch_size or n
+        size = self.config.micro_batch_size or n
         return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
     def logprob_inputs(self, ro: Rollout, s: slice) -> tuple[torch.Tensor, ...]:
@@ -72,7 +92,7 @@ class PolicyUpdates:
         first update's forward provides mini-batch 0's. Only the first update runs before any weight changes,
         so its forward gives those log-probs, unless dropout makes that forward random; the other mini-batches
         need one no-grad pass before the updates."""
-        c = self.c
+        c = self.config
         if c.num_iterations == 1 and len(minis) == 1:
             return [None], False  # a single on-policy update: the ratio is 1 by construction
         reuse = self.old_from_first_update
@@ -92,15 +112,17 @@ class PolicyUpdates:
         old: torch.Tensor | None,
         ref: torch.Tensor | None,
         totals: UpdateTotals,
+        *,
+        step: int,
         keep_logps: bool = False,
     ) -> torch.Tensor | None:
         """One optimizer update over all micro-batches of the rows in `ro` (a step's samples or one mini-batch
         of them); its metrics are added to `totals`. Returns, with keep_logps, the log-probs its forward
         computed [N, T] (detached), else None."""
-        c, n = self.c, ro.completion_ids.shape[0]
+        c, n = self.config, ro.completion_ids.shape[0]
         self.optimizer.zero_grad(set_to_none=True)
         scale = UpdateScale(
-            reduction=self.loss_reduction,
+            reduction=self.loss.reduction,
             rows=n,
             tokens=loss_mask.sum(),
             global_tokens=sum_over_ranks(loss_mask.sum(), self.env),  # dapo: the token count of all ranks
@@ -149,7 +171,7 @@ class PolicyUpdates:
         totals.count_tokens(ro.completion_mask, n)
         first_logps = torch.cat(kept) if kept else None
         if any_over_ranks(not bool(finite), self.env) and not self._skip_nonfinite(
-            f"Non-finite loss at step {self.step + 1}: {totals.result()}."
+            f"Non-finite loss at step {step}: {totals.result()}."
         ):
             return first_logps
         t_opt = time.perf_counter()
@@ -160,7 +182,7 @@ class PolicyUpdates:
             grad_norm = grad_norm.full_tensor()
         totals.grad_norms.append(grad_norm)
         if not torch.isfinite(grad_norm) and not self._skip_nonfinite(
-            f"Non-finite gradient norm at step {self.step + 1}."
+            f"Non-finite gradient norm at step {step}."
         ):
             return first_logps
         self.optimizer.step()
@@ -184,7 +206,7 @@ class PolicyUpdates:
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Micro-batch s's share of the rank's loss, and its stats. A built-in runs its per-token objective; a
         user function returns per-token terms [b, T] or a scalar of its declared reduction."""
-        c = self.c
+        c = self.config
         args = (
             logps,
             None if old is None else old[s],
@@ -199,10 +221,10 @@ class PolicyUpdates:
             "importance_sampling_level": c.importance_sampling_level,
             **extra,
         }
-        if self.loss_objective is not None:
-            terms, stats = token_terms(*args, objective=self.loss_objective, **settings)
+        if self.loss.objective is not None:
+            terms, stats = token_terms(*args, objective=self.loss.objective, **settings)
             return scale.of_terms(terms, loss_mask[s]), stats
-        out, stats = self.loss_fn(
+        out, stats = self.loss.fn(
             *args,
             loss_type=c.loss_type,
             max_completion_length=c.maximum_completion_length,
@@ -222,12 +244,12 @@ class PolicyUpdates:
         values = gather_over_ranks(entropy[mask].float(), self.env)  # every rank's unmasked tokens
         if values.numel() == 0:
             return mask, entropy.new_zeros(())
-        threshold = torch.quantile(values, 1.0 - self.c.top_entropy_quantile)
+        threshold = torch.quantile(values, 1.0 - self.config.top_entropy_quantile)
         return mask & (entropy >= threshold), threshold
 
     def _skip_nonfinite(self, message: str) -> bool:
         """Raise (the run stops, the last checkpoint stays) unless skip_nonfinite_steps; False = skip it."""
-        if not self.c.skip_nonfinite_steps:
+        if not self.config.skip_nonfinite_steps:
             raise NonFiniteError(message)
         self.optimizer.zero_grad(set_to_none=True)
         self.skipped_steps += 1

@@ -145,7 +145,7 @@ def test_training_changes_weights_and_micro_batches_agree(tiny_model_dir, tmp_pa
         assert getattr(model, flag or "is_gradient_checkpointing") == checkpointing
         if checkpointing:  # recomputation is on: only layer inputs are kept for backward, no MLP products
             assert saved_tensor_bytes(trainer) < saved_tensor_bytes(trainer, checkpointing=False) / 3
-        assert trainer.shared_prefix == (not checkpointing)
+        assert trainer.updates.shared_prefix == (not checkpointing)
         before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
         metrics, _ = trainer.train_step()
         assert metrics["reward/zero_spread_groups"] < 1.0
@@ -173,7 +173,7 @@ def saved_tensor_bytes(trainer: GRPOTrainer, *, checkpointing: bool = True) -> i
     ro, *_ = trainer.rollout(list(range(trainer.c.batch_size)))
     trainer.generator.set_state(rng)  # the step that follows samples as if this never ran
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        trainer.policy(*trainer.logprob_inputs(ro, slice(0, ro.completion_ids.shape[0])))
+        trainer.policy(*trainer.updates.logprob_inputs(ro, slice(0, ro.completion_ids.shape[0])))
     if not checkpointing:
         enable_checkpointing(trainer.model)
     return sum(size for ptr, size in storages.items() if ptr not in weights)
@@ -416,15 +416,17 @@ def test_num_iterations_takes_old_log_probs_from_the_first_update(tiny_model_dir
         trainer = GRPOTrainer(
             template_from_dict(tiny_template(tiny_model_dir, tmp_path / str(reuse), **common))
         )
-        assert trainer.old_from_first_update
-        trainer.old_from_first_update = reuse
+        assert trainer.updates.old_from_first_update
+        trainer.updates.old_from_first_update = reuse
         passes[reuse] = calls = []
 
-        def counted(module, ro, frozen=trainer.frozen_logprobs, calls=calls):  # the real pass, counted
+        def counted(
+            module, ro, frozen=trainer.updates.frozen_logprobs, calls=calls
+        ):  # the real pass, counted
             calls.append(module)
             return frozen(module, ro)
 
-        trainer.frozen_logprobs = counted
+        trainer.updates.frozen_logprobs = counted
         trainer.train()
         weights[reuse] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
         assert [m is trainer.ref for m in passes[reuse]] == ([True, True] if reuse else [True, False] * 2)
@@ -433,9 +435,9 @@ def test_num_iterations_takes_old_log_probs_from_the_first_update(tiny_model_dir
     lora = {"use_lora": True, "num_iterations": 2}
     assert not GRPOTrainer(
         template_from_dict(tiny_template(tiny_model_dir, tmp_path / "d", **lora))
-    ).old_from_first_update
+    ).updates.old_from_first_update
     plain = tiny_template(tiny_model_dir, tmp_path / "n", lora_dropout=0.0, **lora)
-    assert GRPOTrainer(template_from_dict(plain)).old_from_first_update
+    assert GRPOTrainer(template_from_dict(plain)).updates.old_from_first_update
 
 
 def test_loss_options_are_passed_only_when_set(tiny_model_dir, tmp_path):
@@ -504,11 +506,11 @@ def test_mini_batches_make_one_update_per_mini_batch(tiny_model_dir, tmp_path):
         seen.append(fixed_rollout(trainer, batch))
         return seen[-1]
 
-    def counted(module, ro, frozen=trainer.frozen_logprobs):
+    def counted(module, ro, frozen=trainer.updates.frozen_logprobs):
         passes.append((module is trainer.ref, ro.completion_ids.shape[0]))
         return frozen(module, ro)
 
-    trainer.rollout, trainer.frozen_logprobs = rollout, counted
+    trainer.rollout, trainer.updates.frozen_logprobs = rollout, counted
     metrics, _ = trainer.train_step()
     # the reference, then the old policy for the second half only: the first update's forward gives the first's
     assert passes == [(True, 8), (False, 4)]
@@ -548,8 +550,8 @@ def test_mini_batches_make_one_update_per_mini_batch(tiny_model_dir, tmp_path):
     # LoRA dropout makes the first update's forward random: then the pass covers every mini-batch
     lora = GRPOTrainer(template_from_dict({**data, "config": {**data["config"], "use_lora": True}}))
     rows = []
-    lora.frozen_logprobs = lambda module, ro: rows.append(len(ro.completion_ids)) or ro.sampling_logps
-    olds, reuse = lora.old_logprobs(ro, [slice(0, 2 * g), slice(2 * g, 4 * g)])
+    lora.updates.frozen_logprobs = lambda module, ro: rows.append(len(ro.completion_ids)) or ro.sampling_logps
+    olds, reuse = lora.updates.old_logprobs(ro, [slice(0, 2 * g), slice(2 * g, 4 * g)])
     assert not reuse and rows == [4 * g]
     assert [o.tolist() for o in olds] == [
         ro.sampling_logps[: 2 * g].tolist(),
@@ -638,15 +640,16 @@ def test_old_and_reference_passes_run_without_dropout(tiny_model_dir, tmp_path):
         for layer in lora_layers(trainer.model).values():
             layer.lora_B.weight.normal_()
     ro = trainer.rollout(trainer.sampler.next_batch())[0]
-    assert trainer.model.training and not trainer.old_from_first_update
-    old = [trainer.frozen_logprobs(trainer.policy, ro) for _ in range(2)]
-    ref = [trainer.frozen_logprobs(trainer.ref, ro) for _ in range(2)]
+    updates = trainer.updates
+    assert trainer.model.training and not updates.old_from_first_update
+    old = [updates.frozen_logprobs(trainer.policy, ro) for _ in range(2)]
+    ref = [updates.frozen_logprobs(trainer.ref, ro) for _ in range(2)]
     assert torch.equal(old[0], old[1]) and torch.equal(ref[0], ref[1])
     trainer.model.eval()
     with torch.no_grad():
         rows = slice(0, ro.completion_ids.shape[0])
-        assert torch.equal(old[0], trainer.policy(*trainer.logprob_inputs(ro, rows)))
+        assert torch.equal(old[0], trainer.policy(*updates.logprob_inputs(ro, rows)))
     trainer.model.train()
     with torch.no_grad():  # the same forward with dropout on differs
-        assert not torch.equal(old[0], trainer.policy(*trainer.logprob_inputs(ro, rows)))
+        assert not torch.equal(old[0], trainer.policy(*updates.logprob_inputs(ro, rows)))
     assert all(m.training for m in trainer.model.modules())  # the passes left the policy in train mode

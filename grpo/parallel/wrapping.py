@@ -48,9 +48,10 @@ def _shard(root: nn.Module, *, device: torch.device, compute_dtype: torch.dtype,
     )
     for layer in root.model.get_decoder().layers:
         fully_shard(layer, mp_policy=mp, reshard_after_forward=True)
-    # The policy root keeps embeddings + head gathered from forward to backward (FSDP's default for a root);
-    # the frozen reference has no backward, so it frees them right after forward.
-    fully_shard(root, mp_policy=mp, reshard_after_forward=True if frozen else None)
+    # The policy root keeps embeddings + head gathered from forward to backward (what FSDP's default, None,
+    # does for a root from torch 2.8; spelled out, it also runs on 2.6 and 2.7); the frozen reference has no
+    # backward, so it frees them right after forward.
+    fully_shard(root, mp_policy=mp, reshard_after_forward=frozen)
     # FSDP picks its root at the first forward: make it this module, not a layer called by the rollout.
     with torch.no_grad():
         one = torch.zeros((1, 1), dtype=torch.long, device=device)

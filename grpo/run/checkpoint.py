@@ -242,7 +242,7 @@ def save_checkpoint(trainer: Any) -> Path:
         info = {
             "step": step,
             "sampler": trainer.sampler.state_dict(),
-            "skipped_steps": trainer.skipped_steps,
+            "skipped_steps": trainer.updates.skipped_steps,
             "world_size": env.world_size,
         }
         (tmp / "trainer_state.json").write_text(json.dumps(info, indent=2))
@@ -275,7 +275,7 @@ def resume(trainer: Any, path: Path) -> Path:
         trainer.optimizer.load_state_dict(optim)
     trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     info = read_trainer_state(path)
-    trainer.step, trainer.skipped_steps = int(info["step"]), int(info.get("skipped_steps", 0))
+    trainer.step, trainer.updates.skipped_steps = int(info["step"]), int(info.get("skipped_steps", 0))
     trainer.sampler.load_state_dict(info["sampler"])
     load_rng(path, env.rank, trainer.generator)
     if env.is_main:
