@@ -7,17 +7,17 @@ setup(
     packages=find_packages(include=["grpo", "grpo.*", "kernels", "kernels.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
-        "transformers>=4.46",
+        "torch>=2.6",  # 2.8 for FSDP (docs/requirements.md)
+        "transformers>=4.56.2",
         "accelerate>=1.0",  # transformers needs it to read GGUF files (the embedded model)
         "datasets>=2.19",
-        "safetensors>=0.4",
+        "safetensors>=0.4.3",
         "tensorboard>=2.14",
         "jinja2>=3.1",
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "numpy>=1.24",
-        "gguf>=0.10",
+        "gguf>=0.11",
     ],
     extras_require={
         "wandb": ["wandb>=0.17"],

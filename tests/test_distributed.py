@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from grpo.config import ConfigError, TrainConfig
-from grpo.parallel.launch import DistEnv, check_settings
+from grpo.parallel.launch import DistEnv, check_settings, torch_older_than
 from tests.conftest import REPO, tiny_template, write_template
 
 # PYTHONFAULTHANDLER: a rank that aborts in native code still prints every thread's Python stack.
@@ -285,13 +285,24 @@ def test_bad_settings_fail_before_the_model_loads(tiny_model_dir, tmp_path, over
     assert "Loading weights" not in result.stderr + result.stdout  # no model was loaded
 
 
-def test_settings_without_processes():
+def test_settings_without_processes(monkeypatch):
     two = DistEnv(rank=1, world_size=2, local_world_size=2, torchrun=True)
     check_settings(TrainConfig(gpu_ids=[3, 5]), two)  # any ids, one per local process
     with pytest.raises(ConfigError, match=r"lists 1 GPU\(s\) but 2 process\(es\)"):
         check_settings(TrainConfig(gpu_ids=[0]), two)
     with pytest.raises(ConfigError, match="nproc_per_node=2"):
         check_settings(TrainConfig(gpu_ids=[0, 1]), DistEnv())  # a plain process is one process
+    assert torch_older_than((99, 0)) and not torch_older_than((2, 8))  # CI's torch is 2.13
+    fsdp = TrainConfig(distributed_strategy="fsdp")
+    check_settings(fsdp, two)
+    with monkeypatch.context() as m:
+        m.setattr(torch, "__version__", "2.7.1+cu126")
+        with pytest.raises(ConfigError) as e:
+            check_settings(fsdp, two)
+        check_settings(TrainConfig(distributed_strategy="ddp"), two)
+    assert str(e.value) == (
+        "config.distributed_strategy = 'fsdp' needs torch 2.8 or newer (found 2.7.1+cu126): upgrade torch or use ddp."
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nccl, bf16)")

@@ -66,6 +66,21 @@ def check_settings(c: TrainConfig, env: DistEnv) -> None:
             "config.distributed_strategy = 'fsdp' is not supported with LoRA adapters: use ddp "
             "(the base model is frozen, so only the small adapter gradients cross ranks)."
         )
+    if env.enabled and c.distributed_strategy == "fsdp" and torch_older_than(FSDP_MIN_TORCH):
+        raise ConfigError(
+            f"config.distributed_strategy = 'fsdp' needs torch {'.'.join(map(str, FSDP_MIN_TORCH))} or newer "
+            f"(found {torch.__version__}): upgrade torch or use ddp."
+        )
+
+
+# FSDP2 as used here (fully_shard on CPU and GPU, explicit unshard for the rollout) first ran on torch 2.8; on
+# 2.6 and 2.7 its CPU path fails (a CPU stream without record_event), see docs/requirements.md.
+FSDP_MIN_TORCH = (2, 8)
+
+
+def torch_older_than(version: tuple[int, int]) -> bool:
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return (major, minor) < version
 
 
 def init_distributed(c: TrainConfig, device_type: str) -> DistEnv:
