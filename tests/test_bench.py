@@ -127,7 +127,8 @@ def test_decode_bench_times_each_implementation_on_equal_work(tiny_model_dir):
     assert [r["impl"] for r in rows] == ["static", "graph", "hf"]
     for row in rows:
         assert (row["device"], row["dtype"], row["rows"], row["tokens"]) == ("cpu", "float32", 6, 5)
-        assert row["tokens_per_s"] == pytest.approx(6 * 5 / row["median_rollout_s"], rel=1e-3)
+        # tokens_per_s is printed to 0.1: at the few tokens/s of a loaded CPU that is more than rel=1e-3
+        assert row["tokens_per_s"] == pytest.approx(6 * 5 / row["median_rollout_s"], rel=1e-3, abs=0.05)
         assert row["ms_per_token"] == pytest.approx(1000 * row["median_rollout_s"] / 5, abs=1e-3)
         assert row["vs_bound"] == pytest.approx(row["tokens_per_s"] / row["bound_tokens_per_s"], abs=1e-3)
         weights_only = row["bound_weights_only_tokens_per_s"]
