@@ -139,6 +139,12 @@ def check_template_variables(tmpl: DataTemplate, columns: list[str]) -> None:
             )
 
 
+def input_variable(template_input: str) -> str | None:
+    """The one variable a template's input uses (e.g. `question` in "{{question}}"), or None."""
+    names = jinja2.meta.find_undeclared_variables(_ENV.parse(template_input))
+    return next(iter(names)) if len(names) == 1 else None
+
+
 def reference_answer(rendered_output: str) -> str:
     """GSM8K puts the final answer after '#### '; other datasets use the whole rendered output."""
     return rendered_output.split("####")[-1].strip() if "####" in rendered_output else rendered_output.strip()

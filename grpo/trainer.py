@@ -25,7 +25,7 @@ from grpo.config import ConfigError, Template
 from grpo.data import PromptSampler, build_prompts, load_rows
 from grpo.eval.evaluate import EvalResult, load_eval_prompts
 from grpo.eval.train_eval import best_accuracy_so_far, final_eval, keep_best, run_eval
-from grpo.loss import LOSS_TYPES, PRESETS, REDUCTIONS, policy_loss
+from grpo.loss import LOSS_TYPES, PRESETS, REDUCTIONS
 from grpo.model.loading import load_model, load_tokenizer, resolve_device, stop_token_ids
 from grpo.model.logprobs import CompletionLogprobs
 from grpo.model.lora import AdaptersDisabled, inject_lora
@@ -67,7 +67,7 @@ def resolve_loss(loss_type: str) -> LossChoice:
             f"{', '.join(LOSS_TYPES)} or package.module:function."
         )
     objective, reduction = PRESETS[loss_type]
-    return LossChoice(policy_loss, objective, reduction)
+    return LossChoice(None, objective, reduction)
 
 
 class GRPOTrainer:

@@ -27,11 +27,11 @@ from grpo.run.update_totals import UpdateTotals
 
 @dataclass(frozen=True)
 class LossChoice:
-    """The loss a template names: a built-in's per-token objective (fn unused) or a user function, and its
-    reduction (grpo/loss.py)."""
+    """The loss a template names: a built-in's per-token objective or a user function, and its reduction
+    (grpo/loss.py)."""
 
-    fn: Any
-    objective: str | None  # None: the user function `fn` computes the loss
+    fn: Any  # the user function; None for a built-in
+    objective: str | None  # the built-in's per-token objective; None for a user function
     reduction: str
 
 

@@ -85,18 +85,14 @@ def load_for_generation(model: str, *, device: Any, dtype: Any) -> tuple[Any, An
 
 def render_prompt(template: Any, tokenizer: Any, question: str) -> Any:
     """The question as a training prompt: it fills the input's one variable, or is the whole user message."""
-    import jinja2
-    import jinja2.meta
+    from grpo.data import build_prompts, input_variable
 
-    from grpo.data import build_prompts
-
-    names = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template.template.input))
+    name = input_variable(template.template.input)
     tmpl = dataclasses.replace(template.template, output="")
-    if len(names) != 1:
-        tmpl = dataclasses.replace(tmpl, input="{{question}}")
-        names = {"question"}
+    if name is None:
+        tmpl, name = dataclasses.replace(tmpl, input="{{question}}"), "question"
     c = template.config
-    row = {names.pop(): question}
+    row = {name: question}
     return build_prompts(
         [row], tmpl, tokenizer, max_prompt_tokens=c.maximum_sequence_length - c.maximum_completion_length
     )[0]

@@ -83,11 +83,10 @@ def closing_report(
 
 def example_question(template_input: str, row: dict[str, Any]) -> str | None:
     """The value a dataset row gives the template's one input variable: a question generate.py accepts."""
-    import jinja2
-    import jinja2.meta
+    from grpo.data import input_variable
 
-    names = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template_input))
-    return str(row[next(iter(names))]) if len(names) == 1 and next(iter(names)) in row else None
+    name = input_variable(template_input)
+    return str(row[name]) if name in row else None
 
 
 def _label(metric: str) -> str:
