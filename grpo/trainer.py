@@ -22,11 +22,18 @@ import yaml
 from grpo import rewards as rw
 from grpo.advantages import group_advantages
 from grpo.config import ConfigError, Template
+from grpo.config.checks import config_warnings
 from grpo.data import PromptSampler, build_prompts, load_rows
-from grpo.eval.evaluate import EvalResult, load_eval_prompts
-from grpo.eval.train_eval import best_accuracy_so_far, final_eval, keep_best, run_eval
-from grpo.loss import LOSS_TYPES, PRESETS, REDUCTIONS
-from grpo.model.loading import load_model, load_tokenizer, resolve_device, stop_token_ids
+from grpo.eval.evaluate import load_eval_prompts
+from grpo.eval.train_eval import TrainingEval, best_accuracy_so_far
+from grpo.model.loading import (
+    enable_checkpointing,
+    has_dropout,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    stop_token_ids,
+)
 from grpo.model.logprobs import CompletionLogprobs
 from grpo.model.lora import AdaptersDisabled, inject_lora
 from grpo.model.precision import SamplingWeights, resolve_precision
@@ -45,35 +52,13 @@ from grpo.run.step_report import sample_metrics, sample_records
 from grpo.run.update_totals import UpdateTotals
 from grpo.samples import Samples
 from grpo.schedule import build_optimizer
-from grpo.update import LossChoice, PolicyUpdate
-
-GSPO_EPSILON = 0.01  # clip ranges above this are token-level ones; GSPO's paper clips at 3e-4 / 4e-4
-
-
-def resolve_loss(loss_type: str) -> LossChoice:
-    """The loss config.loss_type names: a built-in preset, or a user function with its declared reduction."""
-    if ":" in loss_type:
-        fn = rw.resolve_function(loss_type, field="config.loss_type")
-        reduction = getattr(fn, "reduction", None)
-        if reduction not in REDUCTIONS:
-            raise ConfigError(
-                f"config.loss_type = {loss_type!r} does not declare its reduction: decorate it with "
-                f"@grpo.loss.reduced_by(NAME), NAME one of {', '.join(REDUCTIONS)} (docs/losses.md)."
-            )
-        return LossChoice(fn, None, reduction)
-    if loss_type not in LOSS_TYPES:
-        raise ConfigError(
-            f"config.loss_type = {loss_type!r} is not allowed: use one of "
-            f"{', '.join(LOSS_TYPES)} or package.module:function."
-        )
-    objective, reduction = PRESETS[loss_type]
-    return LossChoice(None, objective, reduction)
+from grpo.update import PolicyUpdate, resolve_loss
 
 
 class GRPOTrainer:
     def __init__(self, template: Template, *, env: DistEnv | None = None):
-        self.t, self.c = template, template.config
-        c = self.c
+        self.template, self.config = template, template.config
+        c = self.config
         # Cheap checks first: everything a user can get wrong fails here, before a model loads.
         self.rewards = rw.resolve_rewards(c.rewards, max_completion_length=c.maximum_completion_length)
         self.loss = resolve_loss(c.loss_type)
@@ -112,23 +97,34 @@ class GRPOTrainer:
         per_run = self.sampler.steps_per_epoch * c.num_train_epochs
         self.total_steps = c.max_steps if c.max_steps > 0 else per_run
         # Held-out prompts, built once; only rank 0 evaluates (the others wait at a barrier).
-        self.eval_prompts = (
-            load_eval_prompts(template, self.tokenizer, limit=c.eval_limit)
-            if c.eval_steps > 0 and self.env.is_main
-            else []
+        self.evaluation = TrainingEval(
+            template,
+            self.env,
+            self.output_dir,
+            self.tokenizer,
+            prompts=(
+                load_eval_prompts(template, self.tokenizer, limit=c.eval_limit)
+                if c.eval_steps > 0 and self.env.is_main
+                else []
+            ),
+            rewards=self.rewards,
+            tags=self.tags,
         )
-        self.last_eval: tuple[int, EvalResult | None] | None = None
         self._build_models()
         self.step = 0
         self.eos_ids = stop_token_ids(self.model, self.tokenizer)
         self.stop_requested = False
-        self.resumed_from = ckpt.resume(self, resume_path) if resume_path is not None else None
-        # save_best: a resumed run must beat what the interrupted one already kept
-        self.best_accuracy = best_accuracy_so_far(self.output_dir) if resume_path else float("-inf")
+        self.resumed_from = None
+        if resume_path is not None:
+            progress = ckpt.resume(self.checkpoint_parts(), resume_path)
+            self.step, self.updates.skipped_steps = progress.step, progress.skipped_steps
+            self.resumed_from = resume_path
+            # save_best: a resumed run must beat what the interrupted one already kept
+            self.evaluation.best_accuracy = best_accuracy_so_far(self.output_dir)
 
     def _build_models(self) -> None:
         """The heavy part: policy (+ LoRA), reference, DDP/FSDP wrapping, optimizer, sampling generator."""
-        c, template = self.c, self.t
+        c, template = self.config, self.template
         torch.manual_seed(c.seed)
         # unsloth always trains a LoRA adapter (its own PEFT layers); ours is injected after loading.
         self.lora = c.use_lora or c.backend == "unsloth"
@@ -165,7 +161,7 @@ class GRPOTrainer:
             self.model, temperature=c.temperature, impl=c.logprob_impl, autocast=autocast
         )
         # With dropout active in training forwards, the old-policy log-probs need their own no-grad pass.
-        old_from_first_update = not (self.model.training and _has_dropout(self.model))
+        old_from_first_update = not (self.model.training and has_dropout(self.model))
         self.ref = None
         if c.beta > 0 and not self.lora:
             # frozen: the compute dtype is all it needs
@@ -216,7 +212,7 @@ class GRPOTrainer:
 
     # ---------------------------------------------------------------- one step
     def rollout(self, batch: list[int]) -> tuple[Rollout, list[str], list[str], list[dict[str, Any]]]:
-        c = self.c
+        c = self.config
         prompts = [self.prompts[i] for i in batch]
         with full_params(self.policy):  # FSDP: gather the sharded weights for sampling
             ro = generate(
@@ -231,7 +227,9 @@ class GRPOTrainer:
                 **c.sampling(),
             )
         ids = ro.completion_ids.masked_fill(ro.completion_mask == 0, self.tokenizer.pad_token_id)
-        prefix = self.t.template.response_prefix  # prefilled in the prompt, but part of the reply to score
+        prefix = (
+            self.template.template.response_prefix
+        )  # prefilled in the prompt, but part of the reply to score
         texts = [prefix + text for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
         g = c.num_generations
         refs = [p.reference for p in prompts for _ in range(g)]
@@ -244,10 +242,10 @@ class GRPOTrainer:
         batch = self.sampler.next_batch()
         ro, texts, refs, rows = self.rollout(batch)
         t1 = time.perf_counter()
-        expanded = [self.prompts[i] for i in batch for _ in range(self.c.num_generations)]
+        expanded = [self.prompts[i] for i in batch for _ in range(self.config.num_generations)]
         lengths = ro.completion_mask.sum(-1).tolist()
         inputs = rw.RewardInputs.of(
-            expanded, lengths, tags=self.tags, max_completion_length=self.c.maximum_completion_length
+            expanded, lengths, tags=self.tags, max_completion_length=self.config.maximum_completion_length
         )
         scores = rw.score(self.rewards, texts, refs, **inputs.as_kwargs())  # [N, R]
         total = (scores * torch.tensor([r.weight for r in self.rewards])).sum(dim=1)  # [N]
@@ -258,7 +256,7 @@ class GRPOTrainer:
     def sample_step(self, timings: dict[str, float]) -> tuple[Samples, Samples, dict[str, float]]:
         """(the first round, the batch to train on, sampling metrics). Without dynamic_sampling both are the
         same single round; with it, see grpo/rollout/dynamic_sampling.py."""
-        c = self.c
+        c = self.config
         if not c.dynamic_sampling:
             first = self.sample_round(timings)
             return first, first, {"tokens": first.rollout.num_completion_tokens}
@@ -272,7 +270,7 @@ class GRPOTrainer:
         )
 
     def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        c, timings = self.c, {"time/rollout_s": 0.0, "time/reward_s": 0.0}
+        c, timings = self.config, {"time/rollout_s": 0.0, "time/reward_s": 0.0}
         t0 = time.perf_counter()
         first, step, sampling = self.sample_step(timings)
         ro = step.rollout
@@ -332,33 +330,26 @@ class GRPOTrainer:
 
     # ---------------------------------------------------------------- the run
     def train(self) -> Path:
-        c, env = self.c, self.env
+        c, env = self.config, self.env
         logger = None
         if env.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(
-                self.output_dir / "template.yaml", yaml.safe_dump(asdict(self.t), sort_keys=False)
+                self.output_dir / "template.yaml", yaml.safe_dump(asdict(self.template), sort_keys=False)
             )
             logger = RunLogger(
                 self.output_dir,
                 total_steps=self.total_steps,
-                config=asdict(self.t),
+                config=asdict(self.template),
                 use_wandb=c.log_to_wandb,
                 wandb_project=c.wandb_project,
-                run_name=self.t.name,
+                run_name=self.template.name,
                 initial_step=self.step,
             )
             if self.resumed_from is not None:
                 logger.write(f"Resumed from {self.resumed_from} at step {self.step}")
-            if (
-                c.importance_sampling_level == "sequence"
-                and max(c.epsilon, c.epsilon_high or 0.0) > GSPO_EPSILON
-            ):
-                logger.write(
-                    f"warning: importance_sampling_level: sequence (GSPO) with epsilon {c.epsilon} / epsilon_high "
-                    f"{c.epsilon_high}: a sequence ratio rarely moves that far, so almost nothing is clipped; "
-                    "GSPO clips at 3e-4 / 4e-4 (docs/losses.md)."
-                )
+            for warning in config_warnings(self.template):
+                logger.write(f"warning: {warning}")
             if self.dropped_prompts:
                 limit = c.maximum_sequence_length - c.maximum_completion_length
                 logger.write(
@@ -376,11 +367,11 @@ class GRPOTrainer:
                 metrics = reduce_over_ranks(metrics, env)
                 self.stop_requested = any_over_ranks(self.stop_requested, env)  # all ranks stop together
                 if c.eval_steps > 0 and (self.step % c.eval_steps == 0 or self.step == self.total_steps):
-                    result = run_eval(self)
+                    result = self.evaluation.run(self.step, self.sampling_model(), self.policy)
                     if result is not None:
                         metrics.update(result.metrics())  # logged with this step under eval/
                     if c.save_best:
-                        keep_best(self, result)
+                        self.evaluation.keep_best(self.step, result, self.model)
                 if logger is not None:
                     metrics["epoch"] = (
                         self.sampler.epoch + self.sampler.position / self.sampler.steps_per_epoch
@@ -389,18 +380,28 @@ class GRPOTrainer:
                     if self.step % c.logging_steps == 0:
                         logger.log_samples(self.step, samples)
                 if c.save_steps > 0 and (self.step % c.save_steps == 0 or self.stop_requested):
-                    ckpt.save_checkpoint(self)  # a stopped run can be resumed too
+                    progress = ckpt.Progress(self.step, self.updates.skipped_steps)
+                    ckpt.save_checkpoint(
+                        self.checkpoint_parts(), progress
+                    )  # a stopped run can be resumed too
             final = self.output_dir / c.adaptor_name
             state = full_state_dict(self.model, env)  # FSDP: gathered to rank 0 (every rank takes part)
             if env.is_main:
-                ckpt.write_model(self, final, state)
+                ckpt.write_model(self.template, self.model, self.tokenizer, final, state)
                 if logger is not None:
                     logger.write(
                         f"{'Stopped' if self.stop_requested else 'Finished'} at step {self.step}; "
                         f"model saved to {final}"
                     )
             if c.eval_steps > 0:
-                final_eval(self, final, logger)
+                self.evaluation.write_final(
+                    self.step,
+                    final,
+                    logger,
+                    evaluate_now=not self.stop_requested,
+                    sampling_model=self.sampling_model(),
+                    policy=self.policy,
+                )
             return final
         finally:
             for sig, handler in previous.items():
@@ -408,9 +409,23 @@ class GRPOTrainer:
             if logger is not None:
                 logger.close()
 
+    def checkpoint_parts(self) -> ckpt.RunParts:
+        return ckpt.RunParts(
+            self.template,
+            self.env,
+            self.output_dir,
+            self.model,
+            self.tokenizer,
+            self.optimizer,
+            self.scheduler,
+            self.sampler,
+            self.generator,
+            reference=self.synced_reference(),
+        )
+
     def synced_reference(self) -> torch.nn.Module | None:
         """The reference model when it follows the policy (ref_model_sync_steps > 0), else None."""
-        return self.ref.model if self.c.ref_model_sync_steps > 0 and self.ref is not None else None
+        return self.ref.model if self.config.ref_model_sync_steps > 0 and self.ref is not None else None
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         self.stop_requested = True  # finish the step in flight, then save and leave
@@ -426,18 +441,3 @@ class GRPOTrainer:
                 file=sys.stderr,
                 flush=True,
             )
-
-
-def _has_dropout(model: torch.nn.Module) -> bool:
-    """Dropout that acts in a training-mode forward: LoRA's or the model's own (modules or attention)."""
-    rate = float(getattr(model.config, "attention_dropout", 0.0) or 0.0)
-    return rate > 0 or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
-
-
-def enable_checkpointing(model: torch.nn.Module) -> None:
-    """Non-reentrant recomputation (works with DDP/FSDP and frozen inputs); transformers 5 renamed the call."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -14,12 +14,22 @@ from typing import Any
 import torch
 
 from grpo.config import TrainConfig
-from grpo.errors import NonFiniteError
-from grpo.loss import UpdateScale, rollout_gap, rollout_is_weights, rollout_mismatch_kl, token_terms
+from grpo.errors import ConfigError, NonFiniteError
+from grpo.loss import (
+    LOSS_TYPES,
+    PRESETS,
+    REDUCTIONS,
+    UpdateScale,
+    rollout_gap,
+    rollout_is_weights,
+    rollout_mismatch_kl,
+    token_terms,
+)
 from grpo.model.logprobs import CompletionLogprobs
 from grpo.parallel.collectives import any_over_ranks, gather_over_ranks, sum_over_ranks
 from grpo.parallel.launch import DistEnv
 from grpo.parallel.wrapping import grad_sync
+from grpo.rewards.scoring import resolve_function
 from grpo.rollout.generate import Rollout
 from grpo.run.logger import finish_queued
 from grpo.run.update_totals import UpdateTotals
@@ -33,6 +43,26 @@ class LossChoice:
     fn: Any  # the user function; None for a built-in
     objective: str | None  # the built-in's per-token objective; None for a user function
     reduction: str
+
+
+def resolve_loss(loss_type: str) -> LossChoice:
+    """The loss config.loss_type names: a built-in preset, or a user function with its declared reduction."""
+    if ":" in loss_type:
+        fn = resolve_function(loss_type, field="config.loss_type")
+        reduction = getattr(fn, "reduction", None)
+        if reduction not in REDUCTIONS:
+            raise ConfigError(
+                f"config.loss_type = {loss_type!r} does not declare its reduction: decorate it with "
+                f"@grpo.loss.reduced_by(NAME), NAME one of {', '.join(REDUCTIONS)} (docs/losses.md)."
+            )
+        return LossChoice(fn, None, reduction)
+    if loss_type not in LOSS_TYPES:
+        raise ConfigError(
+            f"config.loss_type = {loss_type!r} is not allowed: use one of "
+            f"{', '.join(LOSS_TYPES)} or package.module:function."
+        )
+    objective, reduction = PRESETS[loss_type]
+    return LossChoice(None, objective, reduction)
 
 
 class PolicyUpdate:

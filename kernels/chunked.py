@@ -68,7 +68,7 @@ class TorchChunkOps:
         if logits.data_ptr() != z.data_ptr():
             z.copy_(logits)  # bf16 -> fp32
         if temperature != 1.0:
-            z.div_(temperature)  # a division like the reference, not a multiplication by 1 / T
+            z.div_(temperature)  # a division like the naive path, not a multiplication by 1 / T
         return z  # [c, V]
 
     def stats(
@@ -266,7 +266,7 @@ class ChunkedLogprobs(torch.autograd.Function):
                     None if g_logp is None else g_logp[s:e],
                     None if g_ent is None else g_ent[s:e],
                 )  # [c, V], fp32 or the input dtype
-            # grad hidden runs in the input dtype, like autograd does for the reference; the logits buffer
+            # grad hidden runs in the input dtype, like autograd does for the naive path; the logits buffer
             # is free again once the ops have read it.
             dz_in = dz if dz.dtype == hidden.dtype else logits.copy_(dz)  # [c, V]
             if need_h:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from kernels.chunked import chunked_token_logprobs
-from kernels.reference import naive_token_logprobs
+from kernels.naive import naive_token_logprobs
 
 IMPLS = ("auto", "naive", "chunked", "triton")
 

@@ -25,7 +25,7 @@ T = 8  # completion tokens
 
 
 def fixed_rollout(trainer: GRPOTrainer, batch: list[int]):
-    g, pad = trainer.c.num_generations, trainer.tokenizer.pad_token_id
+    g, pad = trainer.config.num_generations, trainer.tokenizer.pad_token_id
     prompts = [trainer.prompts[i] for i in batch]
     ids, mask = left_pad([p.ids for p in prompts], pad, trainer.device)  # [B, P]
     completion = torch.full((len(batch) * g, T), pad, dtype=torch.long)

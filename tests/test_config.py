@@ -96,7 +96,22 @@ def test_override_errors(override, message):
             {"config": {"num_generations": 1}},
             "config.num_generations = 1 is not allowed: GRPO needs at least 2 generations per prompt to compare them.",
         ),
+        (
+            {"config": {"num_generations": 0}},
+            "config.num_generations = 0 is not allowed: GRPO needs at least 2 generations per prompt to compare them.",
+        ),
         ({"config": {"top_p": 1.5}}, "config.top_p = 1.5 is not allowed: it must be in (0, 1]."),
+        ({"config": {"top_p": 0}}, "config.top_p = 0.0 is not allowed: it must be in (0, 1]."),
+        (
+            {"config": {"warmup_ratio": 1.0}},
+            "config.warmup_ratio = 1.0 is not allowed: it must be in [0, 1).",
+        ),
+        ({"dataset": {"limit": 0}}, "dataset.limit = 0 is not allowed: use null or a positive count."),
+        ({"name": " "}, "name = ' ' is not allowed: give the template a name."),
+        (
+            {"config": {"gpu_ids": []}},
+            "config.gpu_ids = [] is not allowed: use auto or a non-empty list of GPU indices.",
+        ),
         (
             {"config": {"entropy_coef": -0.01}},
             "config.entropy_coef = -0.01 is not allowed: it must be 0 (off) or more.",
@@ -159,3 +174,31 @@ def test_shipped_configs_load():
     assert (
         lora.config.use_lora and lora.config.export_merged and lora.config.adaptor_name == "arithmetic-lora"
     )
+
+
+def test_every_bounded_number_declares_its_range_next_to_it():
+    """A numeric field without a declared check would accept any value; the exceptions are listed on purpose."""
+    from grpo.config import LEAF_PATHS
+    from grpo.config.schema import leaf_field
+
+    unbounded = {
+        "config.seed",
+        "config.lora_alpha",
+        "config.delta",
+    }  # any seed; alpha may be any sign; relation
+    unchecked = [
+        dotted
+        for dotted in LEAF_PATHS
+        if leaf_field(dotted).type in ("int", "float", "float | None", "int | None")
+        and leaf_field(dotted).metadata["check"] is None
+        and dotted not in unbounded
+    ]
+    assert unchecked == []
+
+
+def test_resume_safe_fields_are_marked_in_the_schema():
+    from grpo.config import RESUME_SAFE_FIELDS
+
+    assert "config.eval_steps" in RESUME_SAFE_FIELDS and "config.micro_batch_size" in RESUME_SAFE_FIELDS
+    assert "config.learning_rate" not in RESUME_SAFE_FIELDS and "config.batch_size" not in RESUME_SAFE_FIELDS
+    assert len(RESUME_SAFE_FIELDS) == 23

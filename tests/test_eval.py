@@ -285,7 +285,7 @@ def test_save_best_keeps_the_model_of_the_best_evaluation(tiny_model_dir, tmp_pa
             {**data, "config": {**data["config"], "max_steps": 5, "resume_from_checkpoint": "latest"}}
         )
     )
-    assert resumed.best_accuracy == max(accuracy)  # a resumed run has to beat it
+    assert resumed.evaluation.best_accuracy == max(accuracy)  # a resumed run has to beat it
     data["config"]["eval_steps"] = 0
     with pytest.raises(
         ConfigError,

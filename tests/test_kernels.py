@@ -13,7 +13,7 @@ from torch import Tensor
 
 import kernels
 from kernels.chunked import CHUNK_BYTES, default_chunk_size
-from kernels.reference import naive_token_logprobs
+from kernels.naive import naive_token_logprobs
 
 B, T, H, V = 2, 47, 32, 123  # odd shapes: N = 94 rows is not a multiple of any chunk size tested
 CUDA = torch.cuda.is_available()
@@ -425,7 +425,7 @@ if hasattr(ti, "_patch_lang_tensor"):  # triton < 3.7 calls int() on a [1] array
     ti._patch_lang_tensor = _patch_lang_tensor
 import torch, kernels.triton_logprobs as tl_mod
 from kernels.chunked import ChunkedLogprobs
-from kernels.reference import naive_token_logprobs
+from kernels.naive import naive_token_logprobs
 tl_mod.BLOCK_V = 32  # several vocabulary blocks per row, a partial last one
 g = torch.Generator().manual_seed(0)
 h, w = torch.randn(94, 16, generator=g) * 2, torch.randn(123, 16, generator=g) / 4

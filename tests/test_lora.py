@@ -166,7 +166,7 @@ def test_base_frozen_adapters_moved_only_adapters_optimized(trained, tiny_model_
     for key, value in saved.items():
         assert torch.equal(state[key], value), key
     # The trainer's exact start: seed, load, inject.
-    torch.manual_seed(trainer.c.seed)
+    torch.manual_seed(trainer.config.seed)
     start = load_model(str(tiny_model_dir), device=CPU, dtype=F32)
     inject_lora(start, r=16, alpha=32, dropout=0.05)
     start_state = start.state_dict()
@@ -245,7 +245,7 @@ def test_kl_reference_shares_the_model(tiny_model_dir, tmp_path):
     assert sum(p.numel() for p in trainer.ref.parameters()) == n_params  # the same tensors, not a copy
     assert {id(p) for p in trainer.ref.parameters()} == {id(p) for p in trainer.model.parameters()}
     final = trainer.train()
-    assert final == tmp_path / trainer.c.adaptor_name
+    assert final == tmp_path / trainer.config.adaptor_name
     assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
     assert not final.with_name(final.name + "-merged").exists()
     # After training, the reference still equals the base model exactly.

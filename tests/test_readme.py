@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from scripts.template_reference import markdown, table_in
+from scripts.config_docs import markdown, table_in
 from tests.conftest import REPO
 
 README = REPO / "README.md"
@@ -32,9 +32,9 @@ def anchors(page: Path) -> set[str]:
     return {slug(m.group(1)) for m in re.finditer(r"^#+\s+(.*)$", text, re.M)}
 
 
-def test_template_reference_in_docs_is_current():
+def test_config_docs_in_docs_is_current():
     page = (REPO / "docs" / "configuration.md").read_text()
-    assert table_in(page) == markdown(), "run: python scripts/template_reference.py --write"
+    assert table_in(page) == markdown(), "run: python scripts/config_docs.py --write"
 
 
 def test_readme_is_a_short_front_page():

@@ -10,8 +10,9 @@ import yaml
 from safetensors.torch import load_file
 
 from grpo.config import ConfigError, load_template, template_from_dict
+from grpo.model.loading import enable_checkpointing
 from grpo.run.logger import peak_memory_bytes
-from grpo.trainer import GRPOTrainer, enable_checkpointing
+from grpo.trainer import GRPOTrainer
 from tests.conftest import GSM8K, REPO, VOLATILE, tiny_template, write_template
 
 
@@ -170,7 +171,7 @@ def saved_tensor_bytes(trainer: GRPOTrainer, *, checkpointing: bool = True) -> i
         model = trainer.model  # transformers >= 5.2x renamed gradient_checkpointing_disable
         getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
     rng = trainer.generator.get_state()
-    ro, *_ = trainer.rollout(list(range(trainer.c.batch_size)))
+    ro, *_ = trainer.rollout(list(range(trainer.config.batch_size)))
     trainer.generator.set_state(rng)  # the step that follows samples as if this never ran
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         trainer.policy(*trainer.updates.logprob_inputs(ro, slice(0, ro.completion_ids.shape[0])))
@@ -517,7 +518,7 @@ def test_mini_batches_make_one_update_per_mini_batch(tiny_model_dir, tmp_path):
     assert trainer.optimizer.state_dict()["state"][0]["step"] == 2  # two updates from one rollout
 
     ro, texts, *_ = seen[0]
-    g = trainer.c.num_generations
+    g = trainer.config.num_generations
 
     def logps(m, rows):
         log_probs = completion_log_softmax(m, ro, rows)

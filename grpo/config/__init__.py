@@ -1,4 +1,4 @@
-"""The training template: its schema (schema.py), its range checks (checks.py), and reading it from YAML with
+"""The training template: its schema with each field's allowed values (schema.py), the checks across fields (checks.py), and reading it from YAML with
 key=value overrides (loading.py). `from grpo.config import Template, load_template, ConfigError` is the way in."""
 
 from grpo.config.loading import apply_overrides, load_template, parse_override, read_yaml, template_from_dict
@@ -7,6 +7,7 @@ from grpo.config.schema import (
     BUILTIN_DATASET,
     EMBEDDED_MODEL,
     LEAF_PATHS,
+    RESUME_SAFE_FIELDS,
     SECTIONS,
     SEED_INSTRUCTION,
     DatasetConfig,
@@ -22,6 +23,7 @@ __all__ = [
     "BUILTIN_DATASET",
     "EMBEDDED_MODEL",
     "LEAF_PATHS",
+    "RESUME_SAFE_FIELDS",
     "SECTIONS",
     "SEED_INSTRUCTION",
     "ConfigError",

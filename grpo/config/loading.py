@@ -12,7 +12,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from grpo.config.checks import check_paths, check_ranges
+from grpo.config.checks import check_fields, check_paths, check_relations
 from grpo.config.schema import ALIASES, LEAF_PATHS, SECTIONS, Template
 from grpo.errors import ConfigError
 
@@ -106,7 +106,8 @@ def template_from_dict(data: Any, *, source: str = "the template") -> Template:
     if not isinstance(data, dict):
         raise ConfigError(f"{source} must be a YAML mapping with name, model, dataset, template and config.")
     t = _build(Template, data, "")
-    check_ranges(t)
+    check_fields(t)
+    check_relations(t)
     check_paths(t)
     return t
 

@@ -8,6 +8,7 @@ grpo/config/checks.py. Everything here is cheap: validation runs before any mode
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,8 +24,33 @@ SEED_INSTRUCTION = """Respond in the following format:
 </answer>"""
 
 
-def doc(text: str, **kw: Any) -> Any:
-    return field(metadata={"doc": text}, **kw)
+@dataclass(frozen=True)
+class Check:
+    """The values a field allows beyond its type: `ok(value)` must hold, else `allowed` tells the user why."""
+
+    ok: Callable[[Any], bool]
+    allowed: str
+
+
+AT_LEAST_1 = Check(lambda v: v >= 1, "it must be at least 1")
+ZERO_OR_MORE = Check(lambda v: v >= 0, "it must be 0 or more")
+OFF_OR_MORE = Check(lambda v: v >= 0, "it must be 0 (off) or more")
+POSITIVE = Check(lambda v: v > 0, "it must be positive")
+NOT_BLANK = Check(lambda v: v.strip() != "", "it must not be empty")
+
+
+def within(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Check:
+    above = (lambda v: v > low) if low_open else (lambda v: v >= low)
+    below = (lambda v: v < high) if high_open else (lambda v: v <= high)
+    span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    return Check(lambda v: above(v) and below(v), f"it must be in {span}")
+
+
+def doc(text: str, *, check: Check | None = None, resume_safe: bool = False, **kw: Any) -> Any:
+    """A field with its description and, next to it, what it allows (checked before anything loads, with the
+    relations between fields in grpo/config/checks.py) and whether a resume may change it: resume_safe fields
+    change how a run is carried out or logged, not what it computes."""
+    return field(metadata={"doc": text, "check": check, "resume_safe": resume_safe}, **kw)
 
 
 @dataclass
@@ -35,8 +61,14 @@ class DatasetConfig:
     )
     config: str | None = doc("Dataset config name on the hub (gsm8k: main).", default=None)
     split: str = doc("Split to train on.", default="train")
-    limit: int | None = doc("Use only the first N rows (null = all).", default=None)
-    eval_split: str = doc("Held-out split for evaluation (a local file path also works).", default="test")
+    limit: int | None = doc(
+        "Use only the first N rows (null = all).",
+        default=None,
+        check=Check(lambda v: v is None or v >= 1, "use null or a positive count"),
+    )
+    eval_split: str = doc(
+        "Held-out split for evaluation (a local file path also works).", default="test", resume_safe=True
+    )
 
 
 @dataclass
@@ -58,11 +90,19 @@ class DataTemplate:
 class TrainConfig:
     # -- device and placement
     train_device: Literal["auto", "cuda", "cpu", "tpu"] = doc(
-        "Where to train: auto picks cuda when present.", default="auto"
+        "Where to train: auto picks cuda when present.", default="auto", resume_safe=True
     )
-    gpu_ids: Literal["auto"] | list[int] = doc("auto = all visible GPUs, or a list of ids.", default="auto")
+    gpu_ids: Literal["auto"] | list[int] = doc(
+        "auto = all visible GPUs, or a list of ids.",
+        default="auto",
+        check=Check(
+            lambda v: v == "auto" or (len(v) > 0 and all(i >= 0 for i in v)),
+            "use auto or a non-empty list of GPU indices",
+        ),
+        resume_safe=True,
+    )
     distributed_strategy: Literal["ddp", "fsdp"] = doc(
-        "Multi-process strategy under torchrun.", default="ddp"
+        "Multi-process strategy under torchrun.", default="ddp", resume_safe=True
     )
     dtype: Literal["auto", "bf16-mixed", "float32", "bfloat16", "float16", "float64"] = doc(
         "Training dtype: auto = bf16-mixed on GPU, float32 on CPU. bf16-mixed keeps the trained weights and "
@@ -72,22 +112,29 @@ class TrainConfig:
         default="auto",
     )
     # -- the four tags of the reasoning format
-    start_thinking_string: str = doc("Tag that opens the reasoning.", default="<reasoning>")
-    end_thinking_string: str = doc("Tag that closes the reasoning.", default="</reasoning>")
-    start_answer_string: str = doc("Tag that opens the answer.", default="<answer>")
-    end_answer_string: str = doc("Tag that closes the answer.", default="</answer>")
+    start_thinking_string: str = doc("Tag that opens the reasoning.", default="<reasoning>", check=NOT_BLANK)
+    end_thinking_string: str = doc("Tag that closes the reasoning.", default="</reasoning>", check=NOT_BLANK)
+    start_answer_string: str = doc("Tag that opens the answer.", default="<answer>", check=NOT_BLANK)
+    end_answer_string: str = doc("Tag that closes the answer.", default="</answer>", check=NOT_BLANK)
     # -- lengths and batches
     maximum_sequence_length: int = doc(
-        "Prompt + completion tokens; longer prompts are cut from the left.", default=1024
+        "Prompt + completion tokens; longer prompts are cut from the left.", default=1024, check=AT_LEAST_1
     )
-    maximum_completion_length: int = doc("Most tokens sampled per completion.", default=256)
+    maximum_completion_length: int = doc("Most tokens sampled per completion.", default=256, check=AT_LEAST_1)
     long_prompts: Literal["truncate", "drop"] = doc(
         "Training prompts over maximum_sequence_length - maximum_completion_length tokens: truncate (cut from "
         "the left, which can cut the system prompt) or drop (left out; the log says how many).",
         default="truncate",
     )
-    batch_size: int = doc("Prompts per device per step (each sampled num_generations times).", default=4)
-    micro_batch_size: int = doc("Sequences per forward/backward of the loss (0 = all at once).", default=0)
+    batch_size: int = doc(
+        "Prompts per device per step (each sampled num_generations times).", default=4, check=AT_LEAST_1
+    )
+    micro_batch_size: int = doc(
+        "Sequences per forward/backward of the loss (0 = all at once).",
+        default=0,
+        check=ZERO_OR_MORE,
+        resume_safe=True,
+    )
     gradient_checkpointing: bool = doc(
         "Recompute each decoder layer in backward instead of keeping its activations: much less memory for "
         "about one more forward of time; the log-prob passes then run prompt + completion per sequence.",
@@ -97,22 +144,33 @@ class TrainConfig:
     learning_rate_schedule: Literal["constant", "linear", "cosine", "constant_with_warmup"] = doc(
         "Learning-rate schedule after warmup.", default="constant"
     )
-    learning_rate: float = doc("Peak learning rate of AdamW.", default=1e-6)
-    warmup_ratio: float = doc("Share of the total steps spent warming up linearly from 0.", default=0.0)
-    num_train_epochs: int = doc("Passes over the dataset.", default=1)
-    max_steps: int = doc("Optimizer steps to run; -1 = as many as the epochs give.", default=-1)
-    max_grad_norm: float = doc("Clip the global gradient norm to this (0 = no clipping).", default=1.0)
-    weight_decay: float = doc("AdamW weight decay.", default=0.0)
-    adam_beta1: float = doc("AdamW beta1.", default=0.9)
-    adam_beta2: float = doc("AdamW beta2.", default=0.99)
-    adam_epsilon: float = doc("AdamW epsilon.", default=1e-8)
+    learning_rate: float = doc("Peak learning rate of AdamW.", default=1e-6, check=POSITIVE)
+    warmup_ratio: float = doc(
+        "Share of the total steps spent warming up linearly from 0.",
+        default=0.0,
+        check=within(0, 1, high_open=True),
+    )
+    num_train_epochs: int = doc("Passes over the dataset.", default=1, check=AT_LEAST_1, resume_safe=True)
+    max_steps: int = doc(
+        "Optimizer steps to run; -1 = as many as the epochs give.",
+        default=-1,
+        check=Check(lambda v: v == -1 or v >= 1, "use -1 or a positive count"),
+        resume_safe=True,
+    )
+    max_grad_norm: float = doc(
+        "Clip the global gradient norm to this (0 = no clipping).", default=1.0, check=ZERO_OR_MORE
+    )
+    weight_decay: float = doc("AdamW weight decay.", default=0.0, check=ZERO_OR_MORE)
+    adam_beta1: float = doc("AdamW beta1.", default=0.9, check=within(0, 1, high_open=True))
+    adam_beta2: float = doc("AdamW beta2.", default=0.99, check=within(0, 1, high_open=True))
+    adam_epsilon: float = doc("AdamW epsilon.", default=1e-8, check=POSITIVE)
     seed: int = doc("Seed for data order, sampling and initialisation.", default=42)
     # -- LoRA
     use_lora: bool = doc("Train a LoRA adapter instead of all weights.", default=False)
     adaptor_name: str = doc("Folder name of the trained adapter/model inside output_dir.", default="model")
-    lora_r: int = doc("LoRA rank.", default=16)
+    lora_r: int = doc("LoRA rank.", default=16, check=AT_LEAST_1)
     lora_alpha: float = doc("LoRA alpha (scaling = alpha / r).", default=32)
-    lora_dropout: float = doc("Dropout on the LoRA input.", default=0.05)
+    lora_dropout: float = doc("Dropout on the LoRA input.", default=0.05, check=within(0, 1, high_open=True))
     lora_target_modules: list[str] | None = doc(
         "Module leaf names to adapt (null = attention + MLP).", default=None
     )
@@ -122,20 +180,32 @@ class TrainConfig:
     export_merged: bool = doc(
         "With LoRA, also write the merged model as a plain HF folder <output_dir>/<adaptor_name>-merged.",
         default=False,
+        resume_safe=True,
     )
     load_in_4bit: bool = doc("backend unsloth only: load the base model in 4 bit (QLoRA).", default=False)
     # -- GRPO
-    num_generations: int = doc("G: completions sampled per prompt.", default=4)
-    temperature: float = doc("Sampling temperature.", default=1.0)
-    top_p: float = doc("Nucleus sampling: keep the smallest token set with this probability.", default=1.0)
+    num_generations: int = doc(
+        "G: completions sampled per prompt.",
+        default=4,
+        check=Check(lambda v: v >= 2, "GRPO needs at least 2 generations per prompt to compare them"),
+    )
+    temperature: float = doc("Sampling temperature.", default=1.0, check=POSITIVE)
+    top_p: float = doc(
+        "Nucleus sampling: keep the smallest token set with this probability.",
+        default=1.0,
+        check=within(0, 1, low_open=True),
+    )
     top_k: int = doc(
-        "Sample only among the k most probable tokens (applied before top_p); 0 = no limit.", default=0
+        "Sample only among the k most probable tokens (applied before top_p); 0 = no limit.",
+        default=0,
+        check=Check(lambda v: v >= 0, "it must be 0 (no limit) or more"),
     )
     min_p: float = doc(
         "Drop tokens less probable than min_p times the most probable one (applied after top_p); 0 = off.",
         default=0.0,
+        check=within(0, 1),
     )
-    beta: float = doc("KL weight; 0 = no reference model is loaded at all.", default=0.0)
+    beta: float = doc("KL weight; 0 = no reference model is loaded at all.", default=0.0, check=ZERO_OR_MORE)
     kl_estimator: Literal["k3", "k2"] = doc(
         "Per-token KL term of the loss: k3 = exp(ref - logp) - (ref - logp) - 1 (GRPO's), k2 = (logp - ref)^2 / 2, "
         "whose gradient is that of the reverse KL(policy || reference) (grpo/loss.py).",
@@ -146,23 +216,31 @@ class TrainConfig:
         "(1 - alpha) * reference (TR-DPO, arXiv:2404.09656; grpo/model/reference_sync.py); 0 = the reference stays the "
         "starting model.",
         default=0,
+        check=OFF_OR_MORE,
     )
     ref_model_mixup_alpha: float = doc(
-        "Weight of the policy in each reference update; 1 = copy the policy.", default=0.6
+        "Weight of the policy in each reference update; 1 = copy the policy.",
+        default=0.6,
+        check=within(0, 1, low_open=True),
     )
-    epsilon: float = doc("Lower clip range of the importance ratio.", default=0.2)
-    epsilon_high: float | None = doc("Upper clip range (null = epsilon).", default=None)
+    epsilon: float = doc("Lower clip range of the importance ratio.", default=0.2, check=ZERO_OR_MORE)
+    epsilon_high: float | None = doc(
+        "Upper clip range (null = epsilon).",
+        default=None,
+        check=Check(lambda v: v is None or v >= 0, "it must be null or 0 or more"),
+    )
     delta: float | None = doc(
         "Two-sided clipping (INTELLECT-2): cap the unclipped ratio at delta, so tokens with a negative advantage "
         "and a large ratio stop growing the loss; null = off; at least 1 + epsilon_high.",
         default=None,
     )
-    num_iterations: int = doc("Policy updates per batch of samples (mu).", default=1)
+    num_iterations: int = doc("Policy updates per batch of samples (mu).", default=1, check=AT_LEAST_1)
     mini_batches: int = doc(
         "Split each step's prompts (with all their G completions) into this many mini-batches and make one "
         "optimizer update per mini-batch, PPO-style (TRL's steps_per_generation): a step makes num_iterations x "
         "mini_batches updates from one rollout. Must divide batch_size.",
         default=1,
+        check=AT_LEAST_1,
     )
     loss_type: str = doc("grpo | bnpo | dr_grpo | dapo | cispo, or package.module:function.", default="grpo")
     importance_sampling_level: Literal["token", "sequence"] = doc(
@@ -175,11 +253,13 @@ class TrainConfig:
         "Apply the policy term only to the tokens whose entropy is in this top share of the step's tokens "
         "(arXiv:2506.01939 kept 0.2); 1.0 = every token.",
         default=1.0,
+        check=within(0, 1, low_open=True),
     )
     entropy_coef: float = doc(
         "Entropy bonus: subtract entropy_coef x the mean entropy of the loss tokens (of all ranks) from the loss, "
         "which slows the collapse of exploration; 0 = off (entropy is then only a metric, without gradient).",
         default=0.0,
+        check=OFF_OR_MORE,
     )
     dynamic_sampling: bool = doc(
         "DAPO's dynamic sampling: drop prompts whose G rewards are all equal and sample more prompts until "
@@ -189,12 +269,14 @@ class TrainConfig:
     dynamic_sampling_max_rounds: int = doc(
         "Most rollouts per step with dynamic_sampling; a batch still short is topped up with dropped prompts.",
         default=3,
+        check=AT_LEAST_1,
     )
     rollout_is_cap: float = doc(
         "Truncated importance sampling of the rollout: weight each token's policy term by min(pi_train / "
         "pi_rollout, cap), pi_rollout being the decode path's probability of the drawn token and pi_train the "
         "training forward's, which differ numerically (bf16, CUDA graphs, packed kernels); 0 = off (2 is usual).",
         default=0.0,
+        check=Check(lambda v: v == 0 or v >= 1, "it must be 0 (off) or at least 1"),
     )
     mask_truncated_completions: bool = doc(
         "Exclude completions cut at the length limit from the loss.", default=False
@@ -203,41 +285,66 @@ class TrainConfig:
         "Reward functions: names or package.module:function, or {name: ..., weight: ..., KEY: VALUE} where "
         "the other keys are passed to the function.",
         default_factory=lambda: ["correctness", "int_answer", "strict_format", "soft_format", "tag_count"],
+        check=Check(lambda v: len(v) >= 1, "name at least one reward function"),
     )
     logprob_impl: Literal["auto", "chunked", "naive", "triton"] = doc(
-        "How per-token log-probs are computed (kernels/).", default="auto"
+        "How per-token log-probs are computed (kernels/).", default="auto", resume_safe=True
     )
     decode_impl: Literal["auto", "graph", "packed", "static", "hf"] = doc(
         "How rollouts decode: graph (CUDA graphs on GPU), packed (CPU fp32), static, hf (transformers' "
         "generation path, the slowest and the reference); auto picks the fastest the model and device allow.",
         default="auto",
+        resume_safe=True,
     )
     # -- outputs
-    output_dir: str = doc("Run folder: model, metrics.jsonl, TensorBoard, samples.", default="runs/default")
-    logging_steps: int = doc("Write samples of completions every N steps.", default=1)
+    output_dir: str = doc(
+        "Run folder: model, metrics.jsonl, TensorBoard, samples.", default="runs/default", resume_safe=True
+    )
+    logging_steps: int = doc(
+        "Write samples of completions every N steps.", default=1, check=AT_LEAST_1, resume_safe=True
+    )
     eval_steps: int = doc(
         "Greedy evaluation on dataset.eval_split every N steps and after the save (eval.json); 0 = off.",
         default=0,
+        check=OFF_OR_MORE,
+        resume_safe=True,
     )
-    eval_limit: int = doc("Held-out problems used by each evaluation during training.", default=200)
+    eval_limit: int = doc(
+        "Held-out problems used by each evaluation during training.",
+        default=200,
+        check=AT_LEAST_1,
+        resume_safe=True,
+    )
     save_best: bool = doc(
         "With eval_steps: copy the model to <output_dir>/<adaptor_name>-best whenever the held-out accuracy "
         "beats every earlier evaluation of the run; best.json names the step and accuracy.",
         default=False,
+        resume_safe=True,
     )
-    log_to_wandb: bool = doc("Also log to Weights & Biases.", default=False)
-    wandb_project: str = doc("W&B project name.", default="grpo")
+    log_to_wandb: bool = doc("Also log to Weights & Biases.", default=False, resume_safe=True)
+    wandb_project: str = doc("W&B project name.", default="grpo", resume_safe=True)
     # -- checkpoints and resume
-    save_steps: int = doc("Write a resumable checkpoint every N steps (0 = only the final model).", default=0)
-    save_total_limit: int = doc("Keep only the newest K checkpoints (0 = keep all).", default=0)
+    save_steps: int = doc(
+        "Write a resumable checkpoint every N steps (0 = only the final model).",
+        default=0,
+        check=ZERO_OR_MORE,
+        resume_safe=True,
+    )
+    save_total_limit: int = doc(
+        "Keep only the newest K checkpoints (0 = keep all).", default=0, check=ZERO_OR_MORE, resume_safe=True
+    )
     resume_from_checkpoint: str | None = doc(
-        "latest or a checkpoints/step-N folder: continue that run.", default=None
+        "latest or a checkpoints/step-N folder: continue that run.", default=None, resume_safe=True
     )
     force_resume: bool = doc(
-        "Resume even when the template differs in fields that change the math.", default=False
+        "Resume even when the template differs in fields that change the math.",
+        default=False,
+        resume_safe=True,
     )
     skip_nonfinite_steps: bool = doc(
-        "Skip a step whose loss or gradient is not finite instead of stopping.", default=False
+        "Skip a step whose loss or gradient is not finite instead of stopping.",
+        default=False,
+        resume_safe=True,
     )
 
     def sampling(self) -> dict[str, Any]:
@@ -252,7 +359,12 @@ class TrainConfig:
 
 @dataclass
 class Template:
-    name: str = doc("Template name.", default="default")
+    name: str = doc(
+        "Template name.",
+        default="default",
+        check=Check(lambda v: v.strip() != "", "give the template a name"),
+        resume_safe=True,
+    )
     model: str = doc("Hub id, local folder, .gguf file, or the embedded SmolLM2.", default=EMBEDDED_MODEL)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     template: DataTemplate = field(default_factory=DataTemplate)
@@ -284,9 +396,18 @@ ALIASES = {"resume": ("config", "resume_from_checkpoint")}  # resume=latest on t
 def field_docs() -> list[tuple[str, str, str]]:
     """(dotted name, default, doc) for every field: the README's template reference."""
     rows = []
-    for dotted, path in LEAF_PATHS.items():
-        cls = SECTIONS[path[0]] if len(path) == 2 else Template
-        f = next(f for f in dataclasses.fields(cls) if f.name == path[-1])
+    for dotted in LEAF_PATHS:
+        f = leaf_field(dotted)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         rows.append((dotted, repr(default), f.metadata.get("doc", "")))
     return rows
+
+
+def leaf_field(dotted: str) -> dataclasses.Field:
+    path = LEAF_PATHS[dotted]
+    cls = SECTIONS[path[0]] if len(path) == 2 else Template
+    return next(f for f in dataclasses.fields(cls) if f.name == path[-1])
+
+
+# Fields a resume may change (force_resume is needed for any other difference): grpo/run/checkpoint.py.
+RESUME_SAFE_FIELDS = frozenset(d for d in LEAF_PATHS if leaf_field(d).metadata["resume_safe"])

@@ -5,65 +5,23 @@ the end. The evaluation itself is grpo/eval/evaluate.py; these functions only de
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from grpo.config import Template
+from grpo.data import Prompt
 from grpo.eval.evaluate import EvalResult, evaluate
 from grpo.parallel.collectives import any_over_ranks
+from grpo.parallel.launch import DistEnv
 from grpo.parallel.wrapping import full_params, full_state_dict
+from grpo.rewards import Reward, Tags
 from grpo.run.atomic_files import atomic_write_text
 from grpo.run.logger import RunLogger
 
-
-def run_eval(trainer: Any) -> EvalResult | None:
-    """Greedy evaluation on the held-out prompts (rank 0; None on the other ranks, which wait)."""
-    c, result = trainer.c, None
-    with full_params(trainer.policy):  # FSDP: every rank takes part in the gather, rank 0 generates
-        if trainer.env.is_main:
-            result = evaluate(
-                trainer.sampling_model(),
-                trainer.tokenizer,
-                trainer.eval_prompts,
-                trainer.rewards,
-                trainer.tags,
-                max_new_tokens=c.maximum_completion_length,
-                batch_size=c.batch_size * c.num_generations,
-                response_prefix=trainer.t.template.response_prefix,
-                decode_impl=c.decode_impl,
-            )
-    trainer.last_eval = (trainer.step, result)  # on every rank, so all agree whether the final one is due
-    if trainer.env.enabled and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    return result
-
-
-def final_eval(trainer: Any, final: Path, logger: RunLogger | None) -> None:
-    """eval.json (summary) + eval.jsonl (records) beside the saved model; reuses this step's evaluation."""
-    if (trainer.last_eval is None or trainer.last_eval[0] != trainer.step) and not trainer.stop_requested:
-        run_eval(trainer)
-    if trainer.last_eval is None or trainer.last_eval[0] != trainer.step or trainer.last_eval[1] is None:
-        return  # stopped early without a current evaluation, or not rank 0
-    result = trainer.last_eval[1]
-    split = trainer.t.dataset.eval_split
-    summary = {"step": trainer.step, "model": str(final), "split": split, **result.summary()}
-    atomic_write_text(trainer.output_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
-    atomic_write_text(
-        trainer.output_dir / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in result.records)
-    )
-    if logger is not None:
-        logger.write(
-            f"eval on {split} ({result.num_prompts} problems): accuracy {result.accuracy:.3f}, "
-            f"strict format {result.strict_format:.3f}, soft format {result.soft_format:.3f}"
-        )
-
-
 BEST_FILE = "best.json"
-
-
-def best_dir(trainer: Any) -> Path:
-    return trainer.output_dir / f"{trainer.c.adaptor_name}-best"
 
 
 def best_accuracy_so_far(output_dir: Path) -> float:
@@ -72,19 +30,86 @@ def best_accuracy_so_far(output_dir: Path) -> float:
     return float(json.loads(path.read_text())["accuracy"]) if path.is_file() else float("-inf")
 
 
-def keep_best(trainer: Any, result: EvalResult | None) -> None:
-    """save_best: when this evaluation beats every earlier one of the run, write the model to
-    <output_dir>/<adaptor_name>-best (a complete folder replaces the old one), then best.json. Every rank
-    calls this: only rank 0 holds the result, and under FSDP all ranks take part in gathering the weights."""
-    improved = result is not None and result.accuracy > trainer.best_accuracy
-    if not any_over_ranks(improved, trainer.env):
-        return
-    state = full_state_dict(trainer.model, trainer.env)
-    if trainer.env.is_main:
-        from grpo.run.checkpoint import write_model
+@dataclass
+class TrainingEval:
+    """The held-out evaluations of one run: what it evaluates on, the newest result and the best accuracy."""
 
-        folder = best_dir(trainer)
-        write_model(trainer, folder, state)
-        trainer.best_accuracy = result.accuracy
-        best = {"step": trainer.step, "accuracy": result.accuracy, "model": str(folder)}
-        atomic_write_text(trainer.output_dir / BEST_FILE, json.dumps(best, indent=2) + "\n")
+    template: Template
+    env: DistEnv
+    output_dir: Path
+    tokenizer: Any
+    prompts: list[Prompt]  # built on rank 0 only; the other ranks wait
+    rewards: list[Reward]
+    tags: Tags
+    last: tuple[int, EvalResult | None] | None = None  # (step, result), on every rank
+    best_accuracy: float = float("-inf")
+
+    def run(self, step: int, sampling_model: torch.nn.Module, policy: torch.nn.Module) -> EvalResult | None:
+        """Greedy evaluation on the held-out prompts (rank 0; None on the other ranks, which wait)."""
+        c, result = self.template.config, None
+        with full_params(policy):  # FSDP: every rank takes part in the gather, rank 0 generates
+            if self.env.is_main:
+                result = evaluate(
+                    sampling_model,
+                    self.tokenizer,
+                    self.prompts,
+                    self.rewards,
+                    self.tags,
+                    max_new_tokens=c.maximum_completion_length,
+                    batch_size=c.batch_size * c.num_generations,
+                    response_prefix=self.template.template.response_prefix,
+                    decode_impl=c.decode_impl,
+                )
+        self.last = (step, result)  # on every rank, so all agree whether the final one is due
+        if self.env.enabled and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return result
+
+    def write_final(
+        self,
+        step: int,
+        final: Path,
+        logger: RunLogger | None,
+        *,
+        evaluate_now: bool,
+        sampling_model: torch.nn.Module,
+        policy: torch.nn.Module,
+    ) -> None:
+        """eval.json (summary) + eval.jsonl (records) beside the saved model; reuses this step's evaluation,
+        and runs one only when `evaluate_now` (not for a run stopped early)."""
+        if (self.last is None or self.last[0] != step) and evaluate_now:
+            self.run(step, sampling_model, policy)
+        if self.last is None or self.last[0] != step or self.last[1] is None:
+            return  # stopped early without a current evaluation, or not rank 0
+        result = self.last[1]
+        split = self.template.dataset.eval_split
+        summary = {"step": step, "model": str(final), "split": split, **result.summary()}
+        atomic_write_text(self.output_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(
+            self.output_dir / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in result.records)
+        )
+        if logger is not None:
+            logger.write(
+                f"eval on {split} ({result.num_prompts} problems): accuracy {result.accuracy:.3f}, "
+                f"strict format {result.strict_format:.3f}, soft format {result.soft_format:.3f}"
+            )
+
+    def best_dir(self) -> Path:
+        return self.output_dir / f"{self.template.config.adaptor_name}-best"
+
+    def keep_best(self, step: int, result: EvalResult | None, model: torch.nn.Module) -> None:
+        """save_best: when this evaluation beats every earlier one of the run, write the model to
+        <output_dir>/<adaptor_name>-best (a complete folder replaces the old one), then best.json. Every rank
+        calls this: only rank 0 holds the result, and under FSDP all ranks take part in gathering the weights."""
+        improved = result is not None and result.accuracy > self.best_accuracy
+        if not any_over_ranks(improved, self.env):
+            return
+        state = full_state_dict(model, self.env)
+        if self.env.is_main:
+            from grpo.run.checkpoint import write_model
+
+            folder = self.best_dir()
+            write_model(self.template, model, self.tokenizer, folder, state)
+            self.best_accuracy = result.accuracy
+            best = {"step": step, "accuracy": result.accuracy, "model": str(folder)}
+            atomic_write_text(self.output_dir / BEST_FILE, json.dumps(best, indent=2) + "\n")

@@ -172,3 +172,18 @@ def save_model(
         model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     replace_dir(tmp, folder)
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Dropout that acts in a training-mode forward: LoRA's or the model's own (modules or attention)."""
+    rate = float(getattr(model.config, "attention_dropout", 0.0) or 0.0)
+    return rate > 0 or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant recomputation (works with DDP/FSDP and frozen inputs); transformers 5 renamed the call."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

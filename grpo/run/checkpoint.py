@@ -14,7 +14,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,37 +22,13 @@ import numpy as np
 import torch
 import yaml
 
-from grpo.config import ConfigError, Template
+from grpo.config import RESUME_SAFE_FIELDS, ConfigError, Template
+from grpo.data import PromptSampler
 from grpo.model.reference_sync import load_reference, save_reference
+from grpo.parallel.launch import DistEnv
 from grpo.run.atomic_files import atomic_write_text, fresh_dir, fsync_tree
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
-# Fields that may change between a run and its resume without changing what is computed.
-RESUME_SAFE_FIELDS = {
-    "name",
-    "config.max_steps",
-    "config.num_train_epochs",
-    "config.output_dir",
-    "config.logging_steps",
-    "config.log_to_wandb",
-    "config.wandb_project",
-    "config.save_steps",
-    "config.save_total_limit",
-    "config.resume_from_checkpoint",
-    "config.force_resume",
-    "config.eval_steps",
-    "config.eval_limit",
-    "config.save_best",
-    "config.train_device",
-    "config.gpu_ids",
-    "config.distributed_strategy",
-    "config.micro_batch_size",
-    "config.skip_nonfinite_steps",
-    "config.logprob_impl",
-    "config.decode_impl",
-    "config.export_merged",
-    "dataset.eval_split",
-}
 
 
 def checkpoint_root(output_dir: Path) -> Path:
@@ -185,119 +161,147 @@ def load_rng(path: Path, rank: int, generator: torch.Generator) -> None:
 
 
 # ---------------------------------------------------------------- the trainer's side
-def write_model(trainer: Any, folder: Path, state: dict[str, torch.Tensor] | None) -> None:
+@dataclass(frozen=True)
+class RunParts:
+    """What a checkpoint saves and a resume restores in place: the objects the trainer built for this run."""
+
+    template: Template
+    env: DistEnv
+    output_dir: Path
+    model: torch.nn.Module
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    sampler: PromptSampler
+    generator: torch.Generator
+    reference: torch.nn.Module | None  # only when the reference follows the policy (ref_model_sync_steps > 0)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands: the counters a checkpoint records beside the parts."""
+
+    step: int
+    skipped_steps: int = 0
+
+
+def write_model(
+    template: Template,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    folder: Path,
+    state: dict[str, torch.Tensor] | None,
+) -> None:
     """The model as users load it: the adapter under LoRA (plus the merged model if asked), else the full
     model. Rank 0 only; `state` is the full state dict FSDP gathered (None without FSDP)."""
     from grpo.model.loading import save_model
     from grpo.model.lora import export_merged, save_adapter
 
-    c, tok = trainer.c, trainer.tokenizer
+    c = template.config
     if c.backend == "unsloth":
         from grpo.model.unsloth_backend import save_unsloth
 
-        save_unsloth(trainer.model, tok, folder, export_merged=c.export_merged)
+        save_unsloth(model, tokenizer, folder, export_merged=c.export_merged)
     elif c.use_lora:
-        save_adapter(
-            trainer.model, folder, base_model_name_or_path=trainer.t.model, tokenizer=tok, state=state
-        )
+        save_adapter(model, folder, base_model_name_or_path=template.model, tokenizer=tokenizer, state=state)
         if c.export_merged:
-            export_merged(trainer.model, tok, folder.with_name(folder.name + "-merged"), state=state)
+            export_merged(model, tokenizer, folder.with_name(folder.name + "-merged"), state=state)
     else:
-        save_model(trainer.model, tok, folder, state=state)
+        save_model(model, tokenizer, folder, state=state)
 
 
-def _barrier(env: Any) -> None:
+def _barrier(env: DistEnv) -> None:
     if env.enabled and torch.distributed.is_initialized():
         torch.distributed.barrier()
 
 
-def _optimizer_state(trainer: Any) -> dict[str, Any]:
-    if trainer.env.fsdp:
+def _optimizer_state(parts: RunParts) -> dict[str, Any]:
+    if parts.env.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_optimizer_state_dict(trainer.model, trainer.optimizer, options=options)
-    return trainer.optimizer.state_dict()
+        return get_optimizer_state_dict(parts.model, parts.optimizer, options=options)
+    return parts.optimizer.state_dict()
 
 
-def save_checkpoint(trainer: Any) -> Path:
+def save_checkpoint(parts: RunParts, progress: Progress) -> Path:
     """Every rank calls this at a step boundary; rank 0 writes the shared files, each rank its RNG."""
     from grpo.parallel.wrapping import full_state_dict
 
-    env, step, out = trainer.env, trainer.step, trainer.output_dir
-    state = full_state_dict(trainer.model, env)
-    reference = trainer.synced_reference()  # None unless the reference follows the policy
-    ref_state = None if reference is None else full_state_dict(reference, env)
-    optim = _optimizer_state(trainer)
+    env, step, out = parts.env, progress.step, parts.output_dir
+    state = full_state_dict(parts.model, env)
+    ref_state = None if parts.reference is None else full_state_dict(parts.reference, env)
+    optim = _optimizer_state(parts)
     tmp = checkpoint_root(out) / f"step-{step:06d}.tmp"
     if env.is_main:
         tmp = staging_dir(out, step)
-        write_model(trainer, tmp / "model", state)
-        if reference is not None:
-            save_reference(reference, tmp, ref_state)
+        write_model(parts.template, parts.model, parts.tokenizer, tmp / "model", state)
+        if parts.reference is not None:
+            save_reference(parts.reference, tmp, ref_state)
         torch.save(optim, tmp / "optimizer.pt")
         _test_kill_point(f"after_optimizer_step{step}")
-        torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "template.yaml").write_text(yaml.safe_dump(asdict(trainer.t), sort_keys=False))
+        torch.save(parts.scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "template.yaml").write_text(yaml.safe_dump(asdict(parts.template), sort_keys=False))
         info = {
             "step": step,
-            "sampler": trainer.sampler.state_dict(),
-            "skipped_steps": trainer.updates.skipped_steps,
+            "sampler": parts.sampler.state_dict(),
+            "skipped_steps": progress.skipped_steps,
             "world_size": env.world_size,
         }
         (tmp / "trainer_state.json").write_text(json.dumps(info, indent=2))
     _barrier(env)
-    torch.save(rng_state(trainer.generator), tmp / f"rng-rank{env.rank}.pt")
+    torch.save(rng_state(parts.generator), tmp / f"rng-rank{env.rank}.pt")
     _barrier(env)
     final = tmp
     if env.is_main:
-        final = commit(tmp, out, step, trainer.c.save_total_limit)
+        final = commit(tmp, out, step, parts.template.config.save_total_limit)
         _test_kill_point(f"after_commit_step{step}")
     _barrier(env)
     return final
 
 
-def resume(trainer: Any, path: Path) -> Path:
-    """Load a checkpoint (already checked with check_compatible) into a freshly built trainer."""
-    env = trainer.env
-    _load_weights(trainer, path / "model")
-    reference, ref_state = trainer.synced_reference(), load_reference(path)
-    if reference is not None and ref_state is not None:  # none: saved before sync was on (force_resume)
-        _load_full_state(trainer, reference, ref_state)
+def resume(parts: RunParts, path: Path) -> Progress:
+    """Load a checkpoint (already checked with check_compatible) into freshly built parts; returns the
+    counters it recorded."""
+    env = parts.env
+    _load_weights(parts, path / "model")
+    ref_state = load_reference(path)
+    if parts.reference is not None and ref_state is not None:  # none: saved before sync was on (force_resume)
+        _load_full_state(env, parts.reference, ref_state)
     optim = torch.load(path / "optimizer.pt", weights_only=False)
     if env.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(
-            trainer.model, trainer.optimizer, optim, options=StateDictOptions(full_state_dict=True)
+            parts.model, parts.optimizer, optim, options=StateDictOptions(full_state_dict=True)
         )
     else:
-        trainer.optimizer.load_state_dict(optim)
-    trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        parts.optimizer.load_state_dict(optim)
+    parts.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     info = read_trainer_state(path)
-    trainer.step, trainer.updates.skipped_steps = int(info["step"]), int(info.get("skipped_steps", 0))
-    trainer.sampler.load_state_dict(info["sampler"])
-    load_rng(path, env.rank, trainer.generator)
+    progress = Progress(step=int(info["step"]), skipped_steps=int(info.get("skipped_steps", 0)))
+    parts.sampler.load_state_dict(info["sampler"])
+    load_rng(path, env.rank, parts.generator)
     if env.is_main:
-        _truncate_logs(trainer.output_dir, trainer.step)
-    return path
+        _truncate_logs(parts.output_dir, progress.step)
+    return progress
 
 
-def _load_weights(trainer: Any, folder: Path) -> None:
+def _load_weights(parts: RunParts, folder: Path) -> None:
     from safetensors.torch import load_file
 
-    if trainer.c.use_lora:
+    if parts.template.config.use_lora:
         from grpo.model.lora import load_adapter
 
-        load_adapter(trainer.model, folder)
+        load_adapter(parts.model, folder)
         return
-    _load_full_state(trainer, trainer.model, load_file(str(folder / "model.safetensors")))
+    _load_full_state(parts.env, parts.model, load_file(str(folder / "model.safetensors")))
 
 
-def _load_full_state(trainer: Any, model: Any, state: dict[str, torch.Tensor]) -> None:
+def _load_full_state(env: DistEnv, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """A full (unsharded) state dict into `model`: FSDP scatters it to the shards. Only a tied head may be
     missing from the file."""
-    if trainer.env.fsdp:
+    if env.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))

@@ -3,7 +3,7 @@
 The table is the section "Every field" of docs/configuration.md, where tests/test_readme.py checks that it matches
 the config. After adding or changing a field, regenerate it in place:
 
-    python scripts/template_reference.py --write
+    python scripts/config_docs.py --write
 """
 
 from __future__ import annotations
