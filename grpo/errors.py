@@ -17,3 +17,7 @@ class RewardError(RuntimeError):
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+class StorageError(RuntimeError):
+    """The run folder filled up or cannot be written: the message says what was being written."""

@@ -8,16 +8,15 @@ update per mini-batch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import signal
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from grpo import rewards as rw
 from grpo.advantages import group_advantages
@@ -45,9 +44,9 @@ from grpo.rollout.decoders import decode_impl_problem
 from grpo.rollout.dynamic_sampling import fill_batch
 from grpo.rollout.generate import Rollout, generate
 from grpo.run import checkpoint as ckpt
-from grpo.run.atomic_files import atomic_write_text
 from grpo.run.cpu_memory import keep_freed_memory
-from grpo.run.logger import RunLogger, finish_queued, peak_memory_metric
+from grpo.run.logger import finish_queued, peak_memory_metric
+from grpo.run.run_dir import check_writable, naming_full_disk, open_run_log
 from grpo.run.step_report import sample_metrics, sample_records
 from grpo.run.update_totals import UpdateTotals
 from grpo.samples import Samples
@@ -61,7 +60,7 @@ class GRPOTrainer:
         c = self.config
         # Cheap checks first: everything a user can get wrong fails here, before a model loads.
         self.rewards = rw.resolve_rewards(c.rewards, max_completion_length=c.maximum_completion_length)
-        self.loss = resolve_loss(c.loss_type)
+        self.loss = resolve_loss(c)
         self.tags = rw.Tags.from_config(c)
         # torchrun: check gpu_ids against the processes, pin this rank's GPU, start the process group.
         self.env = env or init_distributed(c, resolve_device(c).type)
@@ -74,9 +73,13 @@ class GRPOTrainer:
 
             require_unsloth(self.device)  # no CUDA or no package: stop before anything loads
         self.output_dir = Path(c.output_dir)
-        resume_path = ckpt.resolve_resume(c.resume_from_checkpoint, self.output_dir)
-        if resume_path is not None:  # a template that changes the math is refused before anything loads
-            ckpt.check_compatible(resume_path, template, force=c.force_resume, world_size=self.env.world_size)
+        check_writable(self.output_dir)
+        resume_paths = ckpt.resume_candidates(c.resume_from_checkpoint, self.output_dir)
+        if resume_paths:  # a template that changes the math is refused before anything loads
+            with contextlib.suppress(ckpt.UnreadableCheckpoint):  # a damaged one is skipped when resuming
+                ckpt.check_compatible(
+                    resume_paths[0], template, force=c.force_resume, world_size=self.env.world_size
+                )
         self.tokenizer = load_tokenizer(template.model)
         rows = load_rows(template.dataset)
         self.prompts = build_prompts(
@@ -114,11 +117,15 @@ class GRPOTrainer:
         self.step = 0
         self.eos_ids = stop_token_ids(self.model, self.tokenizer)
         self.stop_requested = False
-        self.resumed_from = None
-        if resume_path is not None:
-            progress = ckpt.resume(self.checkpoint_parts(), resume_path)
+        self.resumed_from, self.resume_notes = None, []
+        if resume_paths:
+            progress, self.resumed_from, self.resume_notes = ckpt.resume_newest_loadable(
+                self.checkpoint_parts(),
+                resume_paths,
+                force=c.force_resume,
+                explicit=c.resume_from_checkpoint != "latest",
+            )
             self.step, self.updates.skipped_steps = progress.step, progress.skipped_steps
-            self.resumed_from = resume_path
             # save_best: a resumed run must beat what the interrupted one already kept
             self.evaluation.best_accuracy = best_accuracy_so_far(self.output_dir)
 
@@ -333,29 +340,16 @@ class GRPOTrainer:
         c, env = self.config, self.env
         logger = None
         if env.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(
-                self.output_dir / "template.yaml", yaml.safe_dump(asdict(self.template), sort_keys=False)
-            )
-            logger = RunLogger(
-                self.output_dir,
-                total_steps=self.total_steps,
-                config=asdict(self.template),
-                use_wandb=c.log_to_wandb,
-                wandb_project=c.wandb_project,
-                run_name=self.template.name,
-                initial_step=self.step,
-            )
+            notes = [f"warning: {note}" for note in self.resume_notes + config_warnings(self.template)]
             if self.resumed_from is not None:
-                logger.write(f"Resumed from {self.resumed_from} at step {self.step}")
-            for warning in config_warnings(self.template):
-                logger.write(f"warning: {warning}")
+                notes.append(f"Resumed from {self.resumed_from} at step {self.step}")
             if self.dropped_prompts:
                 limit = c.maximum_sequence_length - c.maximum_completion_length
-                logger.write(
+                notes.append(
                     f"Dropped {self.dropped_prompts} of {self.dropped_prompts + len(self.prompts)} prompts "
                     f"longer than {limit} tokens (long_prompts: drop)"
                 )
+            logger = open_run_log(self.output_dir, self.template, self.total_steps, self.step, notes)
         handlers = {signal.SIGTERM: self._request_stop, signal.SIGINT: self._interrupt}
         previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
         try:
@@ -387,7 +381,8 @@ class GRPOTrainer:
             final = self.output_dir / c.adaptor_name
             state = full_state_dict(self.model, env)  # FSDP: gathered to rank 0 (every rank takes part)
             if env.is_main:
-                ckpt.write_model(self.template, self.model, self.tokenizer, final, state)
+                with naming_full_disk("the final model", self.output_dir):
+                    ckpt.write_model(self.template, self.model, self.tokenizer, final, state)
                 if logger is not None:
                     logger.write(
                         f"{'Stopped' if self.stop_requested else 'Finished'} at step {self.step}; "

@@ -7,6 +7,7 @@ the config, the (wrapped) policy and its model, the optimizer and schedule, the 
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -45,8 +46,34 @@ class LossChoice:
     reduction: str
 
 
-def resolve_loss(loss_type: str) -> LossChoice:
-    """The loss config.loss_type names: a built-in preset, or a user function with its declared reduction."""
+def loss_keywords(c: TrainConfig) -> list[str]:
+    """The keyword arguments a user loss is called with under this config (see PolicyUpdate.loss_terms)."""
+    names = ["loss_type", "max_completion_length", "num_items_in_batch", *fixed_loss_settings(c)]
+    names += [*loss_options(c), *(["token_weights"] if c.rollout_is_cap > 0 else [])]
+    return names + (["token_mask"] if c.top_entropy_quantile < 1 else [])
+
+
+def fixed_loss_settings(c: TrainConfig) -> dict[str, Any]:
+    return {
+        "epsilon": c.epsilon,
+        "epsilon_high": c.epsilon_high,
+        "beta": c.beta,
+        "importance_sampling_level": c.importance_sampling_level,
+    }
+
+
+def loss_options(c: TrainConfig) -> dict[str, Any]:
+    """Settings passed only when they differ from the default, so a user loss need not know them."""
+    options: dict[str, Any] = {"kl_estimator": c.kl_estimator} if c.kl_estimator != "k3" else {}
+    if c.delta is not None:
+        options["delta"] = c.delta
+    return options
+
+
+def resolve_loss(c: TrainConfig) -> LossChoice:
+    """The loss config.loss_type names: a built-in preset, or a user function with its declared reduction
+    whose signature takes what the trainer passes (checked now, not after the first rollout)."""
+    loss_type = c.loss_type
     if ":" in loss_type:
         fn = resolve_function(loss_type, field="config.loss_type")
         reduction = getattr(fn, "reduction", None)
@@ -55,6 +82,13 @@ def resolve_loss(loss_type: str) -> LossChoice:
                 f"config.loss_type = {loss_type!r} does not declare its reduction: decorate it with "
                 f"@grpo.loss.reduced_by(NAME), NAME one of {', '.join(REDUCTIONS)} (docs/losses.md)."
             )
+        try:
+            inspect.signature(fn).bind(*[None] * 5, **dict.fromkeys(loss_keywords(c)))
+        except TypeError as e:
+            raise ConfigError(
+                f"config.loss_type = {loss_type!r} cannot be called as a loss ({e}): it must take (logps, "
+                "old_logps, ref_logps, advantages, mask, **kwargs) (docs/losses.md)."
+            ) from None
         return LossChoice(fn, None, reduction)
     if loss_type not in LOSS_TYPES:
         raise ConfigError(
@@ -162,9 +196,7 @@ class PolicyUpdate:
         slices, kept = self.micro_batches(n), []
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         # passed only when set, so user losses written for the base signature need not take them
-        options = {"kl_estimator": c.kl_estimator} if c.kl_estimator != "k3" else {}
-        if c.delta is not None:
-            options["delta"] = c.delta
+        options = loss_options(c)
         for s in slices:
             with grad_sync(self.policy, last=s is slices[-1]):
                 logps, entropy = self.policy(
@@ -244,13 +276,7 @@ class PolicyUpdate:
             advantages[s],
             loss_mask[s],
         )
-        settings = {
-            "epsilon": c.epsilon,
-            "epsilon_high": c.epsilon_high,
-            "beta": c.beta,
-            "importance_sampling_level": c.importance_sampling_level,
-            **extra,
-        }
+        settings = {**fixed_loss_settings(c), **extra}
         if self.loss.objective is not None:
             terms, stats = token_terms(*args, objective=self.loss.objective, **settings)
             return scale.of_terms(terms, loss_mask[s]), stats

@@ -52,3 +52,9 @@ def scalar_global_token_mean(
     """dapo's normalisation written by hand: a scalar over the micro-batch it is handed, divided by the token
     count of the whole update on every rank."""
     return (-advantages.unsqueeze(-1) * logps * mask).sum() / num_items_in_batch, {}
+
+
+@reduced_by("sequence_mean")
+def wrong_signature(logps, advantages):
+    """Takes two arguments where the trainer passes five and keyword settings: refused before any model loads."""
+    return (logps * advantages[:, None]).mean(), {}

@@ -161,8 +161,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(
             f"Template file {str(p)!r} is not valid YAML{where}: {getattr(e, 'problem', e)}."
         ) from None
-    if data is None:
-        data = {}
+    if data is None:  # an empty file is more likely a mistake (a wrong path, a failed save) than a choice
+        raise ConfigError(
+            f"Template file {str(p)!r} is empty: write the fields to set (configs/default.yaml shows them), "
+            "or name: NAME to train on every default."
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"Template file {str(p)!r} must hold a YAML mapping, not {type(data).__name__}.")
     return data

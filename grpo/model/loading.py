@@ -51,7 +51,47 @@ def resolve_model_source(model: str) -> tuple[str, dict[str, Any]]:
         if not path.is_file():
             raise ConfigError(f"model = {model!r}: no such .gguf file.")
         return str(_converted_gguf(path)), {}
+    if path.is_dir():
+        check_model_folder(model, path)
     return model, {}
+
+
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
+
+
+def check_model_folder(model: str, path: Path) -> None:
+    """A local model folder holds what from_pretrained needs; a missing piece is named before any load."""
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"model = {model!r} is a folder without config.json: point it at a Hugging Face model folder "
+            "(config.json, weights, tokenizer), a .gguf file, or a hub id."
+        )
+    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
+        raise ConfigError(
+            f"model = {model!r} has config.json but no weights (*.safetensors or pytorch_model.bin): the folder "
+            "is incomplete; copy or download the weights into it."
+        )
+    if not any(
+        (path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    ):
+        raise ConfigError(
+            f"model = {model!r} has no tokenizer (tokenizer.json or tokenizer_config.json): save the tokenizer "
+            "into the folder with the model."
+        )
+
+
+def check_gguf(model: Path) -> None:
+    """Read the GGUF's header and tensor table: a truncated or damaged file fails here in one line, not deep
+    inside the conversion."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(str(model))
+    except Exception as e:  # the reader raises ValueError, KeyError or struct errors on a damaged file
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"model = {str(model)!r} is not a complete GGUF file ({reason}); it may be truncated: download it again."
+        ) from None
 
 
 def _converted_gguf(gguf: Path) -> Path:
@@ -73,6 +113,7 @@ def _converted_gguf(gguf: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf(gguf)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     name_special_tokens(tokenizer, model.config)

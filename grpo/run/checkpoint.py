@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,11 @@ import yaml
 
 from grpo.config import RESUME_SAFE_FIELDS, ConfigError, Template
 from grpo.data import PromptSampler
+from grpo.errors import StorageError
 from grpo.model.reference_sync import load_reference, save_reference
 from grpo.parallel.launch import DistEnv
 from grpo.run.atomic_files import atomic_write_text, fresh_dir, fsync_tree
+from grpo.run.run_dir import naming_full_disk
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -52,21 +55,21 @@ def remove_partial(output_dir: Path) -> list[Path]:
     return partial
 
 
-def resolve_resume(spec: str | None, output_dir: Path) -> Path | None:
-    """'latest' -> newest complete checkpoint in output_dir (None when there is none yet); else a path."""
+def resume_candidates(spec: str | None, output_dir: Path) -> list[Path]:
+    """The checkpoints to try, newest first: for 'latest' every complete one in output_dir (none yet: an empty
+    list), else the one folder named."""
     if spec in (None, "", "none"):
-        return None
+        return []
     if spec == "latest":
         remove_partial(output_dir)
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        return list_checkpoints(output_dir)[::-1]
     path = Path(spec)
     if not (path / "trainer_state.json").is_file():
         raise ConfigError(
             f"config.resume_from_checkpoint = {spec!r} is not a checkpoint folder "
             f"(no trainer_state.json); use latest or a checkpoints/step-N folder."
         )
-    return path
+    return [path]
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -89,9 +92,13 @@ def math_differences(saved: dict[str, Any], current: Template) -> list[str]:
 def check_compatible(path: Path, current: Template, *, force: bool, world_size: int = 1) -> None:
     """Refuse a resume whose template changes the math. batch_size is per process: a different process count
     is fine as long as the global batch (batch_size x processes) stays the same."""
-    saved = yaml.safe_load((path / "template.yaml").read_text())
+    saved = _reading(
+        path / "template.yaml", lambda: dict(yaml.safe_load((path / "template.yaml").read_text()))
+    )
     diffs = math_differences(saved, current)
-    saved_world = int(read_trainer_state(path).get("world_size", 1))
+    saved_world = int(
+        _reading(path / "trainer_state.json", lambda: read_trainer_state(path)).get("world_size", 1)
+    )
     if saved["config"]["batch_size"] * saved_world == current.config.batch_size * world_size:
         diffs = [d for d in diffs if d != "config.batch_size"]
     if diffs and not force:
@@ -225,7 +232,18 @@ def _optimizer_state(parts: RunParts) -> dict[str, Any]:
 
 
 def save_checkpoint(parts: RunParts, progress: Progress) -> Path:
-    """Every rank calls this at a step boundary; rank 0 writes the shared files, each rank its RNG."""
+    """Every rank calls this at a step boundary; rank 0 writes the shared files, each rank its RNG. A disk
+    that fills up stops the run with one line; the partial folder is removed, the earlier checkpoints stay."""
+    tmp = checkpoint_root(parts.output_dir) / f"step-{progress.step:06d}.tmp"
+    try:
+        with naming_full_disk(f"checkpoint step-{progress.step:06d}", parts.output_dir):
+            return _write_checkpoint(parts, progress)
+    except StorageError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_checkpoint(parts: RunParts, progress: Progress) -> Path:
     from grpo.parallel.wrapping import full_state_dict
 
     env, step, out = parts.env, progress.step, parts.output_dir
@@ -260,15 +278,47 @@ def save_checkpoint(parts: RunParts, progress: Progress) -> Path:
     return final
 
 
+class UnreadableCheckpoint(Exception):
+    """A checkpoint file that exists but does not load: truncated, corrupt, or from a different model."""
+
+
+def _reading(path: Path, load: Callable[[], Any]) -> Any:
+    try:
+        return load()
+    except Exception as e:  # any failure to read a file of a complete checkpoint means the file is damaged
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UnreadableCheckpoint(f"{path.name} does not load: {reason}") from e
+
+
+def resume_newest_loadable(
+    parts: RunParts, paths: list[Path], *, force: bool, explicit: bool
+) -> tuple[Progress, Path, list[str]]:
+    """Resume from the first of `paths` (newest first) that loads; returns its Progress, its path and one note
+    per checkpoint skipped. An explicitly named checkpoint that does not load is refused instead."""
+    skipped: list[str] = []
+    for path in paths:
+        check_compatible(path, parts.template, force=force, world_size=parts.env.world_size)
+        try:
+            return resume(parts, path), path, skipped
+        except UnreadableCheckpoint as e:
+            if explicit:
+                raise ConfigError(f"config.resume_from_checkpoint = {str(path)!r}: {e}.") from None
+            skipped.append(f"skipped checkpoint {path.name}: {e}")
+    raise ConfigError(
+        f"resume=latest: no checkpoint in {checkpoint_root(parts.output_dir)} loads ({'; '.join(skipped)}); "
+        "remove the damaged ones or start without resume."
+    )
+
+
 def resume(parts: RunParts, path: Path) -> Progress:
     """Load a checkpoint (already checked with check_compatible) into freshly built parts; returns the
-    counters it recorded."""
+    counters it recorded. A file that does not load raises UnreadableCheckpoint naming it."""
     env = parts.env
-    _load_weights(parts, path / "model")
-    ref_state = load_reference(path)
+    _reading(path / "model", lambda: _load_weights(parts, path / "model"))
+    ref_state = _reading(path / "reference.safetensors", lambda: load_reference(path))
     if parts.reference is not None and ref_state is not None:  # none: saved before sync was on (force_resume)
         _load_full_state(env, parts.reference, ref_state)
-    optim = torch.load(path / "optimizer.pt", weights_only=False)
+    optim = _reading(path / "optimizer.pt", lambda: torch.load(path / "optimizer.pt", weights_only=False))
     if env.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -276,12 +326,13 @@ def resume(parts: RunParts, path: Path) -> Progress:
             parts.model, parts.optimizer, optim, options=StateDictOptions(full_state_dict=True)
         )
     else:
-        parts.optimizer.load_state_dict(optim)
-    parts.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    info = read_trainer_state(path)
+        _reading(path / "optimizer.pt", lambda: parts.optimizer.load_state_dict(optim))
+    scheduler = _reading(path / "scheduler.pt", lambda: torch.load(path / "scheduler.pt", weights_only=False))
+    parts.scheduler.load_state_dict(scheduler)
+    info = _reading(path / "trainer_state.json", lambda: read_trainer_state(path))
     progress = Progress(step=int(info["step"]), skipped_steps=int(info.get("skipped_steps", 0)))
     parts.sampler.load_state_dict(info["sampler"])
-    load_rng(path, env.rank, parts.generator)
+    _reading(path / f"rng-rank{env.rank}.pt", lambda: load_rng(path, env.rank, parts.generator))
     if env.is_main:
         _truncate_logs(parts.output_dir, progress.step)
     return progress
