@@ -23,7 +23,7 @@ from grpo import rewards as rw
 from grpo.advantages import group_advantages
 from grpo.config import ConfigError, Template
 from grpo.config.checks import config_warnings
-from grpo.data import PromptSampler, build_prompts, load_rows
+from grpo.data import PromptSampler, build_prompts, complete_rows, load_rows
 from grpo.eval.evaluate import load_eval_prompts
 from grpo.eval.train_eval import TrainingEval, best_accuracy_so_far
 from grpo.model.loading import (
@@ -78,7 +78,7 @@ class GRPOTrainer:
         if resume_path is not None:  # a template that changes the math is refused before anything loads
             ckpt.check_compatible(resume_path, template, force=c.force_resume, world_size=self.env.world_size)
         self.tokenizer = load_tokenizer(template.model)
-        rows = load_rows(template.dataset)
+        rows, self.rows_note = complete_rows(load_rows(template.dataset), template.template, template.dataset)
         self.prompts = build_prompts(
             rows,
             template.template,
@@ -350,6 +350,8 @@ class GRPOTrainer:
                 logger.write(f"Resumed from {self.resumed_from} at step {self.step}")
             for warning in config_warnings(self.template):
                 logger.write(f"warning: {warning}")
+            if self.rows_note:  # dataset.missing_columns: drop
+                logger.write(self.rows_note)
             if self.dropped_prompts:
                 limit = c.maximum_sequence_length - c.maximum_completion_length
                 logger.write(

@@ -69,6 +69,12 @@ class DatasetConfig:
     eval_split: str = doc(
         "Held-out split for evaluation (a local file path also works).", default="test", resume_safe=True
     )
+    missing_columns: Literal["error", "drop"] = doc(
+        "Rows without a value (absent or null) for a column the template uses, checked on every row before the "
+        "model loads: error (refuse the dataset, naming the column and the first such rows) or drop (left out; "
+        "the log says how many).",
+        default="error",
+    )
 
 
 @dataclass
