@@ -60,7 +60,9 @@ class GRPOTrainer:
         self.template, self.config = template, template.config
         c = self.config
         # Cheap checks first: everything a user can get wrong fails here, before a model loads.
-        self.rewards = rw.resolve_rewards(c.rewards, max_completion_length=c.maximum_completion_length)
+        self.rewards = rw.resolve_rewards(
+            c.rewards, max_completion_length=c.maximum_completion_length, timeout=c.reward_timeout
+        )
         self.loss = resolve_loss(c.loss_type)
         self.tags = rw.Tags.from_config(c)
         # torchrun: check gpu_ids against the processes, pin this rank's GPU, start the process group.

@@ -293,6 +293,13 @@ class TrainConfig:
         default_factory=lambda: ["correctness", "int_answer", "strict_format", "soft_format", "tag_count"],
         check=Check(lambda v: len(v) >= 1, "name at least one reward function"),
     )
+    reward_timeout: float = doc(
+        "Seconds one call of a reward function may take; a call that takes longer stops the run, naming the "
+        "function (docs/rewards.md). 0 = no limit, and the function runs in the calling thread.",
+        default=300.0,
+        check=Check(lambda v: v >= 0, "it must be 0 (no limit) or more"),
+        resume_safe=True,
+    )
     logprob_impl: Literal["auto", "chunked", "naive", "triton"] = doc(
         "How per-token log-probs are computed (kernels/).", default="auto", resume_safe=True
     )
