@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,14 +65,16 @@ def builtin_arithmetic(split: str, size: int | None = None) -> list[dict[str, An
 
 # ---------------------------------------------------------------- loading rows
 def load_rows(ds: DatasetConfig, split: str | None = None) -> list[dict[str, Any]]:
-    """Rows as plain dicts. Raises ConfigError with a plain sentence when the data cannot be had."""
+    """Rows as plain dicts. Raises ConfigError with a plain sentence when the data cannot be had or has no rows."""
     split = split or ds.split
     if ds.path.startswith("builtin:"):
         if ds.path != "builtin:arithmetic":
             raise ConfigError(f"dataset.path = {ds.path!r}: the only built-in dataset is builtin:arithmetic.")
         rows = builtin_arithmetic(split)
     else:
-        rows = _load_with_datasets(ds, split)
+        rows = _read_rows(ds, split)
+    if not rows:
+        raise ConfigError(f"{dataset_source(ds, split)} has no rows; a dataset needs at least one.")
     return rows[: ds.limit] if ds.limit else rows
 
 
@@ -87,56 +90,174 @@ def resolve_local_split(path: str, split: str) -> Path | None:
     return sibling if sibling is not None and sibling.exists() else None
 
 
-def _load_with_datasets(ds: DatasetConfig, split: str) -> list[dict[str, Any]]:
+def local_file(ds: DatasetConfig, split: str) -> Path | None:
+    """The local file a split is read from, or None for a hub id or the built-in task."""
+    if ds.path.startswith("builtin:") or not (
+        Path(ds.path).suffix.lower() in LOCAL_BUILDERS or Path(ds.path).exists()
+    ):
+        return None
+    local = resolve_local_split(ds.path, split) if split != ds.split else Path(ds.path)
+    if local is None or not local.exists():
+        raise ConfigError(
+            f"dataset.path = {ds.path!r} is a local file; split {split!r} needs a sibling "
+            f"file or a path (for example dataset.eval_split=test.jsonl)."
+        )
+    return local
+
+
+def dataset_source(ds: DatasetConfig, split: str) -> str:
+    """How an error names where the rows come from: the local file, or the dataset and its split."""
+    local = local_file(ds, split)
+    return f"dataset file {str(local)!r}" if local is not None else f"dataset {ds.path!r} split {split!r}"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """One JSON object per line (blank lines skipped), read here rather than by `datasets` so that a bad line is
+    reported by its line number. Columns absent from a row are None, as `datasets` would fill them."""
+    rows: list[dict[str, Any]] = []
+    invalid = f"dataset file {str(path)!r} is not valid JSON Lines: line"
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise ConfigError(
+                    f"{invalid} {number} is not UTF-8 text; each line must be one JSON object."
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{invalid} {number} is not JSON ({e.msg} at column {e.colno}).") from None
+            if not isinstance(row, dict):
+                raise ConfigError(
+                    f"{invalid} {number} holds a JSON {type(row).__name__}; each line must be one object of "
+                    'columns, e.g. {"question": ..., "answer": ...}.'
+                )
+            rows.append(row)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    return [{k: row.get(k) for k in columns} for row in rows]
+
+
+def _read_rows(ds: DatasetConfig, split: str) -> list[dict[str, Any]]:
+    """A local .jsonl file is read here; other files and hub ids through `datasets`."""
+    local = local_file(ds, split)
+    if local is not None and local.suffix.lower() == ".jsonl":
+        return read_jsonl(local)
     import datasets
 
     datasets.disable_progress_bars()
-    suffix = Path(ds.path).suffix.lower()
-    if suffix in LOCAL_BUILDERS or Path(ds.path).exists():
-        local = resolve_local_split(ds.path, split) if split != ds.split else Path(ds.path)
-        if local is None or not local.exists():
-            raise ConfigError(
-                f"dataset.path = {ds.path!r} is a local file; split {split!r} needs a sibling "
-                f"file or a path (for example dataset.eval_split=test.jsonl)."
-            )
+    if local is not None:
         builder = LOCAL_BUILDERS.get(local.suffix.lower())
         if builder is None:
             raise ConfigError(f"dataset.path = {str(local)!r}: use a .jsonl, .json, .csv or .parquet file.")
+        if local.stat().st_size == 0:  # datasets fails on it with an empty message
+            return []
+        verbosity = datasets.logging.get_verbosity()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own log line would repeat our error
         try:
             data = datasets.load_dataset(builder, data_files=str(local), split="train")
         except Exception as e:  # datasets raises many types for a malformed file
+            if "corresponds to no data" in str(e):  # a header without rows, an empty JSON list
+                return []
             raise ConfigError(
-                f"dataset.path = {str(local)!r} could not be read as {builder}: {str(e).splitlines()[0]}"
+                f"dataset.path = {str(local)!r} could not be read as {builder}: {_first_line(e.__cause__ or e)}"
             ) from None
+        finally:
+            datasets.logging.set_verbosity(verbosity)
         return [dict(r) for r in data]
     try:
         data = datasets.load_dataset(ds.path, ds.config, split=split)
     except Exception as e:  # offline, unknown id, unknown config or split
         raise ConfigError(
             f"dataset.path = {ds.path!r} could not be loaded from the Hugging Face hub "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); offline, point dataset.path at a local "
+            f"({type(e).__name__}: {_first_line(e)[:200]}); offline, point dataset.path at a local "
             f"file, e.g. dataset.path=../shared/data/gsm8k/train.jsonl."
         ) from None
     return [dict(r) for r in data]
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's first line; its type when the message is empty (datasets raises a bare StopIteration)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 # ---------------------------------------------------------------- rendering
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
 
 
-def check_template_variables(tmpl: DataTemplate, columns: list[str]) -> None:
-    for part in ("instruction", "input", "output"):
-        source = getattr(tmpl, part)
+def template_columns(tmpl: DataTemplate) -> dict[str, str]:
+    """Each column the template renders (a Jinja2 variable of its instruction, input or output), with the first
+    field that uses it."""
+    used: dict[str, str] = {}
+    for part in ("input", "instruction", "output"):
         try:
-            names = jinja2.meta.find_undeclared_variables(_ENV.parse(source))
+            names = jinja2.meta.find_undeclared_variables(_ENV.parse(getattr(tmpl, part)))
         except jinja2.TemplateSyntaxError as e:
             raise ConfigError(f"template.{part} is not a valid Jinja2 template: {e.message}.") from None
-        missing = sorted(set(names) - set(columns))
-        if missing:
+        for name in sorted(names):
+            used.setdefault(name, f"template.{part}")
+    return used
+
+
+def check_template_variables(tmpl: DataTemplate, columns: list[str]) -> None:
+    """Every column the template renders must be one of the dataset's."""
+    for name, part in template_columns(tmpl).items():
+        if name not in columns:
             raise ConfigError(
-                f"template.{part} uses {{{{{missing[0]}}}}}, which the dataset lacks; its columns "
-                f"are: {', '.join(columns)}."
+                f"{part} uses {{{{{name}}}}}, which the dataset lacks; its columns are: {', '.join(columns)}."
             )
+
+
+def rows_lacking(rows: list[dict[str, Any]], tmpl: DataTemplate) -> dict[str, list[int]]:
+    """For each column the template renders that some rows have no value for (absent or null: rendered, it
+    would be the text "None"), the indices of those rows."""
+    check_template_variables(tmpl, list(dict.fromkeys(k for row in rows for k in row)))
+    lacking = {
+        name: [i for i, row in enumerate(rows) if row.get(name) is None] for name in template_columns(tmpl)
+    }
+    return {name: found for name, found in lacking.items() if found}
+
+
+def complete_rows(
+    rows: list[dict[str, Any]], tmpl: DataTemplate, ds: DatasetConfig, split: str | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Every row checked for the columns the template renders, before any model loads. dataset.missing_columns:
+    error refuses rows without a value, naming the file, the column and the first rows; drop leaves them out and
+    returns the line the run's log prints (None when every row is complete)."""
+    lacking = rows_lacking(rows, tmpl)
+    if not lacking:
+        return rows, None
+    source = dataset_source(ds, split or ds.split)
+    if ds.missing_columns == "error":
+        raise ConfigError(_lacking_message(source, rows, tmpl, lacking))
+    left_out = set().union(*lacking.values())
+    kept = [row for i, row in enumerate(rows) if i not in left_out]
+    names = ", ".join(map(repr, lacking))
+    if not kept:
+        raise ConfigError(
+            f"Every one of the {len(rows)} rows of {source} lacks a value for {names}, which the template "
+            "uses, so dataset.missing_columns: drop leaves no rows."
+        )
+    return (
+        kept,
+        f"Dropped {len(left_out)} of {len(rows)} rows of {source} without a value for {names} "
+        "(dataset.missing_columns: drop)",
+    )
+
+
+def _lacking_message(
+    source: str, rows: list[dict[str, Any]], tmpl: DataTemplate, lacking: dict[str, list[int]]
+) -> str:
+    name, found = next(iter(lacking.items()))
+    first = ", ".join(str(i + 1) for i in found[:5]) + (", ..." if len(found) > 5 else "")
+    return (
+        f"{len(found)} of {len(rows)} rows of {source} have no value for {name!r}, which "
+        f"{template_columns(tmpl)[name]} uses (rows {first}); give every row one, or set dataset.missing_columns: "
+        "drop to leave those rows out."
+    )
 
 
 def input_variable(template_input: str) -> str | None:
@@ -162,7 +283,9 @@ def build_prompts(
     left (which can cut the system prompt), or with `drop_long` left out."""
     if not rows:
         raise ConfigError("The dataset has no rows; check dataset.path, dataset.split and dataset.limit.")
-    check_template_variables(tmpl, list(rows[0].keys()))
+    lacking = rows_lacking(rows, tmpl)  # complete_rows names the file; this keeps "None" out of any prompt
+    if lacking:
+        raise ConfigError(_lacking_message("the dataset", rows, tmpl, lacking))
     instruction, user, output = (_ENV.from_string(s) for s in (tmpl.instruction, tmpl.input, tmpl.output))
     prompts: list[Prompt] = []
     dropped: list[int] = []  # token counts of the prompts left out

@@ -12,7 +12,11 @@ class ConfigError(ValueError):
 
 
 class RewardError(RuntimeError):
-    pass
+    """A reward function failed or broke its contract: the message names the function."""
+
+
+class RewardTimeout(RewardError):
+    """A reward function's call took longer than config.reward_timeout."""
 
 
 class NonFiniteError(RuntimeError):

@@ -22,7 +22,7 @@ from grpo import rewards as rw
 from grpo.advantages import group_advantages
 from grpo.config import ConfigError, Template
 from grpo.config.checks import config_warnings
-from grpo.data import PromptSampler, build_prompts, load_rows
+from grpo.data import PromptSampler, build_prompts, complete_rows, load_rows
 from grpo.eval.evaluate import load_eval_prompts
 from grpo.eval.train_eval import TrainingEval, best_accuracy_so_far
 from grpo.model.loading import (
@@ -59,7 +59,9 @@ class GRPOTrainer:
         self.template, self.config = template, template.config
         c = self.config
         # Cheap checks first: everything a user can get wrong fails here, before a model loads.
-        self.rewards = rw.resolve_rewards(c.rewards, max_completion_length=c.maximum_completion_length)
+        self.rewards = rw.resolve_rewards(
+            c.rewards, max_completion_length=c.maximum_completion_length, timeout=c.reward_timeout
+        )
         self.loss = resolve_loss(c)
         self.tags = rw.Tags.from_config(c)
         # torchrun: check gpu_ids against the processes, pin this rank's GPU, start the process group.
@@ -81,7 +83,7 @@ class GRPOTrainer:
                     resume_paths[0], template, force=c.force_resume, world_size=self.env.world_size
                 )
         self.tokenizer = load_tokenizer(template.model)
-        rows = load_rows(template.dataset)
+        rows, self.rows_note = complete_rows(load_rows(template.dataset), template.template, template.dataset)
         self.prompts = build_prompts(
             rows,
             template.template,
@@ -343,6 +345,8 @@ class GRPOTrainer:
             notes = [f"warning: {note}" for note in self.resume_notes + config_warnings(self.template)]
             if self.resumed_from is not None:
                 notes.append(f"Resumed from {self.resumed_from} at step {self.step}")
+            if self.rows_note:  # dataset.missing_columns: drop
+                notes.append(self.rows_note)
             if self.dropped_prompts:
                 limit = c.maximum_sequence_length - c.maximum_completion_length
                 notes.append(

@@ -58,7 +58,9 @@ def main(argv: list[str]) -> int:
         if args.adapter and not Path(args.adapter).is_dir():
             raise ConfigError(f"--adapter {args.adapter!r}: no such folder.")
         split = args.split or t.dataset.eval_split
-        rewards = rw.resolve_rewards(c.rewards, max_completion_length=c.maximum_completion_length)
+        rewards = rw.resolve_rewards(
+            c.rewards, max_completion_length=c.maximum_completion_length, timeout=c.reward_timeout
+        )
         device = resolve_device(c)
         tokenizer = load_tokenizer(t.model)
         prompts = load_eval_prompts(t, tokenizer, split=split, limit=args.limit)

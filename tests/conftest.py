@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -91,3 +93,14 @@ def tiny_template(model_dir: Path, output_dir: Path, **config) -> dict:
 def write_template(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def train_cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python scripts/train.py ARGS` as a user runs it: the exit code and what it printed."""
+    return subprocess.run(
+        [sys.executable, "scripts/train.py", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

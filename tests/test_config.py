@@ -130,6 +130,14 @@ def test_override_errors(override, message):
             "epsilon_high).",
         ),
         ({"config": {"top_k": -1}}, "config.top_k = -1 is not allowed: it must be 0 (no limit) or more."),
+        (
+            {"config": {"reward_timeout": -1}},
+            "config.reward_timeout = -1.0 is not allowed: it must be 0 (no limit) or more.",
+        ),
+        (
+            {"dataset": {"missing_columns": "skip"}},
+            "dataset.missing_columns = 'skip' is not allowed: expected one of 'error', 'drop'.",
+        ),
         ({"config": {"min_p": 1.5}}, "config.min_p = 1.5 is not allowed: it must be in [0, 1]."),
         (
             {"config": {"rollout_is_cap": 0.5}},
@@ -201,4 +209,7 @@ def test_resume_safe_fields_are_marked_in_the_schema():
 
     assert "config.eval_steps" in RESUME_SAFE_FIELDS and "config.micro_batch_size" in RESUME_SAFE_FIELDS
     assert "config.learning_rate" not in RESUME_SAFE_FIELDS and "config.batch_size" not in RESUME_SAFE_FIELDS
-    assert len(RESUME_SAFE_FIELDS) == 23
+    assert (
+        "config.reward_timeout" in RESUME_SAFE_FIELDS and "dataset.missing_columns" not in RESUME_SAFE_FIELDS
+    )
+    assert len(RESUME_SAFE_FIELDS) == 24

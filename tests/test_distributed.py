@@ -255,6 +255,25 @@ def test_a_failing_rank_stops_every_rank_with_its_error(tiny_model_dir, tmp_path
     assert not (tmp_path / "out" / "model").exists()
 
 
+def test_a_reward_that_hangs_on_one_rank_stops_every_rank(tiny_model_dir, tmp_path):
+    """Rank 1's call is abandoned after reward_timeout and rank 1 leaves with its error; rank 0, waiting for it
+    in a collective, fails or is stopped by torchrun."""
+    template = tiny_template(
+        tiny_model_dir, tmp_path / "out", rewards=["tests.dist_rewards:hangs_on_rank_one"]
+    )
+    start = time.monotonic()
+    result = launch(
+        "scripts/train.py", write_template(tmp_path / "t.yaml", template), "reward_timeout=3", timeout=240
+    )
+    assert result.returncode != 0 and time.monotonic() - start < 150
+    assert (
+        "error: Reward function 'tests.dist_rewards:hangs_on_rank_one' did not return within "
+        "config.reward_timeout = 3 s; make it faster, or raise reward_timeout (0 = no limit)."
+        in result.stderr
+    )
+    assert not (tmp_path / "out" / "model").exists()
+
+
 @pytest.mark.parametrize(
     "overrides, nproc, message",
     [

@@ -1,12 +1,17 @@
 """Built-in rewards on single- and multi-line completions, number normalisation, user functions, failures,
-per-reward keyword arguments from the template, and the overlong penalty."""
+per-reward keyword arguments from the template, the overlong penalty, and the contract every function is held to
+(finite numbers, one per completion, within config.reward_timeout)."""
 
 import re
+import threading
+import time
 
 import pytest
+import torch
 
 from grpo import rewards as rw
 from grpo.config import ConfigError
+from tests.conftest import tiny_template, train_cli, write_template
 
 TAGS = rw.Tags()
 STRICT = "<reasoning>\n4 + 5 = 9\nso nine\n</reasoning>\n<answer>\n9\n</answer>\n"
@@ -334,3 +339,99 @@ def test_a_function_named_twice_is_logged_apart():
     )
     assert [r.name for r in rs] == ["correctness", "soft_format", "correctness#2", "correctness#3"]
     assert rs[2].fn is rs[0].fn and rs[2].weight == 2.0
+
+
+# ---------------------------------------------------------------- the contract: finite numbers, one per completion, in time
+seen: list[tuple[bool, bool]] = []  # (main thread?, grad enabled?) per call of where_it_ran
+
+
+def where_it_ran(completions, references, **kwargs):
+    """Scores 1.0 and records the thread and grad mode it ran with."""
+    seen.append((threading.current_thread() is threading.main_thread(), torch.is_grad_enabled()))
+    return torch.ones(len(completions))  # a tensor counts as a list of numbers
+
+
+def letter_grades(completions, references, **kwargs):
+    return ["A" for _ in completions]
+
+
+def test_a_reward_that_breaks_the_contract_is_named():
+    with pytest.raises(rw.RewardError) as e:
+        rw.score(
+            rw.resolve_rewards(["tests.bad_rewards:nan_on_second"]), ["a", "b", "c"], ["1"] * 3, tags=TAGS
+        )
+    assert str(e.value) == (
+        "Reward function 'tests.bad_rewards:nan_on_second' returned nan for completion 1: a reward must be a "
+        "finite number."
+    )
+    with pytest.raises(rw.RewardError) as e:
+        rw.score(rw.resolve_rewards(["tests.bad_rewards:text"]), ["a", "b"], ["1"] * 2, tags=TAGS)
+    assert str(e.value) == (
+        "Reward function 'tests.bad_rewards:text' must return a list of numbers, one per completion; it returned "
+        "a value of type str, length 4: 'good'."
+    )
+    with pytest.raises(rw.RewardError) as e:
+        rw.score(rw.resolve_rewards(["tests.test_rewards:letter_grades"]), ["a", "b"], ["1"] * 2, tags=TAGS)
+    assert str(e.value) == (
+        "Reward function 'tests.test_rewards:letter_grades' must return a list of numbers, one per completion; it "
+        "returned a value of type list, length 2, whose item 0 is str: 'A'."
+    )
+
+
+def test_reward_timeout_stops_a_call_that_never_returns():
+    (r,) = rw.resolve_rewards(["tests.bad_rewards:hangs"], timeout=0.5)
+    start = time.monotonic()
+    with pytest.raises(rw.RewardError) as e:
+        rw.score([r], ["a", "b"], ["1", "2"], tags=TAGS)
+    assert 0.5 <= time.monotonic() - start < 5
+    assert str(e.value) == (
+        "Reward function 'tests.bad_rewards:hangs' did not return within config.reward_timeout = 0.5 s; make it "
+        "faster, or raise reward_timeout (0 = no limit)."
+    )
+    # within the limit the call runs in a worker thread with the caller's grad mode; with 0, in the caller's
+    seen.clear()
+    with torch.no_grad():
+        for timeout in (5.0, 0.0):
+            rs = rw.resolve_rewards(["tests.test_rewards:where_it_ran"], timeout=timeout)
+            assert rw.score(rs, ["a", "b"], ["1", "2"], tags=TAGS).tolist() == [[1.0], [1.0]]
+    assert seen == [(False, False), (True, False)]
+    # a function that raises inside the worker is reported as before
+    (r,) = rw.resolve_rewards(["tests.user_rewards:fails_on_seven"], timeout=5.0)
+    with pytest.raises(rw.RewardError, match=r"raised ValueError: cannot score 7\non completion 1:"):
+        rw.score([r], ["fine", "7"], ["1", "2"], tags=TAGS)
+
+
+@pytest.mark.parametrize(
+    "reward, overrides, message",
+    [
+        (
+            "tests.bad_rewards:nan_on_second",
+            [],
+            "Reward function 'tests.bad_rewards:nan_on_second' returned nan for completion 1: a reward must be a "
+            "finite number.",
+        ),
+        (
+            "tests.bad_rewards:text",
+            [],
+            "Reward function 'tests.bad_rewards:text' must return a list of numbers, one per completion; it "
+            "returned a value of type str, length 4: 'good'.",
+        ),
+        (
+            "tests.bad_rewards:hangs",
+            ["reward_timeout=2"],
+            "Reward function 'tests.bad_rewards:hangs' did not return within config.reward_timeout = 2 s; make it "
+            "faster, or raise reward_timeout (0 = no limit).",
+        ),
+    ],
+)
+def test_cli_reward_errors_are_one_line(tiny_model_dir, tmp_path, reward, overrides, message):
+    """The hung call is abandoned in a daemon thread: the process exits at once instead of waiting an hour."""
+    path = write_template(
+        tmp_path / "t.yaml", tiny_template(tiny_model_dir, tmp_path / "out", rewards=[reward])
+    )
+    start = time.monotonic()
+    result = train_cli(path, *overrides, timeout=240)
+    assert time.monotonic() - start < 180
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: {message}"
+    assert not (tmp_path / "out" / "model").exists()

@@ -69,6 +69,12 @@ class DatasetConfig:
     eval_split: str = doc(
         "Held-out split for evaluation (a local file path also works).", default="test", resume_safe=True
     )
+    missing_columns: Literal["error", "drop"] = doc(
+        "Rows without a value (absent or null) for a column the template uses, checked on every row before the "
+        "model loads: error (refuse the dataset, naming the column and the first such rows) or drop (left out; "
+        "the log says how many).",
+        default="error",
+    )
 
 
 @dataclass
@@ -286,6 +292,13 @@ class TrainConfig:
         "the other keys are passed to the function.",
         default_factory=lambda: ["correctness", "int_answer", "strict_format", "soft_format", "tag_count"],
         check=Check(lambda v: len(v) >= 1, "name at least one reward function"),
+    )
+    reward_timeout: float = doc(
+        "Seconds one call of a reward function may take; a call that takes longer stops the run, naming the "
+        "function (docs/rewards.md). 0 = no limit, and the function runs in the calling thread.",
+        default=300.0,
+        check=Check(lambda v: v >= 0, "it must be 0 (no limit) or more"),
+        resume_safe=True,
     )
     logprob_impl: Literal["auto", "chunked", "naive", "triton"] = doc(
         "How per-token log-probs are computed (kernels/).", default="auto", resume_safe=True

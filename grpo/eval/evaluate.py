@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from grpo import rewards as rw
 from grpo.config import ConfigError, Template
-from grpo.data import BUILTIN_SEEDS, Prompt, build_prompts, load_rows
+from grpo.data import BUILTIN_SEEDS, Prompt, build_prompts, complete_rows, load_rows
 from grpo.model.loading import stop_token_ids
 from grpo.rollout.generate import generate
 
@@ -89,6 +89,9 @@ def load_eval_prompts(
     rows = load_rows(dataclasses.replace(ds, limit=None), split)  # dataset.limit is for training
     if limit is not None:
         rows = rows[:limit]
+    rows, note = complete_rows(rows, template.template, ds, split)  # checked like the training rows
+    if note:
+        print(note, flush=True)
     c = template.config
     return build_prompts(
         rows,

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
+import numbers
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
-from grpo.errors import ConfigError, RewardError
+from grpo.errors import ConfigError, RewardError, RewardTimeout
 from grpo.rewards.builtin import BUILTIN, RewardFn, overlong_buffer_problem, overlong_penalty
 from grpo.rewards.learned_model import options_problem as reward_model_options_problem
 from grpo.rewards.learned_model import reward_model
@@ -60,9 +63,45 @@ class Reward:
     weight: float = 1.0
     # The template entry's extra keys, passed to fn as keyword arguments on every call.
     kwargs: dict[str, Any] = field(default_factory=dict)
+    timeout: float = 0.0  # config.reward_timeout: seconds a call may take, 0 = no limit
 
     def __call__(self, completions: list[str], references: list[str], **kwargs: Any) -> list[float]:
-        return self.fn(completions, references, **kwargs, **self.kwargs)
+        if self.timeout <= 0:
+            return self.fn(completions, references, **kwargs, **self.kwargs)
+        return _call_with_timeout(self, lambda: self.fn(completions, references, **kwargs, **self.kwargs))
+
+
+def _call_with_timeout(r: Reward, call: Callable[[], Any]) -> Any:
+    """Run one call in a worker thread and wait at most r.timeout seconds. A thread cannot be stopped, so a call
+    that overruns is abandoned: the thread is a daemon, which the interpreter does not wait for at exit, and the
+    run stops with the function's name. The worker takes over the caller's grad mode and CUDA device, which are
+    per thread in torch (a learned reward model would otherwise land on GPU 0 on every rank)."""
+    result: dict[str, Any] = {}
+    grad = torch.is_grad_enabled()
+    device = (
+        torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    )
+
+    def work() -> None:
+        try:
+            if device is not None:
+                torch.cuda.set_device(device)
+            with torch.set_grad_enabled(grad):
+                result["value"] = call()
+        except BaseException as e:  # handed to the caller, raised there
+            result["error"] = e
+
+    worker = threading.Thread(target=work, name=f"reward {r.name}", daemon=True)
+    worker.start()
+    worker.join(r.timeout)
+    if worker.is_alive():
+        raise RewardTimeout(
+            f"Reward function {r.name!r} did not return within config.reward_timeout = {r.timeout:g} s; make "
+            "it faster, or raise reward_timeout (0 = no limit)."
+        )
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def resolve_function(spec: str, *, field: str) -> Callable[..., Any]:
@@ -105,10 +144,12 @@ def _check_reward_kwargs(fn: Callable[..., Any], name: str, options: dict[str, A
             raise ConfigError(f"{where} {key} = {value!r} is not allowed: {name} {allowed}.")
 
 
-def resolve_rewards(entries: list[Any], *, max_completion_length: int | None = None) -> list[Reward]:
+def resolve_rewards(
+    entries: list[Any], *, max_completion_length: int | None = None, timeout: float = 0.0
+) -> list[Reward]:
     """Entries are 'name', 'pkg.mod:fn', or {name: ..., weight: ..., KEY: VALUE...}, the extra keys passed to the
     function as keyword arguments; checked before anything heavy loads (overlong_penalty's buffer against
-    max_completion_length when given)."""
+    max_completion_length when given). `timeout`: seconds each call may take (config.reward_timeout)."""
     rewards: list[Reward] = []
     for i, entry in enumerate(entries):
         where = f"config.rewards[{i}]"
@@ -146,25 +187,66 @@ def resolve_rewards(entries: list[Any], *, max_completion_length: int | None = N
         # The same function twice (e.g. with other options) is logged apart: reward/<name>, reward/<name>#2.
         repeats = sum(r.fn is fn for r in rewards)
         label = entry if not repeats else f"{entry}#{repeats + 1}"
-        rewards.append(Reward(label, fn, float(weight), options))
+        rewards.append(Reward(label, fn, float(weight), options, timeout=float(timeout)))
     return rewards
 
 
 def score(
     rewards: list[Reward], completions: list[str], references: list[str], **kwargs: Any
 ) -> torch.Tensor:
-    """[N, R] raw scores, one column per reward function. A failing function is named with its input."""
+    """[N, R] raw scores, one column per reward function. A failing function is named with its input; so is one
+    that breaks the contract (a list of finite numbers, one per completion), here rather than as a non-finite
+    loss later."""
     columns = []
     for r in rewards:
         try:
-            values = r(completions, references, **kwargs)
-            values = [float(v) for v in values]
-            if len(values) != len(completions):
-                raise ValueError(f"returned {len(values)} values for {len(completions)} completions")
+            returned = r(completions, references, **kwargs)
+        except RewardTimeout:
+            raise
         except Exception as e:
             raise RewardError(_locate_failure(r, completions, references, kwargs, e)) from e
+        values = _numbers(r, returned)
+        if len(values) != len(completions):
+            error = ValueError(f"returned {len(values)} values for {len(completions)} completions")
+            raise RewardError(_locate_failure(r, completions, references, kwargs, error))
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:
+            raise RewardError(
+                f"Reward function {r.name!r} returned {values[bad]} for completion {bad}: a reward must be a "
+                "finite number."
+            )
         columns.append(torch.tensor(values, dtype=torch.float32))
     return torch.stack(columns, dim=1)  # [N, R]
+
+
+def _numbers(r: Reward, returned: Any) -> list[float]:
+    """The returned scores as floats: a list or tuple (or a 1-D tensor or array) of real numbers. Anything else
+    is refused by name: float() would read a returned string character by character."""
+    items = (
+        returned.tolist()
+        if isinstance(returned, torch.Tensor) or hasattr(returned, "__array__")
+        else returned
+    )
+    contract = f"Reward function {r.name!r} must return a list of numbers, one per completion"
+    try:
+        what = f"a value of type {type(returned).__name__}, length {len(returned)}"
+    except TypeError:  # no length: a number, None, a 0-d tensor
+        what = f"a value of type {type(returned).__name__}"
+    if returned is None:
+        raise RewardError(f"{contract}; it returned None.")
+    if not isinstance(items, (list, tuple)):
+        raise RewardError(f"{contract}; it returned {what}: {_short(returned)}.")
+    for i, v in enumerate(items):
+        if not isinstance(v, numbers.Real) and not (isinstance(v, torch.Tensor) and v.numel() == 1):
+            raise RewardError(
+                f"{contract}; it returned {what}, whose item {i} is {type(v).__name__}: {_short(v)}."
+            )
+    return [float(v) for v in items]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _locate_failure(
@@ -178,6 +260,8 @@ def _locate_failure(
         }
         try:
             r(completions[i : i + 1], references[i : i + 1], **one)
+        except RewardTimeout:
+            raise
         except Exception as e:
             return (
                 f"Reward function {r.name!r} raised {type(e).__name__}: {e}\n"
