@@ -127,6 +127,54 @@ def test_import_tlab_maps_fields_and_refuses_unknown(env, tmp_path, tiny_model_d
     )
 
 
+def tlab_file(path: Path, name: str, model: Path, **config: str) -> Path:
+    data = {"model_name": str(model), "dataset_name": "builtin:arithmetic", "max_steps": "2", **config}
+    path.write_text(json.dumps({"name": name, "config": data}))
+    return path
+
+
+def test_unsloth_plugin_configs_import_as_lora(env, tmp_path, tiny_model_dir):
+    """Transformer Lab's Unsloth GRPO plugins always train LoRA; their configs have no use_lora to say so."""
+    lora = {"lora_r": "8", "lora_alpha": "16", "lora_dropout": "0.05"}
+    for plugin, name in [("unsloth_grpo_trainer", "one"), ("unsloth_grpo_trainer_multi_gpu", "multi")]:
+        path = tlab_file(tmp_path / f"{name}.json", name, tiny_model_dir, plugin_name=plugin, **lora)
+        assert grpo(env, "template", "import-tlab", str(path)).stdout == f"saved template {name}\n"
+        t = json.loads(grpo(env, "template", "show", name, "--json").stdout)["template"]
+        assert t["config"] == {
+            "max_steps": 2,
+            "lora_r": 8,
+            "lora_alpha": 16,
+            "lora_dropout": 0.05,
+            "use_lora": True,
+        }
+    path = tlab_file(tmp_path / "plain.json", "plain", tiny_model_dir, plugin_name="grpo_trainer", **lora)
+    grpo(env, "template", "import-tlab", str(path))
+    assert (
+        "use_lora"
+        not in json.loads(grpo(env, "template", "show", "plain", "--json").stdout)["template"]["config"]
+    )
+
+
+def test_save_and_import_overwrite_a_template_only_with_replace(env, saved, tmp_path, tiny_model_dir):
+    path = tlab_file(tmp_path / "tlab.json", "imported", tiny_model_dir)
+    assert grpo(env, "template", "import-tlab", str(path)).stdout == "saved template imported\n"
+    before = grpo(env, "template", "export", "imported").stdout
+    tlab_file(path, "imported", tiny_model_dir, max_steps="3")
+    exists = (
+        "error: Template '{0}' already exists; add --replace to overwrite it (grpo template export {0} prints the "
+        "current one).\n"
+    )
+    for args, name in [(["import-tlab", str(path)], "imported"), (["save", "tiny", str(saved)], "tiny")]:
+        out = grpo(env, "template", *args, ok=False)
+        assert (out.returncode, out.stdout, out.stderr) == (2, "", exists.format(name)), args
+    assert grpo(env, "template", "export", "imported").stdout == before
+    assert (
+        grpo(env, "template", "import-tlab", str(path), "--replace").stdout == "replaced template imported\n"
+    )
+    assert yaml.safe_load(grpo(env, "template", "export", "imported").stdout)["config"]["max_steps"] == 3
+    assert grpo(env, "template", "save", "tiny", str(saved), "--replace").stdout == "replaced template tiny\n"
+
+
 def test_worker_runs_jobs_in_order_and_survives_a_failing_one(env, saved):
     bad = grpo(env, "queue", "tiny", "rewards=[tests.bad_rewards:explode]").stdout.strip()
     good = grpo(env, "queue", "tiny", "max_steps=2").stdout.strip()

@@ -1,6 +1,7 @@
 """`grpo`: saved training templates, a job queue and a worker.
 
-  grpo template save NAME FILE.yaml        validate and store a template (import-tlab FILE.json for Transformer Lab)
+  grpo template save NAME FILE.yaml        validate and store a template (import-tlab FILE.json for Transformer Lab;
+                                           --replace to overwrite one)
   grpo template list | show NAME | delete NAME | export NAME
   grpo queue NAME [key=value ...]          queue a job (prints its id)
   grpo resume JOB [key=value ...]          queue a finished job again from its newest checkpoint
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = tsub.add_parser("save", help="validate FILE.yaml and store it as NAME")
     s.add_argument("name")
     s.add_argument("file")
+    s.add_argument("--replace", action="store_true", help="overwrite a template of that name")
     s = tsub.add_parser("list", help="saved templates")
     s.add_argument("--json", action="store_true")
     s = tsub.add_parser("show", help="one template")
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = tsub.add_parser("import-tlab", help="store a Transformer Lab GRPO plugin config (JSON)")
     s.add_argument("file")
     s.add_argument("--name", help="template name (default: the config's name or the file name)")
+    s.add_argument("--replace", action="store_true", help="overwrite a template of that name")
 
     s = sub.add_parser("queue", help="queue a job from a template with key=value overrides")
     s.add_argument("name")
@@ -85,7 +88,7 @@ def dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command == "template":
             if args.action == "save":
-                commands.template_save(store, args.name, args.file)
+                commands.template_save(store, args.name, args.file, args.replace)
             elif args.action == "list":
                 commands.template_list(store, args.json)
             elif args.action == "show":
@@ -95,7 +98,7 @@ def dispatch(args: argparse.Namespace) -> int:
             elif args.action == "export":
                 commands.template_show(store, args.name, as_json=False)
             elif args.action == "import-tlab":
-                commands.template_import_tlab(store, args.file, args.name)
+                commands.template_import_tlab(store, args.file, args.name, args.replace)
         elif args.command == "queue":
             commands.queue(store, args.name, args.overrides)
         elif args.command == "resume":

@@ -63,23 +63,23 @@ def _absolute_paths(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def save_template(store: Store, name: str, data: dict[str, Any], source: str) -> str:
+def save_template(store: Store, name: str, data: dict[str, Any], source: str, *, replace: bool) -> str:
     if not _NAME.fullmatch(name):
         raise ConfigError(f"Template name {name!r} is not allowed: use letters, digits, '.', '_' and '-'.")
     data = _absolute_paths({**data, "name": name})
     template_from_dict(data, source=source)  # the trainer's own validation: nothing stored when it fails
-    replaced = store.save_template(name, data)
+    replaced = store.save_template(name, data, replace=replace)
     return f"{'replaced' if replaced else 'saved'} template {name}"
 
 
-def template_save(store: Store, name: str, file: str) -> None:
-    print(save_template(store, name, read_yaml(file), f"Template file {file!r}"))
+def template_save(store: Store, name: str, file: str, replace: bool) -> None:
+    print(save_template(store, name, read_yaml(file), f"Template file {file!r}", replace=replace))
 
 
-def template_import_tlab(store: Store, file: str, name: str | None) -> None:
+def template_import_tlab(store: Store, file: str, name: str | None, replace: bool) -> None:
     data = read_tlab(file)
     name = name or data.get("name") or Path(file).stem
-    print(save_template(store, str(name), data, f"Transformer Lab config {file!r}"))
+    print(save_template(store, str(name), data, f"Transformer Lab config {file!r}", replace=replace))
 
 
 def template_list(store: Store, as_json: bool) -> None:

@@ -121,12 +121,17 @@ class Store:
         return self.home / "jobs" / str(job_id)
 
     # ------------------------------------------------------------ templates
-    def save_template(self, name: str, data: dict[str, Any]) -> bool:
-        """Insert or replace; True when a template of that name existed."""
+    def save_template(self, name: str, data: dict[str, Any], *, replace: bool) -> bool:
+        """Insert, or replace when `replace`; True when a template of that name existed."""
         now = time.time()
         text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
         with self.tx() as db:
             existed = db.execute("SELECT 1 FROM templates WHERE name = ?", (name,)).fetchone() is not None
+            if existed and not replace:
+                raise ConfigError(
+                    f"Template '{name}' already exists; add --replace to overwrite it "
+                    f"(grpo template export {name} prints the current one)."
+                )
             db.execute(
                 "INSERT INTO templates (name, yaml, created_at, updated_at) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET yaml = excluded.yaml, updated_at = excluded.updated_at",
