@@ -4,7 +4,7 @@
                                            --replace to overwrite one)
   grpo template list | show NAME | delete NAME | export NAME
   grpo queue NAME [key=value ...]          queue a job (prints its id)
-  grpo resume JOB [key=value ...]          queue a finished job again from its newest checkpoint
+  grpo resume JOB [key=value ...]          queue an ended job again from its newest checkpoint
   grpo jobs [JOB]                          list jobs: state, progress, last mean reward, times
   grpo logs JOB [--follow]                 the job's training log
   grpo stop JOB                            running: stop at the next step and keep the model; queued: cancel
@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("overrides", nargs="*", metavar="key=value")
     s = sub.add_parser(
-        "resume", help="queue a failed, stopped or completed job again from its newest checkpoint"
+        "resume",
+        help="queue an interrupted, failed, stopped or completed job again from its newest checkpoint",
     )
     s.add_argument("job")
     s.add_argument("overrides", nargs="*", metavar="key=value")

@@ -23,9 +23,12 @@ from grpo.config import (
     read_yaml,
     template_from_dict,
 )
+from grpo.jobs import recovery
+from grpo.jobs.job_folder import model_dir, progress
+from grpo.jobs.processes import signal_group
 from grpo.jobs.store import FINAL_STATES, Job, Store
 from grpo.jobs.tlab import read_tlab
-from grpo.jobs.worker import Worker, model_dir, progress, signal_group
+from grpo.jobs.worker import Worker
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -151,10 +154,11 @@ def resume(store: Store, job_id: str, overrides: list[str]) -> None:
     refused here, before the job is queued."""
     from grpo.run import checkpoint as ckpt  # imports torch: only this command needs it
 
+    recovery.reconcile(store)
     job = store.job(job_id)
     if job.state not in FINAL_STATES:
         raise ConfigError(
-            f"Job {job.id} is {job.state}; only failed, stopped or completed jobs can be resumed."
+            f"Job {job.id} is {job.state}; only interrupted, failed, stopped or completed jobs can be resumed."
         )
     _refuse_output_dir(overrides)
     data = apply_overrides(yaml.safe_load(job.resolved), [*overrides, "resume_from_checkpoint=latest"])
@@ -206,6 +210,7 @@ def job_info(store: Store, job: Job) -> dict[str, Any]:
 
 
 def jobs(store: Store, job_id: str | None, as_json: bool) -> None:
+    recovery.reconcile(store)
     infos = [job_info(store, store.job(job_id))] if job_id else [job_info(store, j) for j in store.jobs()]
     if as_json:
         _print_json(infos[0] if job_id else infos)
@@ -229,6 +234,7 @@ def jobs(store: Store, job_id: str | None, as_json: bool) -> None:
 
 
 def logs(store: Store, job_id: str, follow: bool) -> None:
+    recovery.reconcile(store)
     job = store.job(job_id)
     path = store.job_dir(job.id) / "train.log"
     offset = 0
@@ -242,12 +248,14 @@ def logs(store: Store, job_id: str, follow: bool) -> None:
             sys.stdout.flush()
         if not follow:
             return
+        recovery.reconcile(store)  # a worker that dies while we follow must not make us wait forever
         if store.job(job.id).state in FINAL_STATES and (not path.is_file() or path.stat().st_size == offset):
             return
         time.sleep(0.5)
 
 
 def stop(store: Store, job_id: str) -> None:
+    recovery.reconcile(store)
     job, action = store.request_stop(job_id)
     if action == "cancelled":
         print(f"job {job.id}: cancelled (stopped before it started)")

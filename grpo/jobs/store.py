@@ -27,8 +27,9 @@ import yaml
 from grpo.config import ConfigError
 from grpo.run.atomic_files import atomic_write_text
 
-STATES = ("queued", "running", "completed", "failed", "stopped")
-FINAL_STATES = ("completed", "failed", "stopped")
+STATES = ("queued", "running", "completed", "failed", "stopped", "interrupted")
+# interrupted: the training process ended early without being asked to (its worker died); grpo resume continues it
+FINAL_STATES = ("completed", "failed", "stopped", "interrupted")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS templates (
@@ -200,8 +201,9 @@ class Store:
             raise ConfigError(f"Unknown job '{job_id}'; see grpo jobs.")
         return Job.from_row(row)
 
-    def jobs(self) -> list[Job]:
-        return [Job.from_row(r) for r in self.db.execute("SELECT * FROM jobs ORDER BY id")]
+    def jobs(self, state: str | None = None) -> list[Job]:
+        where, args = ("WHERE state = ?", (state,)) if state else ("", ())
+        return [Job.from_row(r) for r in self.db.execute(f"SELECT * FROM jobs {where} ORDER BY id", args)]
 
     def next_queued(self) -> Job | None:
         """The longest-queued job (a resumed job queues again at the back), or None."""
@@ -278,14 +280,13 @@ class Store:
                 action = state
         return self.job(job.id), action
 
-    def fail_orphans(self, is_alive: Any) -> list[Job]:
-        """Running jobs whose worker process is gone become failed; returns them (to end their processes)."""
+    def orphan_update(self, job: Job, **fields: Any) -> bool:
+        """Update a running job that `job.worker_pid` owned, only if nothing changed it meanwhile (two commands
+        that notice the same dead worker agree on one outcome). False when it had changed."""
+        sets = ", ".join(f"{k} = ?" for k in fields)
         with self.tx() as db:
-            rows = db.execute("SELECT * FROM jobs WHERE state = 'running'").fetchall()
-            dead = [Job.from_row(r) for r in rows if not is_alive(r["worker_pid"])]
-            for job in dead:
-                db.execute(
-                    "UPDATE jobs SET state = 'failed', reason = ?, ended_at = ? WHERE id = ?",
-                    (f"worker died (pid {job.worker_pid}) while the job was running", time.time(), job.id),
-                )
-        return dead
+            cur = db.execute(
+                f"UPDATE jobs SET {sets} WHERE id = ? AND state = 'running' AND worker_pid IS ?",
+                (*fields.values(), job.id, job.worker_pid),
+            )
+        return cur.rowcount == 1
