@@ -10,6 +10,7 @@
   grpo stop JOB                            running: stop at the next step and keep the model; queued: cancel
   grpo worker [--once] [--parallel N]      run queued jobs (N at once when their GPUs differ)
   grpo tensorboard JOB [--start]           how to watch a job in TensorBoard
+  grpo recover                             rebuild a damaged database from the job folders and saved templates
 
 The workspace is GRPO_HOME (default ~/.grpo). User mistakes print one `error: ...` line and exit 2.
 """
@@ -81,10 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("tensorboard", help="print (or --start) the TensorBoard command for a job")
     s.add_argument("job")
     s.add_argument("--start", action="store_true")
+    sub.add_parser(
+        "recover", help="rebuild the database's lost rows from the job folders and saved templates"
+    )
     return p
 
 
 def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "recover":  # before opening the store, which refuses a damaged workspace
+        commands.recover()
+        return 0
     store = commands.Store()
     try:
         if args.command == "template":

@@ -266,6 +266,11 @@ def stop(store: Store, job_id: str) -> None:
         raise ConfigError(f"Job {job.id} is already {action}; only queued or running jobs can be stopped.")
 
 
+def recover() -> None:
+    for line in recovery.recover():
+        print(line)
+
+
 def worker(store: Store, once: bool, poll: float, parallel: int = 1) -> int:
     if poll <= 0:
         raise ConfigError(f"--poll {poll} is not allowed: use a positive number of seconds.")

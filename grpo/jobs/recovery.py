@@ -10,17 +10,25 @@ A job's state is decided from what its run wrote, never from which process notic
 - else it exited with an error: failed, with the log's last error line.
 
 `reconcile` applies this to every running job whose worker is dead; every command that reads jobs and every
-worker that starts calls it, so a job whose process is gone never reads as running.
+worker that starts calls it, so a job whose process is gone never reads as running. `recover` (grpo recover)
+puts back the rows of job folders and saved templates the database no longer lists.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import time
+from dataclasses import fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 from grpo.jobs.job_folder import has_checkpoint, last_error_line, log_path, progress, run_end
 from grpo.jobs.processes import is_job_process, is_worker, signal_group
-from grpo.jobs.store import Job, Store
+from grpo.jobs.store import Job, Store, UnreadableDatabase, grpo_home
 
 
 def outcome(
@@ -77,3 +85,92 @@ def reconcile(store: Store, *, adopter: int | None = None) -> tuple[list[Job], l
         if store.orphan_update(job, state=state, reason=reason, ended_at=time.time()):
             settled.append(store.job(job.id))
     return settled, adopted
+
+
+# ---------------------------------------------------------------- grpo recover
+_COLUMNS = {f.name for f in fields(Job)}
+
+
+def _restored_row(store: Store, job_id: int, folder: Path) -> dict[str, Any]:
+    """A job's row from its folder: job.json when it is readable, else what job.yaml and the log tell."""
+    yaml_file = folder / "job.yaml"
+    resolved = yaml_file.read_text() if yaml_file.is_file() else ""
+    try:
+        data = yaml.safe_load(resolved) or {}
+        config = data.get("config") or {}
+    except yaml.YAMLError:
+        data, config = {}, {}
+    gpu_ids = config.get("gpu_ids")
+    max_steps = config.get("max_steps")
+    row: dict[str, Any] = {
+        "template": str(data.get("name") or "?"),
+        "overrides": [],
+        "cwd": str(folder),
+        "max_steps": max_steps if isinstance(max_steps, int) and max_steps > 0 else None,
+        "nproc": len(gpu_ids) if isinstance(gpu_ids, list) else 1,
+        "queued_at": (yaml_file if yaml_file.is_file() else folder).stat().st_mtime,
+        "stop_requested": 0,
+    }
+    try:
+        saved = json.loads((folder / "job.json").read_text())
+    except (OSError, ValueError):
+        saved = None
+    if isinstance(saved, dict) and saved.get("state"):
+        row.update({k: v for k, v in saved.items() if k in _COLUMNS})
+    elif not resolved:
+        row.update(state="failed", reason="restored by grpo recover without its job.yaml")
+    elif (folder / "train.log").is_file():
+        row.update(state="running")  # it ran: reconcile decides how it ended, from its log
+    else:
+        row.update(state="stopped", reason="restored by grpo recover: it had not started; queue it again")
+    row.update(id=job_id, resolved=resolved)
+    return row
+
+
+def _set_aside(path: Path) -> Path:
+    """Move an unreadable database (with its WAL files, which belong to it) out of the way; nothing is deleted."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.unreadable-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        part = path.with_name(path.name + suffix)
+        if part.exists():
+            part.rename(target.with_name(target.name + suffix))
+    return target
+
+
+def recover(home: Path | None = None) -> list[str]:
+    """Put back the rows of the job folders and saved templates the database does not list; returns what was
+    done, one line each."""
+    home = home or grpo_home()
+    lines = []
+    try:
+        store = Store(home, check=False)
+    except UnreadableDatabase:
+        moved = _set_aside(home / "grpo.db")
+        lines.append(f"moved the unreadable database to {moved}")
+        store = Store(home, check=False)
+    try:
+        known = set(store.template_names())
+        for name, file in sorted(store.template_files().items()):
+            if name not in known:
+                store.restore_template(name, file.read_text(), file.stat().st_mtime)
+                lines.append(f"template {name}: restored from {file}")
+        ids = {job.id for job in store.jobs()}
+        restored = []
+        for job_id, folder in sorted(store.job_folders().items()):
+            if job_id not in ids:
+                store.restore_job(_restored_row(store, job_id, folder))
+                restored.append(job_id)
+        for job in store.jobs("running"):
+            if job.id in restored and job.worker_pid is None:  # no record of who ran it
+                state, reason = outcome(store, job, None, gone="its record was lost")
+                store.orphan_update(job, state=state, reason=reason, ended_at=time.time())
+        reconcile(store)
+        for job_id in restored:
+            job = store.job(job_id)
+            lines.append(
+                f"job {job_id}: restored as {job.state}" + (f" ({job.reason})" if job.reason else "")
+            )
+    finally:
+        store.close()
+    return lines or [f"nothing to recover: the database lists every job folder and template in {home}"]
