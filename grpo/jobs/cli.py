@@ -1,14 +1,16 @@
 """`grpo`: saved training templates, a job queue and a worker.
 
-  grpo template save NAME FILE.yaml        validate and store a template (import-tlab FILE.json for Transformer Lab)
+  grpo template save NAME FILE.yaml        validate and store a template (import-tlab FILE.json for Transformer Lab;
+                                           --replace to overwrite one)
   grpo template list | show NAME | delete NAME | export NAME
   grpo queue NAME [key=value ...]          queue a job (prints its id)
-  grpo resume JOB [key=value ...]          queue a finished job again from its newest checkpoint
+  grpo resume JOB [key=value ...]          queue an ended job again from its newest checkpoint
   grpo jobs [JOB]                          list jobs: state, progress, last mean reward, times
   grpo logs JOB [--follow]                 the job's training log
   grpo stop JOB                            running: stop at the next step and keep the model; queued: cancel
   grpo worker [--once] [--parallel N]      run queued jobs (N at once when their GPUs differ)
   grpo tensorboard JOB [--start]           how to watch a job in TensorBoard
+  grpo recover                             rebuild a damaged database from the job folders and saved templates
 
 The workspace is GRPO_HOME (default ~/.grpo). User mistakes print one `error: ...` line and exit 2.
 """
@@ -39,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = tsub.add_parser("save", help="validate FILE.yaml and store it as NAME")
     s.add_argument("name")
     s.add_argument("file")
+    s.add_argument("--replace", action="store_true", help="overwrite a template of that name")
     s = tsub.add_parser("list", help="saved templates")
     s.add_argument("--json", action="store_true")
     s = tsub.add_parser("show", help="one template")
@@ -51,12 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = tsub.add_parser("import-tlab", help="store a Transformer Lab GRPO plugin config (JSON)")
     s.add_argument("file")
     s.add_argument("--name", help="template name (default: the config's name or the file name)")
+    s.add_argument("--replace", action="store_true", help="overwrite a template of that name")
 
     s = sub.add_parser("queue", help="queue a job from a template with key=value overrides")
     s.add_argument("name")
     s.add_argument("overrides", nargs="*", metavar="key=value")
     s = sub.add_parser(
-        "resume", help="queue a failed, stopped or completed job again from its newest checkpoint"
+        "resume",
+        help="queue an interrupted, failed, stopped or completed job again from its newest checkpoint",
     )
     s.add_argument("job")
     s.add_argument("overrides", nargs="*", metavar="key=value")
@@ -77,15 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("tensorboard", help="print (or --start) the TensorBoard command for a job")
     s.add_argument("job")
     s.add_argument("--start", action="store_true")
+    sub.add_parser(
+        "recover", help="rebuild the database's lost rows from the job folders and saved templates"
+    )
     return p
 
 
 def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "recover":  # before opening the store, which refuses a damaged workspace
+        commands.recover()
+        return 0
     store = commands.Store()
     try:
         if args.command == "template":
             if args.action == "save":
-                commands.template_save(store, args.name, args.file)
+                commands.template_save(store, args.name, args.file, args.replace)
             elif args.action == "list":
                 commands.template_list(store, args.json)
             elif args.action == "show":
@@ -95,7 +106,7 @@ def dispatch(args: argparse.Namespace) -> int:
             elif args.action == "export":
                 commands.template_show(store, args.name, as_json=False)
             elif args.action == "import-tlab":
-                commands.template_import_tlab(store, args.file, args.name)
+                commands.template_import_tlab(store, args.file, args.name, args.replace)
         elif args.command == "queue":
             commands.queue(store, args.name, args.overrides)
         elif args.command == "resume":

@@ -23,9 +23,12 @@ from grpo.config import (
     read_yaml,
     template_from_dict,
 )
+from grpo.jobs import recovery
+from grpo.jobs.job_folder import model_dir, progress
+from grpo.jobs.processes import signal_group
 from grpo.jobs.store import FINAL_STATES, Job, Store
 from grpo.jobs.tlab import read_tlab
-from grpo.jobs.worker import Worker, model_dir, progress, signal_group
+from grpo.jobs.worker import Worker
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -63,23 +66,23 @@ def _absolute_paths(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def save_template(store: Store, name: str, data: dict[str, Any], source: str) -> str:
+def save_template(store: Store, name: str, data: dict[str, Any], source: str, *, replace: bool) -> str:
     if not _NAME.fullmatch(name):
         raise ConfigError(f"Template name {name!r} is not allowed: use letters, digits, '.', '_' and '-'.")
     data = _absolute_paths({**data, "name": name})
     template_from_dict(data, source=source)  # the trainer's own validation: nothing stored when it fails
-    replaced = store.save_template(name, data)
+    replaced = store.save_template(name, data, replace=replace)
     return f"{'replaced' if replaced else 'saved'} template {name}"
 
 
-def template_save(store: Store, name: str, file: str) -> None:
-    print(save_template(store, name, read_yaml(file), f"Template file {file!r}"))
+def template_save(store: Store, name: str, file: str, replace: bool) -> None:
+    print(save_template(store, name, read_yaml(file), f"Template file {file!r}", replace=replace))
 
 
-def template_import_tlab(store: Store, file: str, name: str | None) -> None:
+def template_import_tlab(store: Store, file: str, name: str | None, replace: bool) -> None:
     data = read_tlab(file)
     name = name or data.get("name") or Path(file).stem
-    print(save_template(store, str(name), data, f"Transformer Lab config {file!r}"))
+    print(save_template(store, str(name), data, f"Transformer Lab config {file!r}", replace=replace))
 
 
 def template_list(store: Store, as_json: bool) -> None:
@@ -151,10 +154,11 @@ def resume(store: Store, job_id: str, overrides: list[str]) -> None:
     refused here, before the job is queued."""
     from grpo.run import checkpoint as ckpt  # imports torch: only this command needs it
 
+    recovery.reconcile(store)
     job = store.job(job_id)
     if job.state not in FINAL_STATES:
         raise ConfigError(
-            f"Job {job.id} is {job.state}; only failed, stopped or completed jobs can be resumed."
+            f"Job {job.id} is {job.state}; only interrupted, failed, stopped or completed jobs can be resumed."
         )
     _refuse_output_dir(overrides)
     data = apply_overrides(yaml.safe_load(job.resolved), [*overrides, "resume_from_checkpoint=latest"])
@@ -206,6 +210,7 @@ def job_info(store: Store, job: Job) -> dict[str, Any]:
 
 
 def jobs(store: Store, job_id: str | None, as_json: bool) -> None:
+    recovery.reconcile(store)
     infos = [job_info(store, store.job(job_id))] if job_id else [job_info(store, j) for j in store.jobs()]
     if as_json:
         _print_json(infos[0] if job_id else infos)
@@ -229,6 +234,7 @@ def jobs(store: Store, job_id: str | None, as_json: bool) -> None:
 
 
 def logs(store: Store, job_id: str, follow: bool) -> None:
+    recovery.reconcile(store)
     job = store.job(job_id)
     path = store.job_dir(job.id) / "train.log"
     offset = 0
@@ -242,12 +248,14 @@ def logs(store: Store, job_id: str, follow: bool) -> None:
             sys.stdout.flush()
         if not follow:
             return
+        recovery.reconcile(store)  # a worker that dies while we follow must not make us wait forever
         if store.job(job.id).state in FINAL_STATES and (not path.is_file() or path.stat().st_size == offset):
             return
         time.sleep(0.5)
 
 
 def stop(store: Store, job_id: str) -> None:
+    recovery.reconcile(store)
     job, action = store.request_stop(job_id)
     if action == "cancelled":
         print(f"job {job.id}: cancelled (stopped before it started)")
@@ -256,6 +264,11 @@ def stop(store: Store, job_id: str) -> None:
         print(f"job {job.id}: stopping at the next step boundary")
     else:
         raise ConfigError(f"Job {job.id} is already {action}; only queued or running jobs can be stopped.")
+
+
+def recover() -> None:
+    for line in recovery.recover():
+        print(line)
 
 
 def worker(store: Store, once: bool, poll: float, parallel: int = 1) -> int:

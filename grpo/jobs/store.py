@@ -5,8 +5,14 @@ once serialise instead of failing half-way), the database is in WAL mode (reader
 waits up to 30 s for a busy lock. A job folder holds:
 
     job.yaml    the resolved template (template + overrides, output_dir = <job folder>/output)
+    job.json    the job's row (everything but the resolved template), rewritten at each change of state
     train.log   stdout + stderr of the training process
     output/     what the trainer writes: metrics.jsonl, samples.jsonl, tensorboard/, the model folder
+
+and `templates/<name>.yaml` keeps each saved template. These copies make the folders the record of last resort:
+a database that was emptied, replaced or lost its latest writes lists fewer jobs or templates than the folders
+hold, and it is then refused (never silently started over, never given a new job in an old folder) until
+`grpo recover` (recovery.py) puts the rows back from the copies.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ import yaml
 from grpo.config import ConfigError
 from grpo.run.atomic_files import atomic_write_text
 
-STATES = ("queued", "running", "completed", "failed", "stopped")
-FINAL_STATES = ("completed", "failed", "stopped")
+STATES = ("queued", "running", "completed", "failed", "stopped", "interrupted")
+# interrupted: the training process ended early without being asked to (its worker died); grpo resume continues it
+FINAL_STATES = ("completed", "failed", "stopped", "interrupted")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS templates (
@@ -89,19 +96,64 @@ class Job:
         return cls(**data)
 
 
+class UnreadableDatabase(ConfigError):
+    """grpo.db is not a SQLite database (overwritten, or damaged on disk)."""
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 class Store:
-    def __init__(self, home: Path | None = None):
+    """The database and the folders. `check=False` opens a damaged workspace (for grpo recover only)."""
+
+    def __init__(self, home: Path | None = None, *, check: bool = True):
         self.home = home or grpo_home()
+        self.path = self.home / "grpo.db"
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "jobs").mkdir(exist_ok=True)
-        self.db = sqlite3.connect(self.home / "grpo.db", timeout=30, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA busy_timeout = 30000")
-        self.db.execute("PRAGMA journal_mode = WAL")
-        with self.tx() as db:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+        (self.home / "templates").mkdir(exist_ok=True)
+        # Folders first, rows second: a folder is made only after its row is committed (add_job) and a
+        # template file is removed before its row (delete_template), so a folder or file seen here whose row
+        # is then missing was really lost, not caught half-way through another command.
+        folders, files = self.job_folders(), self.template_files()
+        try:
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA busy_timeout = 30000")
+            self.db.execute("PRAGMA journal_mode = WAL")
+            tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if check and folders.keys() | files.keys():
+                self._refuse_lost(tables, folders, files)
+            with self.tx() as db:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+        except sqlite3.DatabaseError as e:
+            if type(e) is not sqlite3.DatabaseError:  # locked, I/O error, ...: not a damaged file
+                raise
+            raise UnreadableDatabase(
+                f"The job database {self.path} cannot be read ({e}); run grpo recover to set it aside and "
+                f"rebuild it from {self.home / 'jobs'} and {self.home / 'templates'}."
+            ) from None
+
+    def _refuse_lost(self, tables: set[str], folders: dict[int, Path], files: dict[str, Path]) -> None:
+        ids = {r[0] for r in self.db.execute("SELECT id FROM jobs")} if "jobs" in tables else set()
+        names = (
+            {r[0] for r in self.db.execute("SELECT name FROM templates")} if "templates" in tables else set()
+        )
+        jobs, templates = sorted(folders.keys() - ids), sorted(files.keys() - names)
+        if not jobs and not templates:
+            return
+        lost = []
+        if jobs:
+            lost.append(f"{len(jobs)} job folder(s) ({_listing([f'jobs/{i}' for i in jobs])})")
+        if templates:
+            lost.append(f"{len(templates)} saved template(s) ({_listing(templates)})")
+        raise ConfigError(
+            f"The job database {self.path} does not list {' and '.join(lost)} found in {self.home} "
+            "(it was emptied, replaced or lost writes); run grpo recover to rebuild it from them."
+        )
 
     def close(self) -> None:
         self.db.close()
@@ -120,19 +172,52 @@ class Store:
     def job_dir(self, job_id: int) -> Path:
         return self.home / "jobs" / str(job_id)
 
+    def job_folders(self) -> dict[int, Path]:
+        root = self.home / "jobs"
+        return {int(p.name): p for p in root.iterdir() if p.is_dir() and p.name.isdigit()}
+
+    def template_file(self, name: str) -> Path:
+        return self.home / "templates" / f"{name}.yaml"
+
+    def template_files(self) -> dict[str, Path]:
+        return {p.name[: -len(".yaml")]: p for p in (self.home / "templates").glob("*.yaml")}
+
+    def _mirror(self, db: sqlite3.Connection, job_id: int) -> None:
+        """Copy the job's row to its job.json, inside the write transaction that changed it (so copies are
+        written in the order of the changes)."""
+        row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        folder = self.job_dir(job_id)
+        if row is not None and folder.is_dir():
+            data = {k: row[k] for k in row.keys() if k != "resolved"}
+            data["overrides"] = json.loads(data["overrides"])
+            atomic_write_text(folder / "job.json", json.dumps(data, indent=1) + "\n")
+
     # ------------------------------------------------------------ templates
-    def save_template(self, name: str, data: dict[str, Any]) -> bool:
-        """Insert or replace; True when a template of that name existed."""
+    def save_template(self, name: str, data: dict[str, Any], *, replace: bool) -> bool:
+        """Insert, or replace when `replace`; True when a template of that name existed."""
         now = time.time()
         text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
         with self.tx() as db:
             existed = db.execute("SELECT 1 FROM templates WHERE name = ?", (name,)).fetchone() is not None
+            if existed and not replace:
+                raise ConfigError(
+                    f"Template '{name}' already exists; add --replace to overwrite it "
+                    f"(grpo template export {name} prints the current one)."
+                )
             db.execute(
                 "INSERT INTO templates (name, yaml, created_at, updated_at) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET yaml = excluded.yaml, updated_at = excluded.updated_at",
                 (name, text, now, now),
             )
+        atomic_write_text(self.template_file(name), text)
         return existed
+
+    def restore_template(self, name: str, text: str, at: float) -> None:
+        with self.tx() as db:
+            db.execute(
+                "INSERT INTO templates (name, yaml, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                (name, text, at, at),
+            )
 
     def template_names(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT name FROM templates ORDER BY name")]
@@ -153,6 +238,7 @@ class Store:
 
     def delete_template(self, name: str) -> None:
         self.template_row(name)
+        self.template_file(name).unlink(missing_ok=True)  # before the row: see __init__
         with self.tx() as db:
             db.execute("DELETE FROM templates WHERE name = ?", (name,))
 
@@ -166,22 +252,43 @@ class Store:
         max_steps: int | None,
         nproc: int,
     ) -> Job:
-        """Queue a job; its output_dir is set inside its own folder once the id is known (same transaction)."""
+        """Queue a job. Its id is past every id ever given and every folder in jobs/ (so a job never shares a
+        folder with another), and its folder is made after the row is committed and must not exist yet."""
         with self.tx() as db:
-            cur = db.execute(
-                "INSERT INTO jobs (template, overrides, resolved, cwd, max_steps, nproc, state, queued_at) "
-                "VALUES (?, ?, '', ?, ?, ?, 'queued', ?)",
-                (template, json.dumps(overrides), os.getcwd(), max_steps, nproc, time.time()),
-            )
-            job_id = int(cur.lastrowid)
+            seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'jobs'").fetchone()
+            job_id = max([seq[0] if seq else 0, *self.job_folders()]) + 1
             resolved = {**resolved, "config": {**resolved["config"]}}
             resolved["config"]["output_dir"] = str(self.job_dir(job_id) / "output")
             text = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
-            db.execute("UPDATE jobs SET resolved = ? WHERE id = ?", (text, job_id))
+            db.execute(
+                "INSERT INTO jobs (id, template, overrides, resolved, cwd, max_steps, nproc, state, queued_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
+                (job_id, template, json.dumps(overrides), text, os.getcwd(), max_steps, nproc, time.time()),
+            )
         folder = self.job_dir(job_id)
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            with self.tx() as db:
+                db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            raise ConfigError(
+                f"Job folder {folder} appeared while job {job_id} was being queued; nothing was queued, "
+                "queue it again."
+            ) from None
         (folder / "job.yaml").write_text(text)
-        return self.job(str(job_id))
+        with self.tx() as db:
+            self._mirror(db, job_id)
+        return self.job(job_id)
+
+    def restore_job(self, data: dict[str, Any]) -> None:
+        """Insert a job row rebuilt from its folder (grpo recover), keeping its id."""
+        data = {**data, "overrides": json.dumps(data["overrides"])}
+        columns = ", ".join(data)
+        with self.tx() as db:
+            db.execute(
+                f"INSERT INTO jobs ({columns}) VALUES ({', '.join('?' * len(data))})", list(data.values())
+            )
+            self._mirror(db, data["id"])
 
     def job(self, job_id: str | int) -> Job:
         try:
@@ -195,8 +302,9 @@ class Store:
             raise ConfigError(f"Unknown job '{job_id}'; see grpo jobs.")
         return Job.from_row(row)
 
-    def jobs(self) -> list[Job]:
-        return [Job.from_row(r) for r in self.db.execute("SELECT * FROM jobs ORDER BY id")]
+    def jobs(self, state: str | None = None) -> list[Job]:
+        where, args = ("WHERE state = ?", (state,)) if state else ("", ())
+        return [Job.from_row(r) for r in self.db.execute(f"SELECT * FROM jobs {where} ORDER BY id", args)]
 
     def next_queued(self) -> Job | None:
         """The longest-queued job (a resumed job queues again at the back), or None."""
@@ -213,6 +321,7 @@ class Store:
                 "UPDATE jobs SET state = 'running', started_at = ?, worker_pid = ? WHERE id = ? AND state = 'queued'",
                 (time.time(), worker_pid, job_id),
             )
+            self._mirror(db, job_id)
         return cur.rowcount == 1
 
     def requeue(
@@ -235,8 +344,9 @@ class Store:
                 f"worker_pid = NULL, job_pid = NULL, exit_code = NULL WHERE id = ? AND state IN ({finished})",
                 (json.dumps(overrides), text, max_steps, nproc, time.time(), job_id),
             )
-        if cur.rowcount == 1:
-            atomic_write_text(self.job_dir(job_id) / "job.yaml", text)
+            if cur.rowcount == 1:
+                atomic_write_text(self.job_dir(job_id) / "job.yaml", text)
+                self._mirror(db, job_id)
         return cur.rowcount == 1
 
     def set_job_pid(self, job_id: int, pid: int) -> bool:
@@ -244,6 +354,7 @@ class Store:
         with self.tx() as db:
             db.execute("UPDATE jobs SET job_pid = ? WHERE id = ?", (pid, job_id))
             row = db.execute("SELECT stop_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            self._mirror(db, job_id)
         return bool(row["stop_requested"])
 
     def finish(self, job_id: int, state: str, reason: str | None, exit_code: int | None) -> None:
@@ -253,6 +364,7 @@ class Store:
                 "UPDATE jobs SET state = ?, reason = ?, exit_code = ?, ended_at = ? WHERE id = ?",
                 (state, reason, exit_code, time.time(), job_id),
             )
+            self._mirror(db, job_id)
 
     def request_stop(self, job_id: str) -> tuple[Job, str]:
         """Queued -> stopped at once; running -> flagged (the caller signals the process). Returns the action."""
@@ -271,16 +383,17 @@ class Store:
                 action = "stopping"
             else:
                 action = state
+            self._mirror(db, job.id)
         return self.job(job.id), action
 
-    def fail_orphans(self, is_alive: Any) -> list[Job]:
-        """Running jobs whose worker process is gone become failed; returns them (to end their processes)."""
+    def orphan_update(self, job: Job, **fields: Any) -> bool:
+        """Update a running job that `job.worker_pid` owned, only if nothing changed it meanwhile (two commands
+        that notice the same dead worker agree on one outcome). False when it had changed."""
+        sets = ", ".join(f"{k} = ?" for k in fields)
         with self.tx() as db:
-            rows = db.execute("SELECT * FROM jobs WHERE state = 'running'").fetchall()
-            dead = [Job.from_row(r) for r in rows if not is_alive(r["worker_pid"])]
-            for job in dead:
-                db.execute(
-                    "UPDATE jobs SET state = 'failed', reason = ?, ended_at = ? WHERE id = ?",
-                    (f"worker died (pid {job.worker_pid}) while the job was running", time.time(), job.id),
-                )
-        return dead
+            cur = db.execute(
+                f"UPDATE jobs SET {sets} WHERE id = ? AND state = 'running' AND worker_pid IS ?",
+                (*fields.values(), job.id, job.worker_pid),
+            )
+            self._mirror(db, job.id)
+        return cur.rowcount == 1

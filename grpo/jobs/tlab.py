@@ -12,7 +12,9 @@ the field names we use, so the mapping is mostly one-to-one:
     every config field (learning_rate, lora_r, max_steps, start_thinking_string, ...) -> config.<same name>
 
 Keys that describe Transformer Lab itself rather than the run (plugin_name, model_architecture, type, job ids,
-sweep settings, ...) are dropped. Values it stores as strings ("0.0001", "true", "8", "0,1") become the field's
+sweep settings, ...) are dropped, except that the Unsloth GRPO plugins (unsloth_grpo_trainer and its multi-GPU
+twin) always train a LoRA adapter, so their configs get use_lora: true; their lora_r / lora_alpha /
+lora_dropout would otherwise be stored for a full fine-tune. Values it stores as strings ("0.0001", "true", "8", "0,1") become the field's
 type. Any other key is refused with the closest valid name.
 """
 
@@ -59,6 +61,8 @@ DROPPED = {
     "_tlab_recipe_models",
     "_tlab_recipe_workflows",
 }
+# Plugins whose script always wraps the model in LoRA (FastLanguageModel.get_peft_model), with no setting for it.
+ALWAYS_LORA = {"unsloth_grpo_trainer", "unsloth_grpo_trainer_multi_gpu"}
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
 _BOOLS = {
@@ -115,6 +119,8 @@ def tlab_to_template(data: dict[str, Any], *, source: str = "the config") -> dic
             match = difflib.get_close_matches(key, [*TOP_LEVEL, *CONFIG_FIELDS], n=1, cutoff=0.5)
             hint = f" (did you mean '{match[0]}'?)" if match else ""
             raise ConfigError(f"{source}: unknown Transformer Lab field '{key}'{hint}.")
+    if flat.get("plugin_name") in ALWAYS_LORA:
+        out["config"].setdefault("use_lora", True)
     return {k: v for k, v in out.items() if v != {}}
 
 
