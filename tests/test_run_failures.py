@@ -167,13 +167,29 @@ def test_resume_without_a_checkpoint_starts_clean_and_sets_the_old_logs_aside(te
     assert (kept / "tensorboard").is_dir() and not (out / "checkpoints").exists()
 
 
-def _tmpfs(path, size):
+def _tmpfs(path, size, *options):
     path.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
-    )
+    flags = ",".join([f"size={size}", *options])
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", flags, "tmpfs", str(path)], capture_output=True)
     if mounted.returncode != 0:
         pytest.skip(f"a small tmpfs cannot be mounted here (needs root): {mounted.stderr.decode().strip()}")
+
+
+def test_an_output_dir_on_a_read_only_mount_is_refused(tiny_model_dir, tmp_path):
+    from grpo.trainer import GRPOTrainer
+
+    disk = tmp_path / "ro"
+    _tmpfs(disk, "1m", "ro")
+    try:
+        t = template_from_dict(tiny_template(tiny_model_dir, disk / "run"))
+        with pytest.raises(ConfigError) as e:
+            GRPOTrainer(t)
+        assert str(e.value) == (
+            f"config.output_dir = '{disk / 'run'}' cannot be written (Read-only file system); choose a folder you "
+            "can write to."
+        )
+    finally:
+        subprocess.run(["umount", str(disk)])
 
 
 def test_torch_save_on_a_full_disk_is_named_as_such(tmp_path):
