@@ -64,7 +64,7 @@ class GRPOTrainer:
             c.rewards, max_completion_length=c.maximum_completion_length, timeout=c.reward_timeout
         )
         self.loss = resolve_loss(c)
-        self.turns = MultiTurn.from_config(c)  # tools or an environment: several turns per sample
+        self.turns = MultiTurn.from_config(c, template.template.response_prefix)  # tools or an environment
         self.tags = rw.Tags.from_config(c)
         # torchrun: check gpu_ids against the processes, pin this rank's GPU, start the process group.
         self.env = env or init_distributed(c, resolve_device(c).type)

@@ -39,7 +39,7 @@ def main(argv: list[str]) -> int:
 
     template = load_template(args.config, args.overrides)
     c = dataclasses.replace(template.config, num_generations=1)  # greedy: one answer per problem
-    turns = MultiTurn.from_config(c)
+    turns = MultiTurn.from_config(c, template.template.response_prefix)
     if turns is None:
         raise SystemExit("eval_tools.py needs a template with config.tools or config.environment.")
     model_path = args.model or template.model

@@ -339,3 +339,30 @@ def test_log_probs_of_multi_segment_completions_match_on_both_passes(tokenizer, 
     torch.testing.assert_close(shared, whole, atol=1e-5, rtol=0)
     assert torch.count_nonzero(whole[ro.completion_mask == 0]) == 0
     assert bool((whole[ro.completion_mask == 1] < 0).all())
+
+
+def test_a_response_prefix_starts_the_first_reply(tokenizer, tmp_path):
+    c = config(tmp_path, tools=["calculator"], maximum_completion_length=100)
+    turns = MultiTurn(c, prefix="<tool_call>")
+    replies = [
+        '{"name": "calculator", "arguments": {"expression": "2 * 3"}}</tool_call>',
+        "<answer>6</answer>",
+    ]
+    turns.generate = scripted(tokenizer, lambda text, k: replies[text.count("<|im_start|>assistant") - 1])
+    tmpl = template_from_dict(
+        {"template": {"instruction": "Use the tools.", "response_prefix": "<tool_call>"}}
+    )
+    prompts = build_prompts(
+        [{"question": "What is 2 * 3?", "answer": "#### 6"}],
+        tmpl.template,
+        tokenizer,
+        max_prompt_tokens=10_000,
+        system_text=turns.system_text(tokenizer),
+    )
+    ro = turns.rollout(None, prompts, c, tokenizer, [tokenizer.eos_token_id], None)
+    conv = ro.conversations[0]
+    assert conv.replies == ["<tool_call>" + replies[0], replies[1]]
+    assert [(r["name"], r["result"]) for r in conv.tool_calls] == [("calculator", "6")]
+    n = int(ro.completion_mask[0].sum())
+    rendered = tokenizer.apply_chat_template(conv.messages, tokenize=False)
+    assert tokenizer.decode(prompts[0].ids + ro.completion_ids[0, :n].tolist()) == rendered.removesuffix("\n")

@@ -70,7 +70,14 @@ class Stepless:
 # ---------------------------------------------------------------- the calculator
 @pytest.mark.parametrize(
     "expression, result",
-    [("347 * 58", "20126"), ("(2 + 3) * 4 - 1", "19"), ("7 / 2", "3.5"), ("8 / 2", "4"), ("2 ** 10", "1024")],
+    [
+        ("347 * 58", "20126"),
+        ("(2 + 3) * 4 - 1", "19"),
+        ("7 / 2", "3.5"),
+        ("8 / 2", "4"),
+        ("2 ** 10", "1024"),
+        (716, "716"),
+    ],
 )
 def test_calculator_computes_arithmetic(expression, result):
     assert calculator(expression) == result

@@ -49,7 +49,7 @@ class Conversation:
 class MultiTurn:
     """The tools or the environment a template names, resolved before any model loads."""
 
-    def __init__(self, c: TrainConfig):
+    def __init__(self, c: TrainConfig, prefix: str = ""):
         if c.tools and c.environment:
             raise ConfigError(
                 "config.tools and config.environment are both set: a run uses one or the other."
@@ -59,13 +59,16 @@ class MultiTurn:
         self.call_format = CallFormat.parse(c.tool_call_format)
         self.max_iterations, self.timeout = c.max_tool_calling_iterations, c.tool_timeout
         self.max_chars = c.tool_output_chars
+        self.prefix = (
+            prefix  # template.response_prefix: prefilled in the prompt, the start of the first reply
+        )
         self.schemas = [schema for _, schema in self.tools.values()] or None
         self.generate = generate  # one turn of every active sample; tests put a scripted policy here
         self.note: str | None = None  # the run log's line when the tools went into the system prompt
 
     @classmethod
-    def from_config(cls, c: TrainConfig) -> MultiTurn | None:
-        return cls(c) if c.tools or c.environment else None
+    def from_config(cls, c: TrainConfig, prefix: str = "") -> MultiTurn | None:
+        return cls(c, prefix) if c.tools or c.environment else None
 
     def system_text(self, tokenizer: Any) -> str:
         """Text for the system prompt: the tools and the call format when the chat template ignores `tools=`
@@ -118,19 +121,19 @@ class MultiTurn:
                 greedy=greedy,
                 **c.sampling(),
             )
-            first = False
             for row, (s, budget) in enumerate(zip(active, budgets, strict=True)):
                 n = int(ro.completion_mask[row].sum())
                 tokens = ro.completion_ids[row, : min(n, budget)].tolist()
                 logps = [0.0] * len(tokens) if greedy else ro.sampling_logps[row, : len(tokens)].tolist()
                 s.add(tokens, logps, written=True)
-                reply = tokenizer.decode(tokens, skip_special_tokens=True)
+                reply = (self.prefix if first else "") + tokenizer.decode(tokens, skip_special_tokens=True)
                 s.conversation.messages.append({"role": "assistant", "content": reply})
                 s.conversation.replies.append(reply)
                 if bool(ro.truncated[row]) or n > budget:
                     s.stop("tokens")
                     continue
                 self._next_turn(s, reply, tokens, tokenizer, c)
+            first = False
         width = max(len(s.ids) for s in samples)
         ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
         mask, written, logps = (torch.zeros(len(samples), width) for _ in range(3))

@@ -30,6 +30,7 @@ def calculator(expression: str) -> str:
     Args:
         expression: The arithmetic to evaluate, for example "347 * 58".
     """
+    expression = str(expression)  # a model may write a bare number where the schema asks for a string
     if len(expression) > CALC_MAX_LENGTH:
         raise ValueError(f"the expression is longer than {CALC_MAX_LENGTH} characters")
     try:
