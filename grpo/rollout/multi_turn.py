@@ -113,7 +113,7 @@ class MultiTurn:
                 model,
                 contexts,
                 num_generations=g if first else 1,
-                max_new_tokens=max(budgets),
+                max_new_tokens=max(1, *budgets),  # each sample is cut to its own budget below
                 eos_ids=eos_ids,
                 pad_id=pad_id,
                 generator=generator,
@@ -172,7 +172,7 @@ class MultiTurn:
                 messages = [*samples[k].prompt.messages]
                 messages[-1] = {**messages[-1], "content": f"{messages[-1]['content']}\n\n{texts[0]}"}
                 text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids = tokenizer(text + self.prefix, add_special_tokens=False)["input_ids"]
                 for s in samples[k : k + g]:
                     s.prompt_ids, s.conversation.messages = ids, list(messages)
 
