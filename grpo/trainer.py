@@ -43,6 +43,7 @@ from grpo.parallel.wrapping import full_params, full_state_dict, wrap_models
 from grpo.rollout.decoders import decode_impl_problem
 from grpo.rollout.dynamic_sampling import fill_batch
 from grpo.rollout.generate import Rollout, generate
+from grpo.rollout.multi_turn import MultiTurn
 from grpo.run import checkpoint as ckpt
 from grpo.run.cpu_memory import keep_freed_memory
 from grpo.run.logger import finish_queued, peak_memory_metric
@@ -63,6 +64,7 @@ class GRPOTrainer:
             c.rewards, max_completion_length=c.maximum_completion_length, timeout=c.reward_timeout
         )
         self.loss = resolve_loss(c)
+        self.turns = MultiTurn.from_config(c, template.template.response_prefix)  # tools or an environment
         self.tags = rw.Tags.from_config(c)
         # torchrun: check gpu_ids against the processes, pin this rank's GPU, start the process group.
         self.env = env or init_distributed(c, resolve_device(c).type)
@@ -90,6 +92,8 @@ class GRPOTrainer:
             self.tokenizer,
             max_prompt_tokens=c.maximum_sequence_length - c.maximum_completion_length,
             drop_long=c.long_prompts == "drop",
+            tools=self.turns.schemas if self.turns else None,
+            system_text=self.turns.system_text(self.tokenizer) if self.turns else "",
         )
         self.dropped_prompts = len(rows) - len(self.prompts)
         self.sampler = PromptSampler(
@@ -224,25 +228,28 @@ class GRPOTrainer:
         c = self.config
         prompts = [self.prompts[i] for i in batch]
         with full_params(self.policy):  # FSDP: gather the sharded weights for sampling
-            ro = generate(
-                self.sampling_model(),
-                [p.ids for p in prompts],
-                num_generations=c.num_generations,
-                max_new_tokens=c.maximum_completion_length,
-                eos_ids=self.eos_ids,
-                pad_id=self.tokenizer.pad_token_id,
-                generator=self.generator,
-                decode_impl=c.decode_impl,
-                **c.sampling(),
-            )
+            model = self.sampling_model()
+            if self.turns is not None:  # tools or an environment: grpo/rollout/multi_turn.py
+                ro = self.turns.rollout(model, prompts, c, self.tokenizer, self.eos_ids, self.generator)
+            else:
+                ro = generate(
+                    model,
+                    [p.ids for p in prompts],
+                    num_generations=c.num_generations,
+                    max_new_tokens=c.maximum_completion_length,
+                    eos_ids=self.eos_ids,
+                    pad_id=self.tokenizer.pad_token_id,
+                    generator=self.generator,
+                    decode_impl=c.decode_impl,
+                    **c.sampling(),
+                )
         ids = ro.completion_ids.masked_fill(ro.completion_mask == 0, self.tokenizer.pad_token_id)
-        prefix = (
-            self.template.template.response_prefix
-        )  # prefilled in the prompt, but part of the reply to score
+        prefix = self.template.template.response_prefix  # prefilled in the prompt, but part of the reply
         texts = [prefix + text for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
-        g = c.num_generations
-        refs = [p.reference for p in prompts for _ in range(g)]
-        rows = [p.row for p in prompts for _ in range(g)]
+        if ro.conversations is not None:  # the model's own replies; tool output is in the messages
+            texts = [conv.text for conv in ro.conversations]
+        refs = [p.reference for p in prompts for _ in range(c.num_generations)]
+        rows = [p.row for p in prompts for _ in range(c.num_generations)]
         return ro, texts, refs, rows
 
     def sample_round(self, timings: dict[str, float]) -> Samples:
@@ -252,9 +259,13 @@ class GRPOTrainer:
         ro, texts, refs, rows = self.rollout(batch)
         t1 = time.perf_counter()
         expanded = [self.prompts[i] for i in batch for _ in range(self.config.num_generations)]
-        lengths = ro.completion_mask.sum(-1).tolist()
         inputs = rw.RewardInputs.of(
-            expanded, lengths, tags=self.tags, max_completion_length=self.config.maximum_completion_length
+            expanded,
+            ro.trained_mask.sum(-1).tolist(),  # the tokens the model wrote
+            tags=self.tags,
+            max_completion_length=self.config.maximum_completion_length,
+            completions=texts,
+            conversations=ro.conversations,
         )
         scores = rw.score(self.rewards, texts, refs, **inputs.as_kwargs())  # [N, R]
         total = (scores * torch.tensor([r.weight for r in self.rewards])).sum(dim=1)  # [N]
@@ -288,7 +299,7 @@ class GRPOTrainer:
         advantages = group_advantages(
             step.total, c.num_generations, scale=c.scale_rewards, batch_rewards=everyone
         ).to(self.device)
-        loss_mask = ro.completion_mask.clone()
+        loss_mask = ro.trained_mask.clone()  # tool results and observations are not trained
         if c.mask_truncated_completions:
             loss_mask = loss_mask * (~ro.truncated).long().unsqueeze(-1)
         t2 = time.perf_counter()
@@ -345,8 +356,7 @@ class GRPOTrainer:
             notes = [f"warning: {note}" for note in self.resume_notes + config_warnings(self.template)]
             if self.resumed_from is not None:
                 notes.append(f"Resumed from {self.resumed_from} at step {self.step}")
-            if self.rows_note:  # dataset.missing_columns: drop
-                notes.append(self.rows_note)
+            notes += [n for n in (self.rows_note, self.turns and self.turns.note) if n]  # dropped rows; tools
             if self.dropped_prompts:
                 limit = c.maximum_sequence_length - c.maximum_completion_length
                 notes.append(
@@ -379,9 +389,7 @@ class GRPOTrainer:
                         logger.log_samples(self.step, samples)
                 if c.save_steps > 0 and (self.step % c.save_steps == 0 or self.stop_requested):
                     progress = ckpt.Progress(self.step, self.updates.skipped_steps)
-                    ckpt.save_checkpoint(
-                        self.checkpoint_parts(), progress
-                    )  # a stopped run can be resumed too
+                    ckpt.save_checkpoint(self.checkpoint_parts(), progress)  # a stopped run can resume too
             final = self.output_dir / c.adaptor_name
             state = full_state_dict(self.model, env)  # FSDP: gathered to rank 0 (every rank takes part)
             if env.is_main:

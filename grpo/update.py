@@ -205,11 +205,11 @@ class PolicyUpdate:
                 if keep_logps:
                     kept.append(logps.detach())
                 extra, mask = dict(options), loss_mask[s].bool()
-                totals.add_tokens({"entropy": (entropy.detach() * ro.completion_mask[s]).sum()})
+                totals.add_tokens({"entropy": (entropy.detach() * ro.trained_mask[s]).sum()})
                 if ro.sampling_logps is not None:
                     # the policy before this step's updates against the decode path that drew the tokens
                     gap = rollout_gap(
-                        logps if old is None else old[s], ro.sampling_logps[s], ro.completion_mask[s]
+                        logps if old is None else old[s], ro.sampling_logps[s], ro.trained_mask[s]
                     )
                     totals.add_tokens({"rollout/mismatch_kl": rollout_mismatch_kl(gap)})
                     totals.add_max("rollout/mismatch_max", gap.abs().max())
@@ -230,7 +230,7 @@ class PolicyUpdate:
             finite &= torch.isfinite(
                 torch.stack([torch.as_tensor(v, device=self.device).float() for v in (loss, *stats.values())])
             ).all()
-        totals.count_tokens(ro.completion_mask, n)
+        totals.count_tokens(ro.trained_mask, n)  # the tokens the model wrote
         first_logps = torch.cat(kept) if kept else None
         if any_over_ranks(not bool(finite), self.env) and not self._skip_nonfinite(
             f"Non-finite loss at step {step}: {totals.result()}."

@@ -56,7 +56,7 @@ def doc(text: str, *, check: Check | None = None, resume_safe: bool = False, **k
 @dataclass
 class DatasetConfig:
     path: str = doc(
-        "Hub id (openai/gsm8k), a local .jsonl/.json/.csv/.parquet file, or builtin:arithmetic.",
+        "Hub id (openai/gsm8k), a local .jsonl/.json/.csv/.parquet file, builtin:arithmetic or builtin:multiply.",
         default=BUILTIN_DATASET,
     )
     config: str | None = doc("Dataset config name on the hub (gsm8k: main).", default=None)
@@ -299,6 +299,26 @@ class TrainConfig:
         default=300.0,
         check=Check(lambda v: v >= 0, "it must be 0 (no limit) or more"),
         resume_safe=True,
+    )
+    # -- several turns: tools or an environment (docs/tools.md)
+    tools: list[str] = doc(
+        "Tools the model may call: calculator or package.module:function (type hints and a docstring).",
+        default_factory=list,
+    )
+    environment: str | None = doc(
+        "An environment the model acts in over turns: number_guess or package.module:Class (reset, step).",
+        default=None,
+    )
+    tool_call_format: str = doc(
+        'How the model writes a call: {json} is {"name": ..., "arguments": {...}}.',
+        default="<tool_call>{json}</tool_call>",
+    )
+    max_tool_calling_iterations: int = doc(
+        "Most tool calls (environment steps) per sample.", default=4, check=AT_LEAST_1
+    )
+    tool_timeout: float = doc("Seconds a tool call may take.", default=10.0, check=POSITIVE, resume_safe=True)
+    tool_output_chars: int = doc(
+        "A tool's output is cut to this many characters.", default=1000, check=AT_LEAST_1
     )
     logprob_impl: Literal["auto", "chunked", "naive", "triton"] = doc(
         "How per-token log-probs are computed (kernels/).", default="auto", resume_safe=True

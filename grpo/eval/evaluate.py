@@ -158,7 +158,9 @@ def evaluate(
         truncated += ro.truncated.tolist()
     expanded = [p for p in prompts for _ in range(samples)]  # the order generate returns: G per prompt
     refs = [p.reference for p in expanded]
-    inputs = rw.RewardInputs.of(expanded, lengths, tags=tags, max_completion_length=max_new_tokens)
+    inputs = rw.RewardInputs.of(
+        expanded, lengths, tags=tags, max_completion_length=max_new_tokens, completions=texts
+    )
     scores = rw.score(rewards, texts, refs, **inputs.as_kwargs())  # [N, R]
     j = correctness_index(rewards)
     correct_scores = scores[:, j] if j is not None else torch.tensor(rw.correctness(texts, refs, tags=tags))

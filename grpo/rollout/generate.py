@@ -7,6 +7,7 @@ the B*G sequences decode together; decoding stops as soon as every sequence has 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 
@@ -28,6 +29,13 @@ class Rollout:
     # padding; None for greedy decoding. Compared with the training forward's log-probs it measures how far
     # the fast decode path is from the policy being trained (rollout/mismatch_* metrics, rollout_is_cap).
     sampling_logps: torch.Tensor | None = None
+    # [N, T] 1 where the model sampled the token, 0 at tool results, observations and the chat template's role
+    # headers between turns (grpo/rollout/multi_turn.py); None: a single reply, every completion token is the
+    # model's. The sequence keeps the other tokens for the log-probs; the loss trains only `trained_mask`.
+    model_written: torch.Tensor | None = None
+    conversations: list[Any] | None = (
+        None  # per row, a multi-turn rollout's Conversation (messages, tool calls)
+    )
 
     def prompt_groups(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The distinct prompts of rows[start:stop], without all-padding columns, and each row's index into
@@ -46,7 +54,19 @@ class Rollout:
         if isinstance(index, slice) and (index.start % self.group_size or index.stop % self.group_size):
             raise ValueError(f"rows {index.start}:{index.stop} split a group of {self.group_size} samples.")
         tensors = {f.name: getattr(self, f.name) for f in fields(self)}
-        return replace(self, **{k: v[index] for k, v in tensors.items() if isinstance(v, torch.Tensor)})
+        out = replace(self, **{k: v[index] for k, v in tensors.items() if isinstance(v, torch.Tensor)})
+        if self.conversations is not None:
+            picked = range(len(self.conversations))[index] if isinstance(index, slice) else index.tolist()
+            out.conversations = [self.conversations[i] for i in picked]
+        return out
+
+    @property
+    def trained_mask(self) -> torch.Tensor:
+        """[N, T] the completion tokens the model wrote: what the loss, its normalisers and the token metrics
+        count."""
+        if self.model_written is None:
+            return self.completion_mask
+        return self.completion_mask * self.model_written
 
     @property
     def num_completion_tokens(self) -> int:
