@@ -201,4 +201,4 @@ def test_resume_safe_fields_are_marked_in_the_schema():
 
     assert "config.eval_steps" in RESUME_SAFE_FIELDS and "config.micro_batch_size" in RESUME_SAFE_FIELDS
     assert "config.learning_rate" not in RESUME_SAFE_FIELDS and "config.batch_size" not in RESUME_SAFE_FIELDS
-    assert len(RESUME_SAFE_FIELDS) == 23
+    assert len(RESUME_SAFE_FIELDS) == 30
