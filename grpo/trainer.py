@@ -125,6 +125,7 @@ class GRPOTrainer:
             self.evaluation.best_accuracy = best_accuracy_so_far(self.output_dir)
         # rollout_engine vllm: an engine holding this step's weights (the restored ones on a resume); else None
         self.engine = start_engine(template, self.model, self.device, self.precision.compute, step=self.step)
+        self.evaluation.engine = self.engine
 
     def _build_models(self) -> None:
         """The heavy part: policy (+ LoRA), reference, DDP/FSDP wrapping, optimizer, sampling generator."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -100,6 +101,7 @@ class VLLMEngine:
     def __init__(self, llm: Any, *, version: int, sleep: bool):
         self.llm, self.version, self.sleep = llm, version, sleep
         self.asleep = False
+        self.startup_s = self.push_s = 0.0  # the engine's start and the latest push, for the benchmark
 
     @classmethod
     def start(
@@ -117,6 +119,7 @@ class VLLMEngine:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the training log stays readable
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        start = time.perf_counter()
         from vllm import LLM  # the only import of vllm in the package
 
         from grpo.model.loading import resolve_model_source
@@ -143,11 +146,13 @@ class VLLMEngine:
         )
         engine = cls(llm, version=-1, sleep=c.vllm_enable_sleep_mode)
         engine.push(model, version=version)
+        engine.startup_s = time.perf_counter() - start
         return engine
 
     @torch.no_grad()
     def push(self, model: torch.nn.Module, *, version: int) -> None:
         """Load `model`'s current weights into the engine in place; it then samples for step `version`."""
+        start = time.perf_counter()
         state = merged_state_dict(model) if lora_layers(model) else model.state_dict()
         # Tied embeddings: lm_head.weight goes too. Without it vLLM's in-place reload puts the old output
         # layer back (measured: a gap of 27 nats in the log-probs after moving the embedding).
@@ -159,6 +164,7 @@ class VLLMEngine:
         # Cached prompt keys/values were computed with the old weights; a prompt seen again must be encoded anew.
         self.llm.reset_prefix_cache()
         self.version = version
+        self.push_s = time.perf_counter() - start
 
     def wake(self) -> None:
         if self.asleep:
@@ -207,6 +213,7 @@ class VLLMEngine:
             "n": 1 if greedy else num_generations,  # vLLM refuses G > 1 greedy copies: made below instead
             "max_tokens": max_new_tokens,
             "stop_token_ids": list(eos_ids),
+            "ignore_eos": not eos_ids,  # as our decoder: no end tokens, every completion runs to the limit
             "detokenize": False,  # the trainer decodes the ids itself
         }
         if greedy:
