@@ -44,6 +44,7 @@ from grpo.rollout.decoders import decode_impl_problem
 from grpo.rollout.dynamic_sampling import fill_batch
 from grpo.rollout.generate import Rollout, generate
 from grpo.rollout.multi_turn import MultiTurn
+from grpo.rollout.vllm_engine import require_engine, start_engine
 from grpo.run import checkpoint as ckpt
 from grpo.run.cpu_memory import keep_freed_memory
 from grpo.run.logger import finish_queued, peak_memory_metric
@@ -70,6 +71,7 @@ class GRPOTrainer:
         self.env = env or init_distributed(c, resolve_device(c).type)
         self.device = resolve_device(c)
         self.precision = resolve_precision(c.dtype, self.device)
+        require_engine(c, self.device, self.env.world_size)  # rollout_engine vllm: the package, devices
         if self.device.type == "cpu":
             keep_freed_memory()  # no page faults on memory the last step freed (grpo/run/cpu_memory.py)
         if c.backend == "unsloth":
@@ -134,6 +136,9 @@ class GRPOTrainer:
             self.step, self.updates.skipped_steps = progress.step, progress.skipped_steps
             # save_best: a resumed run must beat what the interrupted one already kept
             self.evaluation.best_accuracy = best_accuracy_so_far(self.output_dir)
+        # rollout_engine vllm: an engine holding this step's weights (the restored ones on a resume); else None
+        self.engine = start_engine(template, self.model, self.device, self.precision.compute, step=self.step)
+        self.evaluation.engine = self.engine
 
     def _build_models(self) -> None:
         """The heavy part: policy (+ LoRA), reference, DDP/FSDP wrapping, optimizer, sampling generator."""
@@ -227,12 +232,13 @@ class GRPOTrainer:
     def rollout(self, batch: list[int]) -> tuple[Rollout, list[str], list[str], list[dict[str, Any]]]:
         c = self.config
         prompts = [self.prompts[i] for i in batch]
+        sample = generate if self.engine is None else self.engine.sampler(version=self.step)
         with full_params(self.policy):  # FSDP: gather the sharded weights for sampling
             model = self.sampling_model()
             if self.turns is not None:  # tools or an environment: grpo/rollout/multi_turn.py
                 ro = self.turns.rollout(model, prompts, c, self.tokenizer, self.eos_ids, self.generator)
             else:
-                ro = generate(
+                ro = sample(
                     model,
                     [p.ids for p in prompts],
                     num_generations=c.num_generations,
@@ -372,6 +378,8 @@ class GRPOTrainer:
                 self.step += 1
                 if sync_due(self.step, c.ref_model_sync_steps):  # TR-DPO: the reference follows the policy
                     mix_into_reference(self.model, self.synced_reference(), c.ref_model_mixup_alpha)
+                if self.engine is not None:  # the next rollout samples from the weights this step made
+                    self.engine.push(self.model, version=self.step)
                 metrics = reduce_over_ranks(metrics, env)
                 self.stop_requested = any_over_ranks(self.stop_requested, env)  # all ranks stop together
                 if c.eval_steps > 0 and (self.step % c.eval_steps == 0 or self.step == self.total_steps):

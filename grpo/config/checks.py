@@ -76,6 +76,25 @@ def check_relations(t: Template) -> None:
             c.delta,
             "cispo has no clipped objective to cap (its ratio cap is 1 + epsilon_high)",
         )
+    if c.rollout_engine == "vllm":
+        need(
+            c.backend != "unsloth",
+            "config.rollout_engine",
+            c.rollout_engine,
+            "unsloth patches the model in ways vLLM does not load; use backend: torch or rollout_engine: torch",
+        )
+        need(
+            c.vllm_mode != "server" or c.vllm_server_url is not None,
+            "config.vllm_server_url",
+            c.vllm_server_url,
+            "vllm_mode: server needs the URL of a running `grpo vllm-serve`, e.g. http://127.0.0.1:8000",
+        )
+        need(
+            c.vllm_max_model_length is None or c.vllm_max_model_length >= c.maximum_sequence_length,
+            "config.vllm_max_model_length",
+            c.vllm_max_model_length,
+            f"it must be null or at least maximum_sequence_length ({c.maximum_sequence_length})",
+        )
     need(
         not c.load_in_4bit or c.backend == "unsloth",
         "config.load_in_4bit",

@@ -37,6 +37,11 @@ ZERO_OR_MORE = Check(lambda v: v >= 0, "it must be 0 or more")
 OFF_OR_MORE = Check(lambda v: v >= 0, "it must be 0 (off) or more")
 POSITIVE = Check(lambda v: v > 0, "it must be positive")
 NOT_BLANK = Check(lambda v: v.strip() != "", "it must not be empty")
+UNIT = Check(lambda v: 0 < v <= 1, "it must be in (0, 1]")
+NULL_OR_COUNT = Check(lambda v: v is None or v >= 1, "use null or a positive count")
+URL = Check(
+    lambda v: v is None or v.startswith(("http://", "https://")), "use null or an http:// or https:// URL"
+)
 
 
 def within(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Check:
@@ -64,7 +69,7 @@ class DatasetConfig:
     limit: int | None = doc(
         "Use only the first N rows (null = all).",
         default=None,
-        check=Check(lambda v: v is None or v >= 1, "use null or a positive count"),
+        check=NULL_OR_COUNT,
     )
     eval_split: str = doc(
         "Held-out split for evaluation (a local file path also works).", default="test", resume_safe=True
@@ -327,6 +332,35 @@ class TrainConfig:
         "How rollouts decode: graph (CUDA graphs on GPU), packed (CPU fp32), static, hf (transformers' "
         "generation path, the slowest and the reference); auto picks the fastest the model and device allow.",
         default="auto",
+        resume_safe=True,
+    )
+    # -- the rollout engine; the vllm_* fields (TRL's names) are read only with rollout_engine vllm (docs/vllm.md)
+    rollout_engine: Literal["torch", "vllm"] = doc(
+        "Who samples rollouts: torch (our decoder) or vllm, an optional engine given the weights after every step.",
+        default="torch",
+        resume_safe=True,
+    )
+    vllm_mode: Literal["colocate", "server"] = doc(
+        "colocate: an engine inside the training process; server: `grpo vllm-serve` at vllm_server_url.",
+        default="colocate",
+        resume_safe=True,
+    )
+    vllm_gpu_memory_utilization: float = doc(
+        "Share of GPU memory vLLM takes (weights + cache).", default=0.3, check=UNIT, resume_safe=True
+    )
+    vllm_tensor_parallel_size: int = doc(
+        "GPUs each engine shards the model over.", default=1, check=AT_LEAST_1, resume_safe=True
+    )
+    vllm_enable_sleep_mode: bool = doc(
+        "On a GPU: free the engine's memory while the policy updates.", default=False, resume_safe=True
+    )
+    vllm_server_url: str | None = doc(
+        "vllm_mode server: the server's URL (http://HOST:PORT).", default=None, check=URL, resume_safe=True
+    )
+    vllm_max_model_length: int | None = doc(
+        "Longest prompt + completion; null = maximum_sequence_length.",
+        default=None,
+        check=NULL_OR_COUNT,
         resume_safe=True,
     )
     # -- outputs
