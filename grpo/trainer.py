@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from grpo import rewards as rw
-from grpo.advantages import group_advantages
+from grpo.advantages import reward_advantages
 from grpo.config import ConfigError, Template
 from grpo.config.checks import config_warnings
 from grpo.data import PromptSampler, build_prompts, complete_rows, load_rows
@@ -166,18 +166,15 @@ class GRPOTrainer:
         # bf16-mixed (grpo/model/precision.py): the passes autocast, except under FSDP, which gathers bf16 weights.
         mixed = self.precision.mixed and c.backend != "unsloth"
         autocast = self.precision.compute if mixed and not self.env.fsdp else None
-        self.policy = CompletionLogprobs(
-            self.model, temperature=c.temperature, impl=c.logprob_impl, autocast=autocast
-        )
+        head = {"temperature": c.temperature, "impl": c.logprob_impl, "fp32_head": c.cast_lm_head_to_fp32}
+        self.policy = CompletionLogprobs(self.model, autocast=autocast, **head)
         # With dropout active in training forwards, the old-policy log-probs need their own no-grad pass.
         old_from_first_update = not (self.model.training and has_dropout(self.model))
         self.ref = None
         if c.beta > 0 and not self.lora:
             # frozen: the compute dtype is all it needs
             ref_model = copy.deepcopy(self.model).to(self.precision.compute).eval().requires_grad_(False)
-            self.ref = CompletionLogprobs(
-                ref_model, temperature=c.temperature, impl=c.logprob_impl, autocast=autocast
-            )
+            self.ref = CompletionLogprobs(ref_model, autocast=autocast, **head)
         # torchrun: DDP around the policy, or FSDP2 around policy and reference (grpo/parallel/wrapping.py).
         self.policy, self.ref = wrap_models(
             self.policy, self.ref, self.env, device=self.device, compute_dtype=self.precision.compute
@@ -283,10 +280,15 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         first, step, sampling = self.sample_step(timings)
         ro = step.rollout
-        # scale_rewards: batch takes the std over the samples of all ranks, so it does not depend on the split
-        everyone = gather_over_ranks(step.total, self.env) if c.scale_rewards == "batch" else None
-        advantages = group_advantages(
-            step.total, c.num_generations, scale=c.scale_rewards, batch_rewards=everyone
+        # batch statistics are taken over the samples of all ranks, so they do not depend on the split
+        advantages = reward_advantages(
+            step.scores,
+            torch.tensor([r.weight for r in self.rewards]),
+            c.num_generations,
+            scale=c.scale_rewards,
+            aggregation=c.multi_objective_aggregation,
+            total=step.total,
+            gather=lambda x: gather_over_ranks(x, self.env),
         ).to(self.device)
         loss_mask = ro.completion_mask.clone()
         if c.mask_truncated_completions:

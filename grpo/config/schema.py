@@ -8,9 +8,10 @@ grpo/config/checks.py. Everything here is cheap: validation runs before any mode
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from grpo.config.fields import AT_LEAST_1, NOT_BLANK, OFF_OR_MORE, POSITIVE, ZERO_OR_MORE, Check, doc, within
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 BUILTIN_DATASET = "builtin:arithmetic"
@@ -22,35 +23,6 @@ SEED_INSTRUCTION = """Respond in the following format:
 <answer>
 ...
 </answer>"""
-
-
-@dataclass(frozen=True)
-class Check:
-    """The values a field allows beyond its type: `ok(value)` must hold, else `allowed` tells the user why."""
-
-    ok: Callable[[Any], bool]
-    allowed: str
-
-
-AT_LEAST_1 = Check(lambda v: v >= 1, "it must be at least 1")
-ZERO_OR_MORE = Check(lambda v: v >= 0, "it must be 0 or more")
-OFF_OR_MORE = Check(lambda v: v >= 0, "it must be 0 (off) or more")
-POSITIVE = Check(lambda v: v > 0, "it must be positive")
-NOT_BLANK = Check(lambda v: v.strip() != "", "it must not be empty")
-
-
-def within(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Check:
-    above = (lambda v: v > low) if low_open else (lambda v: v >= low)
-    below = (lambda v: v < high) if high_open else (lambda v: v <= high)
-    span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    return Check(lambda v: above(v) and below(v), f"it must be in {span}")
-
-
-def doc(text: str, *, check: Check | None = None, resume_safe: bool = False, **kw: Any) -> Any:
-    """A field with its description and, next to it, what it allows (checked before anything loads, with the
-    relations between fields in grpo/config/checks.py) and whether a resume may change it: resume_safe fields
-    change how a run is carried out or logged, not what it computes."""
-    return field(metadata={"doc": text, "check": check, "resume_safe": resume_safe}, **kw)
 
 
 @dataclass
@@ -248,12 +220,30 @@ class TrainConfig:
         default=1,
         check=AT_LEAST_1,
     )
-    loss_type: str = doc("grpo | bnpo | dr_grpo | dapo | cispo, or package.module:function.", default="grpo")
+    loss_type: str = doc(
+        "grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo, or package.module:function.", default="grpo"
+    )
+    sapo_temperature_pos: float = doc(
+        "sapo: the gate's temperature where A > 0.", default=1.0, check=POSITIVE
+    )
+    sapo_temperature_neg: float = doc(
+        "sapo: the gate's temperature where A <= 0.", default=1.05, check=POSITIVE
+    )
+    use_bias_correction_kl: bool = doc(
+        "Multiply each token's KL term by its ratio pi / pi_old (DeepSeek-V3.2's unbiased KL, for stale samples); "
+        "needs beta > 0.",
+        default=False,
+    )
     importance_sampling_level: Literal["token", "sequence"] = doc(
         "token (GRPO) or sequence (GSPO).", default="token"
     )
     scale_rewards: Literal["group", "batch", "none"] = doc(
         "Divide advantages by the std of the group, the batch, or not at all.", default="group"
+    )
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = doc(
+        "Several rewards: normalise their weighted sum, or normalise each within its group, sum, then normalise "
+        "over the batch (GDPO), so a reward on a large scale does not drown the others.",
+        default="sum_then_normalize",
     )
     top_entropy_quantile: float = doc(
         "Apply the policy term only to the tokens whose entropy is in this top share of the step's tokens "
@@ -266,6 +256,15 @@ class TrainConfig:
         "which slows the collapse of exploration; 0 = off (entropy is then only a metric, without gradient).",
         default=0.0,
         check=OFF_OR_MORE,
+    )
+    entropy_target: float | None = doc(
+        "Adaptive entropy control (Skywork-OR1): after each update the entropy coefficient (from entropy_coef) "
+        "moves by entropy_coef_step towards steering the entropy to this target, never below 0; null = off.",
+        default=None,
+        check=Check(lambda v: v is None or v > 0, "it must be null (off) or positive"),
+    )
+    entropy_coef_step: float = doc(
+        "entropy_target: the coefficient's move per update.", default=0.005, check=POSITIVE
     )
     dynamic_sampling: bool = doc(
         "DAPO's dynamic sampling: drop prompts whose G rewards are all equal and sample more prompts until "
@@ -284,6 +283,28 @@ class TrainConfig:
         default=0.0,
         check=Check(lambda v: v == 0 or v >= 1, "it must be 0 (off) or at least 1"),
     )
+    vllm_importance_sampling_correction: bool = doc(
+        "Weight the policy term by the importance ratio training / decode path, as the mode says (TRL's names; "
+        "grpo/off_policy.py); rollout_is_cap is its token_truncate form.",
+        default=False,
+    )
+    vllm_importance_sampling_mode: Literal[
+        "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"
+    ] = doc(
+        "Per token or per sequence; truncated at the cap, or 0 outside [min, cap].", default="sequence_mask"
+    )
+    vllm_importance_sampling_cap: float = doc(
+        "Upper bound of the ratio.", default=3.0, check=Check(lambda v: v >= 1, "it must be at least 1")
+    )
+    vllm_importance_sampling_min: float = doc(
+        "Lower bound of the ratio, *_mask modes (0 = none).", default=0.0, check=within(0, 1, high_open=True)
+    )
+    off_policy_mask_threshold: float | None = doc(
+        "Drop from the policy term each sequence with A < 0 whose mean log(pi_sampling / pi) exceeds this "
+        "(DeepSeek-V3.2); null = off.",
+        default=None,
+        check=Check(lambda v: v is None or v > 0, "it must be null (off) or positive"),
+    )
     mask_truncated_completions: bool = doc(
         "Exclude completions cut at the length limit from the loss.", default=False
     )
@@ -299,6 +320,9 @@ class TrainConfig:
         default=300.0,
         check=Check(lambda v: v >= 0, "it must be 0 (no limit) or more"),
         resume_safe=True,
+    )
+    cast_lm_head_to_fp32: bool = doc(
+        "Log-prob passes: the LM head and its softmax in fp32 even under bf16 (ScaleRL).", default=False
     )
     logprob_impl: Literal["auto", "chunked", "naive", "triton"] = doc(
         "How per-token log-probs are computed (kernels/).", default="auto", resume_safe=True
