@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from grpo.advantages import group_advantages, reward_advantages
-from grpo.config import Template, TrainConfig
+from grpo.config import ConfigError, Template, TrainConfig, template_from_dict
 from grpo.config.checks import config_warnings
 from grpo.loss import adaptive_entropy_coef, kl_term, policy_loss, reduce, sapo_objective
 from grpo.off_policy import off_policy_sequence_mask, rollout_correction_weights
@@ -281,3 +281,37 @@ def test_luspo_at_token_level_warns():
     assert any("luspo" in n for n in config_warnings(t))
     t.config.importance_sampling_level, t.config.epsilon, t.config.epsilon_high = "sequence", 3e-4, 4e-4
     assert config_warnings(t) == []
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (
+            {"rollout_is_cap": 2.0, "vllm_importance_sampling_correction": True},
+            "config.rollout_is_cap = 2.0 is not allowed: it is the token_truncate form of "
+            "vllm_importance_sampling_correction; use one of the two.",
+        ),
+        (
+            {"use_bias_correction_kl": True},
+            "config.use_bias_correction_kl = True is not allowed: it corrects the KL term, and beta = 0 has none; "
+            "set beta > 0.",
+        ),
+        (
+            {"loss_type": "sapo", "delta": 2.0},
+            "config.delta = 2.0 is not allowed: sapo has a soft gate, no clipped objective to cap.",
+        ),
+        (
+            {"vllm_importance_sampling_mode": "sequence"},
+            "config.vllm_importance_sampling_mode = 'sequence' is not allowed: expected one of 'token_truncate', "
+            "'token_mask', 'sequence_truncate', 'sequence_mask'.",
+        ),
+        (
+            {"off_policy_mask_threshold": 0},
+            "config.off_policy_mask_threshold = 0.0 is not allowed: it must be null (off) or positive.",
+        ),
+    ],
+)
+def test_variant_settings_that_cannot_work_are_refused_in_one_line(config, message):
+    with pytest.raises(ConfigError) as e:
+        template_from_dict({"config": config})
+    assert str(e.value) == message
