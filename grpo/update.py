@@ -291,18 +291,21 @@ class PolicyUpdate:
             if c.rollout_is_cap > 0:
                 weights = rollout_is_weights(gap, c.rollout_is_cap)
             elif c.vllm_importance_sampling_correction:
+                completion = ro.completion_mask[
+                    s
+                ]  # the metrics are means over completion tokens, like entropy
                 weights, masked = rollout_correction_weights(
                     gap,
-                    loss_mask,
+                    completion,
                     mode=c.vllm_importance_sampling_mode,
                     cap=c.vllm_importance_sampling_cap,
                     low=c.vllm_importance_sampling_min,
                 )
-                counted = loss_mask.to(weights.dtype)
+                counted = completion.to(weights.dtype)
                 totals.add_tokens(
                     {"rollout/is_masked": masked.sum(), "rollout/is_weight_mean": (weights * counted).sum()}
                 )
-                outside = ~loss_mask.bool()
+                outside = ~completion.bool()
                 totals.add_max("rollout/is_weight_max", weights.masked_fill(outside, 0.0).max())
                 totals.add_min("rollout/is_weight_min", weights.masked_fill(outside, float("inf")).min())
         if c.off_policy_mask_threshold is not None:
