@@ -319,11 +319,13 @@ def rollout_is_weights(gap: torch.Tensor, cap: float) -> torch.Tensor:
     return torch.exp(gap).clamp(max=cap)
 
 
-def adaptive_entropy_coef(coef: float, entropy: float, *, target: float, step_size: float) -> float:
-    """Adaptive entropy control (Skywork-OR1, arXiv:2505.22312): the next update's coefficient is
-    c + step_size when the measured entropy is below target, else c - step_size, never below 0; the bonus
-    -c x entropy then pulls the entropy towards the target from either side."""
-    return max(coef + (step_size if entropy < target else -step_size), 0.0)
+def adaptive_entropy_coef(
+    coef: float, entropy: float, *, target: float, delta: float, low: float = 0.0, high: float = 1.0
+) -> float:
+    """Adaptive entropy control (Skywork-OR1, arXiv:2505.22312): the next update's coefficient is coef + delta
+    when the measured entropy is below target, else coef - delta, kept within [low, high]; the bonus
+    -coef x entropy then pulls the entropy towards the target from either side."""
+    return min(max(coef + (delta if entropy < target else -delta), low), high)
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

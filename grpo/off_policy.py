@@ -6,10 +6,11 @@ token_weights), so the KL term and every normaliser are untouched. Each works ro
 whatever micro_batch_size and the number of ranks.
 
     gap_t = log pi_train(y_t) - log pi_sampling(y_t)            (grpo/loss.py rollout_gap; 0 at padding)
-    token_truncate     w_t = min(exp(gap_t), cap)
-    token_mask         w_t = exp(gap_t) if low <= exp(gap_t) <= cap else 0
-    sequence_truncate  w_t = min(exp(sum_t gap_t), cap)            one weight per sequence
-    sequence_mask      w_t = exp(sum_t gap_t) if low <= exp(sum_t gap_t) <= cap else 0
+    token_truncate     w_t = clamp(exp(gap_t), low, high)
+    token_mask         w_t = exp(gap_t) if low <= exp(gap_t) <= high else 0
+    sequence_truncate  w_t = clamp(exp(sum_t gap_t), low, high)     one weight per sequence
+    sequence_mask      w_t = exp(sum_t gap_t) if low <= exp(sum_t gap_t) <= high else 0
+(low, high: vllm_importance_sampling_clip_min, _clip_max; no low bound when clip_min is null)
 (Yao et al., "Your efficient RL framework secretly brings you off-policy RL training", 2025; the masked forms
 as in "When speed kills stability", Liu et al., 2025.)
 """
@@ -23,10 +24,10 @@ ROLLOUT_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate",
 
 @torch.no_grad()
 def rollout_correction_weights(
-    gap: torch.Tensor, mask: torch.Tensor, *, mode: str, cap: float, low: float = 0.0
+    gap: torch.Tensor, mask: torch.Tensor, *, mode: str, high: float, low: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [B, T], masked [B, T] bool) from the log gap [B, T] (module docstring): the importance weight of
-    each token, truncated at cap or set to 0 outside [low, cap], and which loss tokens a mask mode dropped.
+    each token, clamped to [low, high] or set to 0 outside it, and which tokens of `mask` a mask mode dropped.
     A sequence weight is the product of its token ratios, the exact importance weight of the whole sequence."""
     if mode not in ROLLOUT_CORRECTION_MODES:
         raise ValueError(f"mode = {mode!r} is not allowed: use one of {', '.join(ROLLOUT_CORRECTION_MODES)}.")
@@ -34,9 +35,9 @@ def rollout_correction_weights(
     log_ratio = gap if level == "token" else (gap * mask).sum(-1, keepdim=True)  # [B, T] or [B, 1]
     ratio = torch.exp(log_ratio.double())  # a sequence's sum of gaps can exceed float32's exp range
     if action == "truncate":
-        weights, kept = ratio.clamp(max=cap), torch.ones_like(ratio, dtype=torch.bool)
+        weights, kept = ratio.clamp(min=low, max=high), torch.ones_like(ratio, dtype=torch.bool)
     else:
-        kept = (ratio >= low) & (ratio <= cap)
+        kept = (ratio >= (low or 0.0)) & (ratio <= high)
         weights = torch.where(kept, ratio, 0.0)
     masked = (~kept).expand_as(mask) & mask.bool()
     return weights.expand_as(mask).to(gap.dtype), masked

@@ -139,7 +139,9 @@ class PolicyUpdate:
         self.old_from_first_update = old_from_first_update  # no dropout: the first forward is the old policy
         self.skipped_steps = 0  # non-finite steps skipped (skip_nonfinite_steps)
         self.optimizer_seconds = 0.0  # grad clipping + optimizer step, summed until the trainer resets it
-        self.entropy_coef = config.entropy_coef  # moves towards entropy_target after each update, when set
+        self.entropy_coef = (
+            config.entropy_coef
+        )  # steered towards entropy_target after each update (use_adaptive_entropy)
 
     def micro_batches(self, n: int) -> list[slice]:
         size = self.config.micro_batch_size or n
@@ -243,7 +245,7 @@ class PolicyUpdate:
                 torch.stack([torch.as_tensor(v, device=self.device).float() for v in (loss, *stats.values())])
             ).all()
         totals.count_tokens(ro.completion_mask, n)
-        if c.entropy_target is not None:
+        if c.use_adaptive_entropy:
             self.steer_entropy(entropy_sum, ro.completion_mask, totals, n)
         first_logps = torch.cat(kept) if kept else None
         if any_over_ranks(not bool(finite), self.env) and not self._skip_nonfinite(
@@ -298,8 +300,8 @@ class PolicyUpdate:
                     gap,
                     completion,
                     mode=c.vllm_importance_sampling_mode,
-                    cap=c.vllm_importance_sampling_cap,
-                    low=c.vllm_importance_sampling_min,
+                    high=c.vllm_importance_sampling_clip_max,
+                    low=c.vllm_importance_sampling_clip_min,
                 )
                 counted = completion.to(weights.dtype)
                 totals.add_tokens(
@@ -327,7 +329,12 @@ class PolicyUpdate:
         total = sum_over_ranks(torch.stack([entropy_sum, completion_mask.sum().to(entropy_sum)]), self.env)
         entropy = (total[0] / total[1].clamp(min=1.0)).item()
         self.entropy_coef = adaptive_entropy_coef(
-            self.entropy_coef, entropy, target=c.entropy_target, step_size=c.entropy_coef_step
+            self.entropy_coef,
+            entropy,
+            target=c.entropy_target,
+            delta=c.entropy_coef_delta,
+            low=c.entropy_coef_min,
+            high=c.entropy_coef_max,
         )
 
     def loss_terms(

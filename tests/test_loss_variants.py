@@ -37,7 +37,7 @@ def test_the_default_config_passes_no_variant_to_the_loss():
         "beta",
         "importance_sampling_level",
     ]
-    assert c.multi_objective_aggregation == "sum_then_normalize" and c.entropy_target is None
+    assert c.multi_objective_aggregation == "sum_then_normalize" and not c.use_adaptive_entropy
     assert not (c.vllm_importance_sampling_correction or c.use_bias_correction_kl or c.cast_lm_head_to_fp32)
     assert c.off_policy_mask_threshold is None
 
@@ -207,15 +207,16 @@ GAP = torch.log(torch.tensor([[2.0, 0.5, 1.0], [4.0, 1.0, 1.0]])) * MASK  # toke
 @pytest.mark.parametrize(
     "mode, low, weights, masked",
     [
-        ("token_truncate", 0.0, [[2.0, 0.5, 1.0], [3.0, 1.0, 1.0]], [[0, 0, 0], [0, 0, 0]]),
+        ("token_truncate", None, [[2.0, 0.5, 1.0], [3.0, 1.0, 1.0]], [[0, 0, 0], [0, 0, 0]]),
+        ("token_truncate", 0.6, [[2.0, 0.6, 1.0], [3.0, 1.0, 1.0]], [[0, 0, 0], [0, 0, 0]]),
         ("token_mask", 0.6, [[2.0, 0.0, 1.0], [0.0, 1.0, 1.0]], [[0, 1, 0], [1, 0, 0]]),
-        ("sequence_truncate", 0.0, [[1.0, 1.0, 1.0], [3.0, 3.0, 3.0]], [[0, 0, 0], [0, 0, 0]]),
-        ("sequence_mask", 0.0, [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]], [[0, 0, 0], [1, 1, 1]]),
+        ("sequence_truncate", None, [[1.0, 1.0, 1.0], [3.0, 3.0, 3.0]], [[0, 0, 0], [0, 0, 0]]),
+        ("sequence_mask", None, [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]], [[0, 0, 0], [1, 1, 1]]),
     ],
 )
 def test_rollout_correction_modes_by_hand(mode, low, weights, masked):
-    """Cap 3: sequence 0's ratio is 2 x 0.5 = 1, sequence 1's is 4; the padding token is never counted masked."""
-    w, m = rollout_correction_weights(GAP, MASK, mode=mode, cap=3.0, low=low)
+    """clip_max 3: sequence 0's ratio is 2 x 0.5 = 1, sequence 1's is 4; the padding token is never counted masked."""
+    w, m = rollout_correction_weights(GAP, MASK, mode=mode, high=3.0, low=low)
     torch.testing.assert_close(w * MASK, torch.tensor(weights) * MASK, rtol=0, atol=1e-6)
     assert m.int().tolist() == masked
 
@@ -223,12 +224,12 @@ def test_rollout_correction_modes_by_hand(mode, low, weights, masked):
 def test_token_truncate_is_rollout_is_cap():
     from grpo.loss import rollout_is_weights
 
-    w, _ = rollout_correction_weights(GAP, MASK, mode="token_truncate", cap=2.0)
+    w, _ = rollout_correction_weights(GAP, MASK, mode="token_truncate", high=2.0)
     torch.testing.assert_close(w, rollout_is_weights(GAP, 2.0), rtol=0, atol=1e-7)
 
 
 def test_rollout_correction_with_bounds_that_hold_everything_changes_nothing():
-    w, m = rollout_correction_weights(torch.zeros(2, 3), MASK, mode="sequence_mask", cap=3.0, low=0.5)
+    w, m = rollout_correction_weights(torch.zeros(2, 3), MASK, mode="sequence_mask", high=3.0, low=0.5)
     assert torch.equal(w, torch.ones(2, 3)) and not m.any()
 
 
@@ -259,10 +260,12 @@ def test_off_policy_mask_with_an_infinite_threshold_leaves_the_loss_unchanged():
 
 
 # ------------------------------------------------------------------ adaptive entropy
-def test_adaptive_entropy_coefficient_steps_towards_the_target_and_stays_non_negative():
-    assert adaptive_entropy_coef(0.01, 0.1, target=0.2, step_size=0.005) == pytest.approx(0.015)
-    assert adaptive_entropy_coef(0.01, 0.3, target=0.2, step_size=0.005) == pytest.approx(0.005)
-    assert adaptive_entropy_coef(0.003, 0.3, target=0.2, step_size=0.005) == 0.0
+def test_adaptive_entropy_coefficient_steps_towards_the_target_within_its_bounds():
+    assert adaptive_entropy_coef(0.01, 0.1, target=0.2, delta=0.005) == pytest.approx(0.015)
+    assert adaptive_entropy_coef(0.01, 0.3, target=0.2, delta=0.005) == pytest.approx(0.005)
+    assert adaptive_entropy_coef(0.003, 0.3, target=0.2, delta=0.005) == 0.0
+    assert adaptive_entropy_coef(0.003, 0.3, target=0.2, delta=0.005, low=0.001) == 0.001
+    assert adaptive_entropy_coef(0.099, 0.1, target=0.2, delta=0.005, high=0.1) == 0.1
 
 
 # ------------------------------------------------------------------ cispo and luspo warnings

@@ -3,6 +3,7 @@ whether a resume may change it. The fields themselves are in schema.py."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,3 +36,17 @@ def doc(text: str, *, check: Check | None = None, resume_safe: bool = False, **k
     relations between fields in grpo/config/checks.py) and whether a resume may change it: resume_safe fields
     change how a run is carried out or logged, not what it computes."""
     return field(metadata={"doc": text, "check": check, "resume_safe": resume_safe}, **kw)
+
+
+def leaf_paths(root: type, sections: dict[str, type]) -> dict[str, tuple[str, ...]]:
+    """Every settable field of the dataclass `root` as dotted path -> path tuple, the fields named in
+    `sections` opened one level (config.max_steps -> ("config", "max_steps"))."""
+    paths: dict[str, tuple[str, ...]] = {}
+    for f in dataclasses.fields(root):
+        if f.name in sections:
+            paths.update(
+                {f"{f.name}.{sub.name}": (f.name, sub.name) for sub in dataclasses.fields(sections[f.name])}
+            )
+        else:
+            paths[f.name] = (f.name,)
+    return paths

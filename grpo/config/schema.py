@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from grpo.config import fields as declared
 from grpo.config.fields import AT_LEAST_1, NOT_BLANK, OFF_OR_MORE, POSITIVE, ZERO_OR_MORE, Check, doc, within
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
@@ -257,14 +258,20 @@ class TrainConfig:
         default=0.0,
         check=OFF_OR_MORE,
     )
-    entropy_target: float | None = doc(
+    use_adaptive_entropy: bool = doc(
         "Adaptive entropy control (Skywork-OR1): after each update the entropy coefficient (from entropy_coef) "
-        "moves by entropy_coef_step towards steering the entropy to this target, never below 0; null = off.",
-        default=None,
-        check=Check(lambda v: v is None or v > 0, "it must be null (off) or positive"),
+        "moves by entropy_coef_delta, up while the entropy is below entropy_target, down while above.",
+        default=False,
     )
-    entropy_coef_step: float = doc(
-        "entropy_target: the coefficient's move per update.", default=0.005, check=POSITIVE
+    entropy_target: float = doc("use_adaptive_entropy: the entropy to steer to.", default=0.2, check=POSITIVE)
+    entropy_coef_delta: float = doc(
+        "use_adaptive_entropy: the move per update.", default=0.005, check=POSITIVE
+    )
+    entropy_coef_min: float = doc(
+        "use_adaptive_entropy: the lowest coefficient.", default=0.0, check=ZERO_OR_MORE
+    )
+    entropy_coef_max: float = doc(
+        "use_adaptive_entropy: the highest coefficient.", default=1.0, check=ZERO_OR_MORE
     )
     dynamic_sampling: bool = doc(
         "DAPO's dynamic sampling: drop prompts whose G rewards are all equal and sample more prompts until "
@@ -291,13 +298,16 @@ class TrainConfig:
     vllm_importance_sampling_mode: Literal[
         "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"
     ] = doc(
-        "Per token or per sequence; truncated at the cap, or 0 outside [min, cap].", default="sequence_mask"
+        "Per token or per sequence; clamped to [clip_min, clip_max], or 0 outside it.",
+        default="sequence_mask",
     )
-    vllm_importance_sampling_cap: float = doc(
+    vllm_importance_sampling_clip_max: float = doc(
         "Upper bound of the ratio.", default=3.0, check=Check(lambda v: v >= 1, "it must be at least 1")
     )
-    vllm_importance_sampling_min: float = doc(
-        "Lower bound of the ratio, *_mask modes (0 = none).", default=0.0, check=within(0, 1, high_open=True)
+    vllm_importance_sampling_clip_min: float | None = doc(
+        "Lower bound of the ratio (null = none).",
+        default=None,
+        check=Check(lambda v: v is None or 0 <= v < 1, "it must be null or in [0, 1)"),
     )
     off_policy_mask_threshold: float | None = doc(
         "Drop from the policy term each sequence with A < 0 whose mean log(pi_sampling / pi) exceeds this "
@@ -414,19 +424,7 @@ class Template:
 SECTIONS = {"dataset": DatasetConfig, "template": DataTemplate, "config": TrainConfig}
 
 
-def _leaf_paths() -> dict[str, tuple[str, ...]]:
-    """Every settable field as dotted path -> path tuple."""
-    paths: dict[str, tuple[str, ...]] = {}
-    for f in dataclasses.fields(Template):
-        if f.name in SECTIONS:
-            for sub in dataclasses.fields(SECTIONS[f.name]):
-                paths[f"{f.name}.{sub.name}"] = (f.name, sub.name)
-        else:
-            paths[f.name] = (f.name,)
-    return paths
-
-
-LEAF_PATHS = _leaf_paths()
+LEAF_PATHS = declared.leaf_paths(Template, SECTIONS)  # every settable field: dotted path -> path tuple
 ALIASES = {"resume": ("config", "resume_from_checkpoint")}  # resume=latest on the command line
 
 
