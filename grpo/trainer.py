@@ -128,6 +128,8 @@ class GRPOTrainer:
                 explicit=c.resume_from_checkpoint != "latest",
             )
             self.step, self.updates.skipped_steps = progress.step, progress.skipped_steps
+            if c.use_adaptive_entropy and progress.entropy_coef is not None:
+                self.updates.entropy_coef = progress.entropy_coef  # where the interrupted run had steered it
             # save_best: a resumed run must beat what the interrupted one already kept
             self.evaluation.best_accuracy = best_accuracy_so_far(self.output_dir)
 
@@ -380,7 +382,7 @@ class GRPOTrainer:
                     if self.step % c.logging_steps == 0:
                         logger.log_samples(self.step, samples)
                 if c.save_steps > 0 and (self.step % c.save_steps == 0 or self.stop_requested):
-                    progress = ckpt.Progress(self.step, self.updates.skipped_steps)
+                    progress = ckpt.Progress(self.step, self.updates.skipped_steps, self.updates.entropy_coef)
                     ckpt.save_checkpoint(
                         self.checkpoint_parts(), progress
                     )  # a stopped run can be resumed too
