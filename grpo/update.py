@@ -62,7 +62,12 @@ def weighs_samples(c: TrainConfig) -> bool:
 
 
 # Variant settings a loss is called with only when set away from their defaults (grpo/loss.py token_terms).
-VARIANT_OPTIONS = {"sapo_temperature_pos": 1.0, "sapo_temperature_neg": 1.05, "use_bias_correction_kl": False}
+VARIANT_OPTIONS = {
+    "sapo_temperature_pos": 1.0,
+    "sapo_temperature_neg": 1.05,
+    "use_bias_correction_kl": False,
+    **{"vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0, "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0},
+}
 
 
 def fixed_loss_settings(c: TrainConfig) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import torch
 from grpo.advantages import group_advantages, reward_advantages
 from grpo.config import ConfigError, Template, TrainConfig, template_from_dict
 from grpo.config.checks import config_warnings
-from grpo.loss import adaptive_entropy_coef, kl_term, policy_loss, reduce, sapo_objective
+from grpo.loss import adaptive_entropy_coef, kl_term, policy_loss, reduce, sapo_objective, vespo_objective
 from grpo.off_policy import off_policy_sequence_mask, rollout_correction_weights
 from grpo.update import loss_keywords, loss_options, weighs_samples
 
@@ -112,6 +112,27 @@ def test_luspo_sums_each_sequence_then_averages():
     assert reduce(ones, MASK, "sequence_sum").item() == 2.5  # (2 + 3) / 2
     loss, _ = policy_loss(logps_leaf(), None, None, ADV, MASK, loss_type="luspo")
     assert loss.item() == pytest.approx((-2.0 + 3.0) / 2, abs=1e-7)  # -A x length, averaged
+
+
+# ------------------------------------------------------------------ VESPO
+def test_vespo_hand_values():
+    """Sequence 0 (A > 0, k 2, lambda 3) has W = e^0.4 x e^0.29 = 2 (its padding not counted): phi = 4 e^-3;
+    sequence 1 (A < 0, k 3, lambda 2) has W = 1/2: phi = e^1 / 8. l = -phi A logp."""
+    logps = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.0, -0.25]])
+    old = logps - torch.tensor([[0.4, math.log(2) - 0.4, 5.0], [-math.log(2), 0.0, 0.0]])
+    out = vespo_objective(logps, old, ADV[:, None], MASK, k=(2.0, 3.0), lam=(3.0, 2.0))
+    phi = torch.tensor([[4 * math.exp(-3)], [math.exp(1) / 8]])
+    torch.testing.assert_close(out, -phi * ADV[:, None] * logps, rtol=1e-6, atol=0)
+
+
+def test_vespo_on_policy_is_the_plain_policy_gradient():
+    """phi(1) = 1 whatever k and lambda: on-policy vespo's gradient is dapo's."""
+    a, b = logps_leaf(), logps_leaf()
+    policy_loss(a, None, None, ADV, MASK, loss_type="vespo", num_items_in_batch=5, vespo_k_neg=7.0)[
+        0
+    ].backward()
+    policy_loss(b, None, None, ADV, MASK, loss_type="dapo", num_items_in_batch=5)[0].backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-7)
 
 
 # ------------------------------------------------------------------ bias-corrected KL

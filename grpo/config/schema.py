@@ -222,7 +222,7 @@ class TrainConfig:
         check=AT_LEAST_1,
     )
     loss_type: str = doc(
-        "grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo, or package.module:function.", default="grpo"
+        "grpo|bnpo|dr_grpo|dapo|cispo|sapo|luspo|vespo or package.module:function.", default="grpo"
     )
     sapo_temperature_pos: float = doc(
         "sapo: the gate's temperature where A > 0.", default=1.0, check=POSITIVE
@@ -230,9 +230,12 @@ class TrainConfig:
     sapo_temperature_neg: float = doc(
         "sapo: the gate's temperature where A <= 0.", default=1.05, check=POSITIVE
     )
+    vespo_k_pos: float = doc("vespo: the kernel's power where A >= 0.", default=2.0, check=ZERO_OR_MORE)
+    vespo_lambda_pos: float = doc("vespo: the kernel's decay where A >= 0.", default=3.0, check=ZERO_OR_MORE)
+    vespo_k_neg: float = doc("vespo: the kernel's power where A < 0.", default=3.0, check=ZERO_OR_MORE)
+    vespo_lambda_neg: float = doc("vespo: the kernel's decay where A < 0.", default=2.0, check=ZERO_OR_MORE)
     use_bias_correction_kl: bool = doc(
-        "Multiply each token's KL term by its ratio pi / pi_old (DeepSeek-V3.2's unbiased KL, for stale samples); "
-        "needs beta > 0.",
+        "Times each token's KL term by its ratio pi / pi_old (DeepSeek-V3.2's unbiased KL); needs beta > 0.",
         default=False,
     )
     importance_sampling_level: Literal["token", "sequence"] = doc(
@@ -310,8 +313,7 @@ class TrainConfig:
         check=Check(lambda v: v is None or 0 <= v < 1, "it must be null or in [0, 1)"),
     )
     off_policy_mask_threshold: float | None = doc(
-        "Drop from the policy term each sequence with A < 0 whose mean log(pi_sampling / pi) exceeds this "
-        "(DeepSeek-V3.2); null = off.",
+        "Mask sequences with A < 0 and mean log(pi_sampling / pi) above this (DeepSeek-V3.2); null = off.",
         default=None,
         check=Check(lambda v: v is None or v > 0, "it must be null (off) or positive"),
     )
