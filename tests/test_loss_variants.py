@@ -322,7 +322,7 @@ def test_luspo_at_token_level_warns():
         ),
         (
             {"loss_type": "sapo", "delta": 2.0},
-            "config.delta = 2.0 is not allowed: sapo has a soft gate, no clipped objective to cap.",
+            "config.delta = 2.0 is not allowed: sapo reshapes the ratio softly, it has no clip to cap.",
         ),
         (
             {"vllm_importance_sampling_mode": "sequence"},

@@ -78,10 +78,10 @@ def check_relations(t: Template) -> None:
         )
     if c.delta is not None:
         need(
-            c.loss_type != "sapo",
+            c.loss_type not in ("sapo", "vespo"),
             "config.delta",
             c.delta,
-            "sapo has a soft gate, no clipped objective to cap",
+            f"{c.loss_type} reshapes the ratio softly, it has no clip to cap",
         )
     need(
         not (c.rollout_is_cap > 0 and c.vllm_importance_sampling_correction),
