@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import signal
 import sys
 import time
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from grpo import rewards as rw
-from grpo.advantages import group_advantages
+from grpo.advantages import reward_advantages
 from grpo.config import ConfigError, Template
 from grpo.config.checks import config_warnings
 from grpo.data import PromptSampler, build_prompts, complete_rows, load_rows
@@ -42,7 +43,7 @@ from grpo.parallel.launch import DistEnv, init_distributed
 from grpo.parallel.wrapping import full_params, full_state_dict, wrap_models
 from grpo.rollout.decoders import decode_impl_problem
 from grpo.rollout.dynamic_sampling import fill_batch
-from grpo.rollout.generate import Rollout, generate
+from grpo.rollout.generate import Rollout, generate, sample_as_configured
 from grpo.rollout.multi_turn import MultiTurn
 from grpo.rollout.vllm_engine import require_engine, start_engine
 from grpo.run import checkpoint as ckpt
@@ -134,6 +135,8 @@ class GRPOTrainer:
                 explicit=c.resume_from_checkpoint != "latest",
             )
             self.step, self.updates.skipped_steps = progress.step, progress.skipped_steps
+            if c.use_adaptive_entropy and progress.entropy_coef is not None:
+                self.updates.entropy_coef = progress.entropy_coef  # where the interrupted run had steered it
             # save_best: a resumed run must beat what the interrupted one already kept
             self.evaluation.best_accuracy = best_accuracy_so_far(self.output_dir)
         # rollout_engine vllm: an engine holding this step's weights (the restored ones on a resume); else None
@@ -175,18 +178,15 @@ class GRPOTrainer:
         # bf16-mixed (grpo/model/precision.py): the passes autocast, except under FSDP, which gathers bf16 weights.
         mixed = self.precision.mixed and c.backend != "unsloth"
         autocast = self.precision.compute if mixed and not self.env.fsdp else None
-        self.policy = CompletionLogprobs(
-            self.model, temperature=c.temperature, impl=c.logprob_impl, autocast=autocast
-        )
+        head = {"temperature": c.temperature, "impl": c.logprob_impl, "fp32_head": c.cast_lm_head_to_fp32}
+        self.policy = CompletionLogprobs(self.model, autocast=autocast, **head)
         # With dropout active in training forwards, the old-policy log-probs need their own no-grad pass.
         old_from_first_update = not (self.model.training and has_dropout(self.model))
         self.ref = None
         if c.beta > 0 and not self.lora:
             # frozen: the compute dtype is all it needs
             ref_model = copy.deepcopy(self.model).to(self.precision.compute).eval().requires_grad_(False)
-            self.ref = CompletionLogprobs(
-                ref_model, temperature=c.temperature, impl=c.logprob_impl, autocast=autocast
-            )
+            self.ref = CompletionLogprobs(ref_model, autocast=autocast, **head)
         # torchrun: DDP around the policy, or FSDP2 around policy and reference (grpo/parallel/wrapping.py).
         self.policy, self.ref = wrap_models(
             self.policy, self.ref, self.env, device=self.device, compute_dtype=self.precision.compute
@@ -238,16 +238,9 @@ class GRPOTrainer:
             if self.turns is not None:  # tools or an environment: grpo/rollout/multi_turn.py
                 ro = self.turns.rollout(model, prompts, c, self.tokenizer, self.eos_ids, self.generator)
             else:
-                ro = sample(
-                    model,
-                    [p.ids for p in prompts],
-                    num_generations=c.num_generations,
-                    max_new_tokens=c.maximum_completion_length,
-                    eos_ids=self.eos_ids,
-                    pad_id=self.tokenizer.pad_token_id,
-                    generator=self.generator,
-                    decode_impl=c.decode_impl,
-                    **c.sampling(),
+                ids = [p.ids for p in prompts]
+                ro = sample_as_configured(
+                    sample, model, ids, c, self.eos_ids, self.tokenizer.pad_token_id, self.generator
                 )
         ids = ro.completion_ids.masked_fill(ro.completion_mask == 0, self.tokenizer.pad_token_id)
         prefix = self.template.template.response_prefix  # prefilled in the prompt, but part of the reply
@@ -300,10 +293,15 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         first, step, sampling = self.sample_step(timings)
         ro = step.rollout
-        # scale_rewards: batch takes the std over the samples of all ranks, so it does not depend on the split
-        everyone = gather_over_ranks(step.total, self.env) if c.scale_rewards == "batch" else None
-        advantages = group_advantages(
-            step.total, c.num_generations, scale=c.scale_rewards, batch_rewards=everyone
+        # batch statistics are taken over the samples of all ranks, so they do not depend on the split
+        advantages = reward_advantages(
+            step.scores,
+            torch.tensor([r.weight for r in self.rewards]),
+            c.num_generations,
+            scale=c.scale_rewards,
+            aggregation=c.multi_objective_aggregation,
+            total=step.total,
+            gather=lambda x: gather_over_ranks(x, self.env),
         ).to(self.device)
         loss_mask = ro.trained_mask.clone()  # tool results and observations are not trained
         if c.mask_truncated_completions:
@@ -396,7 +394,7 @@ class GRPOTrainer:
                     if self.step % c.logging_steps == 0:
                         logger.log_samples(self.step, samples)
                 if c.save_steps > 0 and (self.step % c.save_steps == 0 or self.stop_requested):
-                    progress = ckpt.Progress(self.step, self.updates.skipped_steps)
+                    progress = ckpt.Progress(self.step, self.updates.skipped_steps, self.updates.entropy_coef)
                     ckpt.save_checkpoint(self.checkpoint_parts(), progress)  # a stopped run can resume too
             final = self.output_dir / c.adaptor_name
             state = full_state_dict(self.model, env)  # FSDP: gathered to rank 0 (every rank takes part)
@@ -425,17 +423,10 @@ class GRPOTrainer:
                 logger.close()
 
     def checkpoint_parts(self) -> ckpt.RunParts:
+        """What a checkpoint saves: the trainer's attributes of the same names, and the synced reference."""
+        names = [f.name for f in dataclasses.fields(ckpt.RunParts) if f.name != "reference"]
         return ckpt.RunParts(
-            self.template,
-            self.env,
-            self.output_dir,
-            self.model,
-            self.tokenizer,
-            self.optimizer,
-            self.scheduler,
-            self.sampler,
-            self.generator,
-            reference=self.synced_reference(),
+            **{name: getattr(self, name) for name in names}, reference=self.synced_reference()
         )
 
     def synced_reference(self) -> torch.nn.Module | None:

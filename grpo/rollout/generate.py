@@ -6,11 +6,13 @@ the B*G sequences decode together; decoding stops as soon as every sequence has 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 
+from grpo.config import TrainConfig
 from grpo.rollout.decoders import DECODE_IMPLS, make_decoder
 from grpo.rollout.sampling import sample_next
 
@@ -180,3 +182,27 @@ def generate(
 
 
 CUDA_CHECK_DONE_EVERY = 8
+
+
+def sample_as_configured(
+    sample: Callable[..., Rollout],
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    c: TrainConfig,
+    eos_ids: list[int],
+    pad_id: int,
+    generator: torch.Generator,
+) -> Rollout:
+    """A training rollout of `prompts` with the template's sampling settings, through `sample`: `generate`
+    (our decoder) or an engine's sampler with the same signature (grpo/rollout/vllm_engine.py)."""
+    return sample(
+        model,
+        prompts,
+        num_generations=c.num_generations,
+        max_new_tokens=c.maximum_completion_length,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        generator=generator,
+        decode_impl=c.decode_impl,
+        **c.sampling(),
+    )
