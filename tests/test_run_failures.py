@@ -189,7 +189,7 @@ def test_an_output_dir_on_a_read_only_mount_is_refused(tiny_model_dir, tmp_path)
             "can write to."
         )
     finally:
-        subprocess.run(["umount", str(disk)])
+        subprocess.run(["umount", "-l", str(disk)])
 
 
 def test_torch_save_on_a_full_disk_is_named_as_such(tmp_path):
@@ -201,7 +201,7 @@ def test_torch_save_on_a_full_disk_is_named_as_such(tmp_path):
                 torch.save(torch.zeros(1_000_000), disk / "optimizer.pt")
         assert str(e.value).startswith(f"Out of disk space while writing optimizer.pt in {disk} (")
     finally:
-        subprocess.run(["umount", str(disk)])
+        subprocess.run(["umount", "-l", str(disk)])
 
 
 def test_a_disk_that_fills_during_a_checkpoint_stops_in_one_line_and_keeps_the_earlier_one(
@@ -222,4 +222,4 @@ def test_a_disk_that_fills_during_a_checkpoint_stops_in_one_line_and_keeps_the_e
         state = json.loads((disk / "run" / "checkpoints" / "step-000001" / "trainer_state.json").read_text())
         assert state["step"] == 1
     finally:
-        subprocess.run(["umount", str(disk)])
+        subprocess.run(["umount", "-l", str(disk)])

@@ -61,6 +61,9 @@ WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json
 
 def check_model_folder(model: str, path: Path) -> None:
     """A local model folder holds what from_pretrained needs; a missing piece is named before any load."""
+    # A LoRA adapter folder names its base model inside (adapter_config.json); the base is loaded apart.
+    if (path / "adapter_config.json").is_file():
+        return
     if not (path / "config.json").is_file():
         raise ConfigError(
             f"model = {model!r} is a folder without config.json: point it at a Hugging Face model folder "
