@@ -30,6 +30,8 @@ setup(
             "triton>=3.4; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],
         "unsloth": ["unsloth"],
+        # rollout_engine: vllm on a GPU; the CPU build is installed by hand (docs/vllm.md)
+        "vllm": ["vllm>=0.32"],
         "bench": ["trl>=1.16"],
     },
     entry_points={"console_scripts": ["grpo=grpo.jobs.cli:main"]},

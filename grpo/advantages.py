@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -48,3 +50,42 @@ def zero_spread_share(rewards: torch.Tensor, num_generations: int) -> float:
     """Share of groups whose G rewards are all equal: those groups carry no learning signal."""
     grouped = rewards.view(-1, num_generations)  # [P, G]
     return (grouped.max(dim=1).values == grouped.min(dim=1).values).float().mean().item()
+
+
+def reward_advantages(
+    scores: torch.Tensor,
+    weights: torch.Tensor,
+    num_generations: int,
+    *,
+    scale: str = "group",
+    aggregation: str = "sum_then_normalize",
+    total: torch.Tensor | None = None,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """Advantages [B] from the rewards of several functions, scores [B, R] with weights [R].
+
+    sum_then_normalize: group_advantages of the weighted sum sum_r w_r s_r (`total`, when given, is that sum).
+    normalize_then_sum (GDPO, arXiv:2601.05242): A = sum_r w_r group_advantages(s_r), then
+        (A - mean(A)) / (std(A) + eps) over the batch, so each reward counts by its weight, not by its scale.
+    gather: a tensor [b] -> the same tensor of every rank (the batch statistics must not depend on the split
+    over ranks; default: this process holds the whole batch)."""
+    gather = gather or (lambda x: x)
+    if aggregation == "sum_then_normalize":
+        total = (scores * weights).sum(dim=1) if total is None else total  # [B]
+        batch = gather(total) if scale == "batch" else None
+        return group_advantages(total, num_generations, scale=scale, eps=eps, batch_rewards=batch)
+    if aggregation != "normalize_then_sum":
+        raise ValueError(
+            f"aggregation = {aggregation!r} is not allowed: use sum_then_normalize or normalize_then_sum."
+        )
+    summed = torch.zeros(scores.shape[0], dtype=torch.float32, device=scores.device)  # [B]
+    for r in range(scores.shape[1]):
+        column = scores[:, r]
+        batch = gather(column) if scale == "batch" else None
+        summed += float(weights[r]) * group_advantages(
+            column, num_generations, scale=scale, eps=eps, batch_rewards=batch
+        )
+    everyone = gather(summed)
+    spread = everyone.std() if everyone.numel() > 1 else everyone.new_zeros(())
+    return (summed - everyone.mean()) / (spread + eps)

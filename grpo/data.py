@@ -63,14 +63,29 @@ def builtin_arithmetic(split: str, size: int | None = None) -> list[dict[str, An
     return rows
 
 
+def builtin_multiply(split: str, size: int | None = None) -> list[dict[str, Any]]:
+    """3-digit x 2-digit products: beyond a 135M model's mental arithmetic, easy with the calculator tool."""
+    rng = random.Random(BUILTIN_SEEDS.get(split, abs(hash(split)) % 10**6) + 7)
+    rows = []
+    for _ in range(size or BUILTIN_SIZES.get(split, 500)):
+        a, b = rng.randint(100, 999), rng.randint(10, 99)
+        rows.append({"question": f"What is {a} * {b}?", "answer": f"{a} * {b} = {a * b}\n#### {a * b}"})
+    return rows
+
+
+BUILTIN_TASKS = {"builtin:arithmetic": builtin_arithmetic, "builtin:multiply": builtin_multiply}
+
+
 # ---------------------------------------------------------------- loading rows
 def load_rows(ds: DatasetConfig, split: str | None = None) -> list[dict[str, Any]]:
     """Rows as plain dicts. Raises ConfigError with a plain sentence when the data cannot be had or has no rows."""
     split = split or ds.split
     if ds.path.startswith("builtin:"):
-        if ds.path != "builtin:arithmetic":
-            raise ConfigError(f"dataset.path = {ds.path!r}: the only built-in dataset is builtin:arithmetic.")
-        rows = builtin_arithmetic(split)
+        if ds.path not in BUILTIN_TASKS:
+            raise ConfigError(
+                f"dataset.path = {ds.path!r}: the built-in datasets are {', '.join(BUILTIN_TASKS)}."
+            )
+        rows = BUILTIN_TASKS[ds.path](split)
     else:
         rows = _read_rows(ds, split)
     if not rows:
@@ -278,9 +293,12 @@ def build_prompts(
     *,
     max_prompt_tokens: int,
     drop_long: bool = False,
+    tools: list[dict[str, Any]] | None = None,
+    system_text: str = "",
 ) -> list[Prompt]:
     """Render each row, apply the chat template, tokenize once. A prompt over max_prompt_tokens is cut from the
-    left (which can cut the system prompt), or with `drop_long` left out."""
+    left (which can cut the system prompt), or with `drop_long` left out. `tools` (JSON schemas) go to the chat
+    template; `system_text` is added to the system prompt (the tools, for a template that ignores them)."""
     if not rows:
         raise ConfigError("The dataset has no rows; check dataset.path, dataset.split and dataset.limit.")
     lacking = rows_lacking(rows, tmpl)  # complete_rows names the file; this keeps "None" out of any prompt
@@ -291,10 +309,12 @@ def build_prompts(
     dropped: list[int] = []  # token counts of the prompts left out
     for row in rows:
         messages = [{"role": "user", "content": user.render(**row)}]
-        system = instruction.render(**row)
+        system = "\n\n".join(t for t in (instruction.render(**row), system_text) if t.strip())
         if system.strip():
             messages.insert(0, {"role": "system", "content": system})
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=True
+        )
         text += tmpl.response_prefix
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         cut = len(ids) > max_prompt_tokens

@@ -14,13 +14,22 @@ Shapes: B sequences, T completion tokens. All inputs are [B, T] except advantage
     cispo: l_t = -sg(min(r_t, 1 + epsilon_high)) A logp_t + beta * KL_t   (CISPO, arXiv:2506.13585)
            the ratio is capped and held constant instead of clipping the objective: no token loses its
            gradient, a stale one only counts less; no lower cap (epsilon unused); normalised as dapo
+    sapo:  l_t = -(4 / tau) sigmoid(tau (r_t - 1)) A + beta * KL_t, tau = tau_pos if A > 0 else tau_neg
+           (SAPO, arXiv:2511.20347): a smooth gate instead of a hard clip; normalised as dapo
+    luspo: the clipped objective, each sequence's term times its length (LUSPO, arXiv:2602.05261)
+    vespo: l_t = -sg(phi(W)) A logp_t, W = prod_t r_t, phi(W) = W^k exp(lambda (1 - W)), (k, lambda) by the
+           sign of A (VESPO, arXiv:2602.10693): a smooth reshaping of the whole sequence's weight; as dapo
+    use_bias_correction_kl: KL_t becomes r_t KL_t, the token ratio r_t = pi / pi_old keeping its gradient
+           (DeepSeek-V3.2, arXiv:2512.02556): the k3 term's gradient is then that of KL(pi || ref) also when
+           the tokens were drawn by pi_old
 
 A variant is a per-token objective (clipped ratio, CISPO; GSPO changes the ratio) and a reduction of the
 per-token terms l to one number (m = loss mask, B sequences of the update, N its tokens on every rank):
     sequence_mean     mean_b [ sum_t m l / sum_t m ]      grpo (arXiv:2402.03300)
     batch_token_mean  sum_bt m l / sum_bt m, per rank     bnpo: each rank's token mean, then the mean over ranks
     constant          sum_bt m l / (B * max_completion)   dr_grpo, no length bias (arXiv:2503.20783)
-    global_token_mean sum_bt m l / N                      dapo and cispo (arXiv:2503.14476)
+    global_token_mean sum_bt m l / N                      dapo, cispo, sapo, vespo (arXiv:2503.14476)
+    sequence_sum      mean_b [ sum_t m l ]                 luspo (arXiv:2602.05261)
 
 `policy_loss` applies a variant to one batch. In training, `UpdateScale` turns each micro-batch's terms into its
 share of the update's reduction, weighted so that the micro-batches summed and the ranks averaged (DDP, FSDP)
@@ -29,21 +38,25 @@ give the reduction of the whole update, whatever micro_batch_size and the number
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 KL_ESTIMATORS = ("k3", "k2")
-REDUCTIONS = ("sequence_mean", "batch_token_mean", "constant", "global_token_mean")
+REDUCTIONS = ("sequence_mean", "batch_token_mean", "constant", "global_token_mean", "sequence_sum")
 PRESETS = {  # loss_type -> (per-token objective, reduction)
     "grpo": ("clipped", "sequence_mean"),
     "bnpo": ("clipped", "batch_token_mean"),
     "dr_grpo": ("clipped", "constant"),
     "dapo": ("clipped", "global_token_mean"),
     "cispo": ("cispo", "global_token_mean"),
+    "sapo": ("sapo", "global_token_mean"),
+    "luspo": ("clipped", "sequence_sum"),
+    "vespo": ("vespo", "global_token_mean"),
 }
 LossFn = TypeVar("LossFn", bound=Callable)
 
@@ -91,6 +104,38 @@ def cispo_objective(
     return -(torch.clamp(ratio, max=1.0 + high).detach() * adv) * logps
 
 
+def sapo_objective(
+    ratio: torch.Tensor, adv: torch.Tensor, *, temperature_pos: float, temperature_neg: float
+) -> torch.Tensor:
+    """SAPO (arXiv:2511.20347): -(4 / tau) sigmoid(tau (r - 1)) A, tau = temperature_pos where A > 0, else
+    temperature_neg. d/dr at r = 1 is exactly A (sigmoid' (0) = 1/4), so on-policy it is the plain policy
+    gradient; away from 1 the gate fades smoothly instead of cutting off, faster for the larger temperature."""
+    tau = torch.where(adv > 0, temperature_pos, temperature_neg).to(ratio.dtype)  # [B, 1]
+    return -(4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0)) * adv
+
+
+def vespo_objective(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    k: tuple[float, float],
+    lam: tuple[float, float],
+) -> torch.Tensor:
+    """VESPO (arXiv:2602.10693): -sg(phi(W)) A logp [B, T] with W = prod_t pi / pi_old over the sequence and
+    phi(W) = W^k exp(lam (1 - W)), (k, lam) = (k[0], lam[0]) where A >= 0, else (k[1], lam[1]). phi(1) = 1, so
+    on-policy it is the plain policy gradient; far from 1 either way the sequence's weight fades smoothly. log W
+    is kept within [log 1e-8, 20] so that phi stays finite."""
+    log_ratio = (logps - (logps if old_logps is None else old_logps)).detach().clamp(-20.0, 20.0)
+    log_w = (log_ratio * mask).sum(-1, keepdim=True).clamp(math.log(1e-8), 20.0)  # [B, 1]
+    pos = adv >= 0
+    power = torch.where(pos, k[0], k[1]).to(logps.dtype)
+    decay = torch.where(pos, lam[0], lam[1]).to(logps.dtype)
+    phi = torch.exp(power * log_w + decay * (1.0 - torch.exp(log_w)))  # [B, 1], no gradient
+    return -(phi * adv) * logps
+
+
 def kl_term(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
     """Per-token estimate of KL(pi || ref) [B, T]: k3 = e^d - d - 1, k2 = d^2 / 2, with d = ref - logp."""
     d = ref_logps - logps
@@ -113,9 +158,16 @@ def token_terms(
     token_weights: torch.Tensor | None = None,
     kl_estimator: str = "k3",
     delta: float | None = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    use_bias_correction_kl: bool = False,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The per-token loss l [B, T] (not yet masked) and its stats: the policy term, times token_mask and
-    token_weights, plus beta x KL."""
+    token_weights, plus beta x KL (times the token ratio pi / pi_old with use_bias_correction_kl)."""
     if beta > 0 and ref_logps is None:
         raise ValueError("ref_logps is required when beta > 0.")
     if kl_estimator not in KL_ESTIMATORS:
@@ -126,6 +178,13 @@ def token_terms(
     adv = advantages.unsqueeze(-1).to(logps.dtype)  # [B, 1]
     if objective == "cispo":
         per_token = cispo_objective(ratio, adv, logps, high=high)  # [B, T]
+    elif objective == "sapo":
+        per_token = sapo_objective(
+            ratio, adv, temperature_pos=sapo_temperature_pos, temperature_neg=sapo_temperature_neg
+        )
+    elif objective == "vespo":
+        k, lam = (vespo_k_pos, vespo_k_neg), (vespo_lambda_pos, vespo_lambda_neg)
+        per_token = vespo_objective(logps, old_logps, adv, mask, k=k, lam=lam)
     else:
         per_token = clipped_objective(ratio, adv, low=epsilon, high=high, delta=delta)
     per_token = per_token.expand_as(mask)
@@ -136,8 +195,12 @@ def token_terms(
     kl = None
     if beta > 0:
         kl = kl_term(logps, ref_logps, kl_estimator)
+        if use_bias_correction_kl:  # the token ratio, whatever importance_sampling_level says
+            kl = importance_ratio(logps, old_logps, mask) * kl
         per_token = per_token + beta * kl
     stats = _stats(ratio.expand_as(mask), adv, mask, kl, epsilon, high, capped=objective == "cispo")
+    if objective in ("sapo", "vespo"):  # no hard clip: nothing loses its gradient outright
+        stats = {"kl": stats["kl"]}
     return per_token, stats
 
 
@@ -163,6 +226,8 @@ def reduce(
     if reduction == "global_token_mean":
         count = mask.sum() if num_items_in_batch is None else num_items_in_batch
         return masked.sum() / torch.as_tensor(count, dtype=terms.dtype).clamp(min=1.0)
+    if reduction == "sequence_sum":
+        return masked.sum(-1).mean()
     raise ValueError(f"reduction = {reduction!r} is not allowed: use one of {', '.join(REDUCTIONS)}.")
 
 
@@ -184,12 +249,14 @@ def policy_loss(
     token_weights: torch.Tensor | None = None,
     kl_estimator: str = "k3",
     delta: float | None = None,
+    **variant: float | bool,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A built-in variant on one batch: (scalar loss, stats). old_logps None means on-policy (ratio exactly 1).
 
     token_mask [B, T] (0/1): tokens whose clipped policy term counts, e.g. the high-entropy minority of
     arXiv:2506.01939; the KL term and every normaliser still use `mask`, so dropping a token scales nothing up.
     token_weights [B, T] (no gradient): a factor on each token's policy term, e.g. `rollout_is_weights`.
+    variant: the settings of one variant (sapo_*, vespo_*, use_bias_correction_kl); see token_terms.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type = {loss_type!r} is not allowed: use one of {', '.join(LOSS_TYPES)}.")
@@ -209,6 +276,7 @@ def policy_loss(
         token_weights=token_weights,
         kl_estimator=kl_estimator,
         delta=delta,
+        **variant,
     )
     loss = reduce(
         terms,
@@ -282,6 +350,15 @@ def rollout_is_weights(gap: torch.Tensor, cap: float) -> torch.Tensor:
     RL training", 2025): min(pi_train / pi_rollout, cap) per token, so the gradient estimate is taken as if the
     training policy had drawn the samples, with the cap bounding its variance."""
     return torch.exp(gap).clamp(max=cap)
+
+
+def adaptive_entropy_coef(
+    coef: float, entropy: float, *, target: float, delta: float, low: float = 0.0, high: float = 1.0
+) -> float:
+    """Adaptive entropy control (Skywork-OR1, arXiv:2505.22312): the next update's coefficient is coef + delta
+    when the measured entropy is below target, else coef - delta, kept within [low, high]; the bonus
+    -coef x entropy then pulls the entropy towards the target from either side."""
+    return min(max(coef + (delta if entropy < target else -delta), low), high)
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

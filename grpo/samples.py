@@ -75,6 +75,12 @@ def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
         sampling_logps=None
         if any(ro.sampling_logps is None for ro in rollouts)
         else torch.cat([right(ro.sampling_logps, 0) for ro in rollouts]),
+        model_written=None
+        if all(ro.model_written is None for ro in rollouts)
+        else torch.cat([right(ro.trained_mask, 0) for ro in rollouts]),
+        conversations=None
+        if any(ro.conversations is None for ro in rollouts)
+        else [c for ro in rollouts for c in ro.conversations],
     )
 
 

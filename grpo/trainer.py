@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import signal
 import sys
 import time
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from grpo import rewards as rw
-from grpo.advantages import group_advantages
+from grpo.advantages import reward_advantages
 from grpo.config import ConfigError, Template
 from grpo.config.checks import config_warnings
 from grpo.data import PromptSampler, build_prompts, complete_rows, load_rows
@@ -42,7 +43,9 @@ from grpo.parallel.launch import DistEnv, init_distributed
 from grpo.parallel.wrapping import full_params, full_state_dict, wrap_models
 from grpo.rollout.decoders import decode_impl_problem
 from grpo.rollout.dynamic_sampling import fill_batch
-from grpo.rollout.generate import Rollout, generate
+from grpo.rollout.generate import Rollout, generate, sample_as_configured
+from grpo.rollout.multi_turn import MultiTurn
+from grpo.rollout.vllm_engine import require_engine, start_engine
 from grpo.run import checkpoint as ckpt
 from grpo.run.cpu_memory import keep_freed_memory
 from grpo.run.logger import finish_queued, peak_memory_metric
@@ -63,11 +66,13 @@ class GRPOTrainer:
             c.rewards, max_completion_length=c.maximum_completion_length, timeout=c.reward_timeout
         )
         self.loss = resolve_loss(c)
+        self.turns = MultiTurn.from_config(c, template.template.response_prefix)  # tools or an environment
         self.tags = rw.Tags.from_config(c)
         # torchrun: check gpu_ids against the processes, pin this rank's GPU, start the process group.
         self.env = env or init_distributed(c, resolve_device(c).type)
         self.device = resolve_device(c)
         self.precision = resolve_precision(c.dtype, self.device)
+        require_engine(c, self.device, self.env.world_size)  # rollout_engine vllm: the package, devices
         if self.device.type == "cpu":
             keep_freed_memory()  # no page faults on memory the last step freed (grpo/run/cpu_memory.py)
         if c.backend == "unsloth":
@@ -90,6 +95,8 @@ class GRPOTrainer:
             self.tokenizer,
             max_prompt_tokens=c.maximum_sequence_length - c.maximum_completion_length,
             drop_long=c.long_prompts == "drop",
+            tools=self.turns.schemas if self.turns else None,
+            system_text=self.turns.system_text(self.tokenizer) if self.turns else "",
         )
         self.dropped_prompts = len(rows) - len(self.prompts)
         self.sampler = PromptSampler(
@@ -128,8 +135,13 @@ class GRPOTrainer:
                 explicit=c.resume_from_checkpoint != "latest",
             )
             self.step, self.updates.skipped_steps = progress.step, progress.skipped_steps
+            if c.use_adaptive_entropy and progress.entropy_coef is not None:
+                self.updates.entropy_coef = progress.entropy_coef  # where the interrupted run had steered it
             # save_best: a resumed run must beat what the interrupted one already kept
             self.evaluation.best_accuracy = best_accuracy_so_far(self.output_dir)
+        # rollout_engine vllm: an engine holding this step's weights (the restored ones on a resume); else None
+        self.engine = start_engine(template, self.model, self.device, self.precision.compute, step=self.step)
+        self.evaluation.engine = self.engine
 
     def _build_models(self) -> None:
         """The heavy part: policy (+ LoRA), reference, DDP/FSDP wrapping, optimizer, sampling generator."""
@@ -166,18 +178,15 @@ class GRPOTrainer:
         # bf16-mixed (grpo/model/precision.py): the passes autocast, except under FSDP, which gathers bf16 weights.
         mixed = self.precision.mixed and c.backend != "unsloth"
         autocast = self.precision.compute if mixed and not self.env.fsdp else None
-        self.policy = CompletionLogprobs(
-            self.model, temperature=c.temperature, impl=c.logprob_impl, autocast=autocast
-        )
+        head = {"temperature": c.temperature, "impl": c.logprob_impl, "fp32_head": c.cast_lm_head_to_fp32}
+        self.policy = CompletionLogprobs(self.model, autocast=autocast, **head)
         # With dropout active in training forwards, the old-policy log-probs need their own no-grad pass.
         old_from_first_update = not (self.model.training and has_dropout(self.model))
         self.ref = None
         if c.beta > 0 and not self.lora:
             # frozen: the compute dtype is all it needs
             ref_model = copy.deepcopy(self.model).to(self.precision.compute).eval().requires_grad_(False)
-            self.ref = CompletionLogprobs(
-                ref_model, temperature=c.temperature, impl=c.logprob_impl, autocast=autocast
-            )
+            self.ref = CompletionLogprobs(ref_model, autocast=autocast, **head)
         # torchrun: DDP around the policy, or FSDP2 around policy and reference (grpo/parallel/wrapping.py).
         self.policy, self.ref = wrap_models(
             self.policy, self.ref, self.env, device=self.device, compute_dtype=self.precision.compute
@@ -223,26 +232,23 @@ class GRPOTrainer:
     def rollout(self, batch: list[int]) -> tuple[Rollout, list[str], list[str], list[dict[str, Any]]]:
         c = self.config
         prompts = [self.prompts[i] for i in batch]
+        sample = generate if self.engine is None else self.engine.sampler(version=self.step)
         with full_params(self.policy):  # FSDP: gather the sharded weights for sampling
-            ro = generate(
-                self.sampling_model(),
-                [p.ids for p in prompts],
-                num_generations=c.num_generations,
-                max_new_tokens=c.maximum_completion_length,
-                eos_ids=self.eos_ids,
-                pad_id=self.tokenizer.pad_token_id,
-                generator=self.generator,
-                decode_impl=c.decode_impl,
-                **c.sampling(),
-            )
+            model = self.sampling_model()
+            if self.turns is not None:  # tools or an environment: grpo/rollout/multi_turn.py
+                ro = self.turns.rollout(model, prompts, c, self.tokenizer, self.eos_ids, self.generator)
+            else:
+                ids = [p.ids for p in prompts]
+                ro = sample_as_configured(
+                    sample, model, ids, c, self.eos_ids, self.tokenizer.pad_token_id, self.generator
+                )
         ids = ro.completion_ids.masked_fill(ro.completion_mask == 0, self.tokenizer.pad_token_id)
-        prefix = (
-            self.template.template.response_prefix
-        )  # prefilled in the prompt, but part of the reply to score
+        prefix = self.template.template.response_prefix  # prefilled in the prompt, but part of the reply
         texts = [prefix + text for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
-        g = c.num_generations
-        refs = [p.reference for p in prompts for _ in range(g)]
-        rows = [p.row for p in prompts for _ in range(g)]
+        if ro.conversations is not None:  # the model's own replies; tool output is in the messages
+            texts = [conv.text for conv in ro.conversations]
+        refs = [p.reference for p in prompts for _ in range(c.num_generations)]
+        rows = [p.row for p in prompts for _ in range(c.num_generations)]
         return ro, texts, refs, rows
 
     def sample_round(self, timings: dict[str, float]) -> Samples:
@@ -252,9 +258,13 @@ class GRPOTrainer:
         ro, texts, refs, rows = self.rollout(batch)
         t1 = time.perf_counter()
         expanded = [self.prompts[i] for i in batch for _ in range(self.config.num_generations)]
-        lengths = ro.completion_mask.sum(-1).tolist()
         inputs = rw.RewardInputs.of(
-            expanded, lengths, tags=self.tags, max_completion_length=self.config.maximum_completion_length
+            expanded,
+            ro.trained_mask.sum(-1).tolist(),  # the tokens the model wrote
+            tags=self.tags,
+            max_completion_length=self.config.maximum_completion_length,
+            completions=texts,
+            conversations=ro.conversations,
         )
         scores = rw.score(self.rewards, texts, refs, **inputs.as_kwargs())  # [N, R]
         total = (scores * torch.tensor([r.weight for r in self.rewards])).sum(dim=1)  # [N]
@@ -283,12 +293,17 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         first, step, sampling = self.sample_step(timings)
         ro = step.rollout
-        # scale_rewards: batch takes the std over the samples of all ranks, so it does not depend on the split
-        everyone = gather_over_ranks(step.total, self.env) if c.scale_rewards == "batch" else None
-        advantages = group_advantages(
-            step.total, c.num_generations, scale=c.scale_rewards, batch_rewards=everyone
+        # batch statistics are taken over the samples of all ranks, so they do not depend on the split
+        advantages = reward_advantages(
+            step.scores,
+            torch.tensor([r.weight for r in self.rewards]),
+            c.num_generations,
+            scale=c.scale_rewards,
+            aggregation=c.multi_objective_aggregation,
+            total=step.total,
+            gather=lambda x: gather_over_ranks(x, self.env),
         ).to(self.device)
-        loss_mask = ro.completion_mask.clone()
+        loss_mask = ro.trained_mask.clone()  # tool results and observations are not trained
         if c.mask_truncated_completions:
             loss_mask = loss_mask * (~ro.truncated).long().unsqueeze(-1)
         t2 = time.perf_counter()
@@ -345,8 +360,7 @@ class GRPOTrainer:
             notes = [f"warning: {note}" for note in self.resume_notes + config_warnings(self.template)]
             if self.resumed_from is not None:
                 notes.append(f"Resumed from {self.resumed_from} at step {self.step}")
-            if self.rows_note:  # dataset.missing_columns: drop
-                notes.append(self.rows_note)
+            notes += [n for n in (self.rows_note, self.turns and self.turns.note) if n]  # dropped rows; tools
             if self.dropped_prompts:
                 limit = c.maximum_sequence_length - c.maximum_completion_length
                 notes.append(
@@ -362,6 +376,8 @@ class GRPOTrainer:
                 self.step += 1
                 if sync_due(self.step, c.ref_model_sync_steps):  # TR-DPO: the reference follows the policy
                     mix_into_reference(self.model, self.synced_reference(), c.ref_model_mixup_alpha)
+                if self.engine is not None:  # the next rollout samples from the weights this step made
+                    self.engine.push(self.model, version=self.step)
                 metrics = reduce_over_ranks(metrics, env)
                 self.stop_requested = any_over_ranks(self.stop_requested, env)  # all ranks stop together
                 if c.eval_steps > 0 and (self.step % c.eval_steps == 0 or self.step == self.total_steps):
@@ -378,10 +394,8 @@ class GRPOTrainer:
                     if self.step % c.logging_steps == 0:
                         logger.log_samples(self.step, samples)
                 if c.save_steps > 0 and (self.step % c.save_steps == 0 or self.stop_requested):
-                    progress = ckpt.Progress(self.step, self.updates.skipped_steps)
-                    ckpt.save_checkpoint(
-                        self.checkpoint_parts(), progress
-                    )  # a stopped run can be resumed too
+                    progress = ckpt.Progress(self.step, self.updates.skipped_steps, self.updates.entropy_coef)
+                    ckpt.save_checkpoint(self.checkpoint_parts(), progress)  # a stopped run can resume too
             final = self.output_dir / c.adaptor_name
             state = full_state_dict(self.model, env)  # FSDP: gathered to rank 0 (every rank takes part)
             if env.is_main:
@@ -409,17 +423,10 @@ class GRPOTrainer:
                 logger.close()
 
     def checkpoint_parts(self) -> ckpt.RunParts:
+        """What a checkpoint saves: the trainer's attributes of the same names, and the synced reference."""
+        names = [f.name for f in dataclasses.fields(ckpt.RunParts) if f.name != "reference"]
         return ckpt.RunParts(
-            self.template,
-            self.env,
-            self.output_dir,
-            self.model,
-            self.tokenizer,
-            self.optimizer,
-            self.scheduler,
-            self.sampler,
-            self.generator,
-            reference=self.synced_reference(),
+            **{name: getattr(self, name) for name in names}, reference=self.synced_reference()
         )
 
     def synced_reference(self) -> torch.nn.Module | None:

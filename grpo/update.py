@@ -21,12 +21,14 @@ from grpo.loss import (
     PRESETS,
     REDUCTIONS,
     UpdateScale,
+    adaptive_entropy_coef,
     rollout_gap,
     rollout_is_weights,
     rollout_mismatch_kl,
     token_terms,
 )
 from grpo.model.logprobs import CompletionLogprobs
+from grpo.off_policy import off_policy_sequence_mask, rollout_correction_weights
 from grpo.parallel.collectives import any_over_ranks, gather_over_ranks, sum_over_ranks
 from grpo.parallel.launch import DistEnv
 from grpo.parallel.wrapping import grad_sync
@@ -49,8 +51,23 @@ class LossChoice:
 def loss_keywords(c: TrainConfig) -> list[str]:
     """The keyword arguments a user loss is called with under this config (see PolicyUpdate.loss_terms)."""
     names = ["loss_type", "max_completion_length", "num_items_in_batch", *fixed_loss_settings(c)]
-    names += [*loss_options(c), *(["token_weights"] if c.rollout_is_cap > 0 else [])]
+    names += [*loss_options(c), *(["token_weights"] if weighs_samples(c) else [])]
     return names + (["token_mask"] if c.top_entropy_quantile < 1 else [])
+
+
+def weighs_samples(c: TrainConfig) -> bool:
+    """Whether the policy term gets token_weights: rollout correction or off-policy sequence masking."""
+    correction = c.rollout_is_cap > 0 or c.vllm_importance_sampling_correction
+    return correction or c.off_policy_mask_threshold is not None
+
+
+# Variant settings a loss is called with only when set away from their defaults (grpo/loss.py token_terms).
+VARIANT_OPTIONS = {
+    "sapo_temperature_pos": 1.0,
+    "sapo_temperature_neg": 1.05,
+    "use_bias_correction_kl": False,
+    **{"vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0, "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0},
+}
 
 
 def fixed_loss_settings(c: TrainConfig) -> dict[str, Any]:
@@ -67,6 +84,9 @@ def loss_options(c: TrainConfig) -> dict[str, Any]:
     options: dict[str, Any] = {"kl_estimator": c.kl_estimator} if c.kl_estimator != "k3" else {}
     if c.delta is not None:
         options["delta"] = c.delta
+    for name, default in VARIANT_OPTIONS.items():
+        if getattr(c, name) != default:
+            options[name] = getattr(c, name)
     return options
 
 
@@ -124,6 +144,9 @@ class PolicyUpdate:
         self.old_from_first_update = old_from_first_update  # no dropout: the first forward is the old policy
         self.skipped_steps = 0  # non-finite steps skipped (skip_nonfinite_steps)
         self.optimizer_seconds = 0.0  # grad clipping + optimizer step, summed until the trainer resets it
+        self.entropy_coef = (
+            config.entropy_coef
+        )  # steered towards entropy_target after each update (use_adaptive_entropy)
 
     def micro_batches(self, n: int) -> list[slice]:
         size = self.config.micro_batch_size or n
@@ -197,31 +220,27 @@ class PolicyUpdate:
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         # passed only when set, so user losses written for the base signature need not take them
         options = loss_options(c)
+        coef, entropy_sum = self.entropy_coef, torch.zeros((), device=self.device)
         for s in slices:
             with grad_sync(self.policy, last=s is slices[-1]):
                 logps, entropy = self.policy(
-                    *self.logprob_inputs(ro, s), return_entropy=True, entropy_grad=c.entropy_coef > 0
+                    *self.logprob_inputs(ro, s), return_entropy=True, entropy_grad=coef > 0
                 )
                 if keep_logps:
                     kept.append(logps.detach())
                 extra, mask = dict(options), loss_mask[s].bool()
-                totals.add_tokens({"entropy": (entropy.detach() * ro.completion_mask[s]).sum()})
-                if ro.sampling_logps is not None:
-                    # the policy before this step's updates against the decode path that drew the tokens
-                    gap = rollout_gap(
-                        logps if old is None else old[s], ro.sampling_logps[s], ro.completion_mask[s]
-                    )
-                    totals.add_tokens({"rollout/mismatch_kl": rollout_mismatch_kl(gap)})
-                    totals.add_max("rollout/mismatch_max", gap.abs().max())
-                    if c.rollout_is_cap > 0:
-                        extra["token_weights"] = rollout_is_weights(gap, c.rollout_is_cap)
+                entropy_sum = entropy_sum + (entropy.detach() * ro.trained_mask[s]).sum()
+                totals.add_tokens({"entropy": (entropy.detach() * ro.trained_mask[s]).sum()})
+                weights = self.sample_weights(ro, s, logps, old, advantages[s], loss_mask[s], totals)
+                if weights is not None:
+                    extra["token_weights"] = weights
                 if c.top_entropy_quantile < 1:
                     extra["token_mask"], threshold = self.high_entropy_tokens(entropy.detach(), mask)
                     totals.thresholds.append(threshold)
                 loss, stats = self.loss_terms(logps, old, ref, advantages, loss_mask, s, scale, extra)
                 objective = loss
-                if c.entropy_coef > 0:  # a token mean over this update's loss tokens of all ranks
-                    objective = objective - c.entropy_coef * scale.token_mean(entropy, loss_mask[s])
+                if coef > 0:  # a token mean over this update's loss tokens of all ranks
+                    objective = objective - coef * scale.token_mean(entropy, loss_mask[s])
                 objective.backward()
             # the logged loss is the policy loss this update minimises (without any entropy bonus): its
             # micro-batches' shares summed, as one process would compute it
@@ -230,7 +249,9 @@ class PolicyUpdate:
             finite &= torch.isfinite(
                 torch.stack([torch.as_tensor(v, device=self.device).float() for v in (loss, *stats.values())])
             ).all()
-        totals.count_tokens(ro.completion_mask, n)
+        totals.count_tokens(ro.trained_mask, n)
+        if c.use_adaptive_entropy:
+            self.steer_entropy(entropy_sum, ro.trained_mask, totals, n)
         first_logps = torch.cat(kept) if kept else None
         if any_over_ranks(not bool(finite), self.env) and not self._skip_nonfinite(
             f"Non-finite loss at step {step}: {totals.result()}."
@@ -254,6 +275,70 @@ class PolicyUpdate:
         finish_queued(self.device)
         self.optimizer_seconds += time.perf_counter() - t_opt
         return first_logps
+
+    def sample_weights(
+        self,
+        ro: Rollout,
+        s: slice,
+        logps: torch.Tensor,
+        old: torch.Tensor | None,
+        advantages: torch.Tensor,
+        loss_mask: torch.Tensor,
+        totals: UpdateTotals,
+    ) -> torch.Tensor | None:
+        """The factor [b, T] on micro-batch s's policy term (grpo/off_policy.py), or None: rollout correction
+        and off-policy sequence masking, multiplied; their metrics are added to totals."""
+        c, weights = self.config, None
+        before = logps.detach() if old is None else old[s]  # the policy before this step's updates
+        if ro.sampling_logps is not None:
+            # the policy before this step's updates against the decode path that drew the tokens
+            gap = rollout_gap(before, ro.sampling_logps[s], ro.trained_mask[s])
+            totals.add_tokens({"rollout/mismatch_kl": rollout_mismatch_kl(gap)})
+            totals.add_max("rollout/mismatch_max", gap.abs().max())
+            if c.rollout_is_cap > 0:
+                weights = rollout_is_weights(gap, c.rollout_is_cap)
+            elif c.vllm_importance_sampling_correction:
+                completion = ro.trained_mask[s]  # the metrics are means over completion tokens, like entropy
+                weights, masked = rollout_correction_weights(
+                    gap,
+                    completion,
+                    mode=c.vllm_importance_sampling_mode,
+                    high=c.vllm_importance_sampling_clip_max,
+                    low=c.vllm_importance_sampling_clip_min,
+                )
+                counted = completion.to(weights.dtype)
+                totals.add_tokens(
+                    {"rollout/is_masked": masked.sum(), "rollout/is_weight_mean": (weights * counted).sum()}
+                )
+                outside = ~completion.bool()
+                totals.add_max("rollout/is_weight_max", weights.masked_fill(outside, 0.0).max())
+                totals.add_min("rollout/is_weight_min", weights.masked_fill(outside, float("inf")).min())
+        if c.off_policy_mask_threshold is not None:
+            sampler = ro.sampling_logps[s] if ro.sampling_logps is not None else before
+            keep = off_policy_sequence_mask(
+                logps.detach(), sampler, advantages, loss_mask, c.off_policy_mask_threshold
+            )  # [b, 1]
+            totals.add_rows({"off_policy/masked": 1.0 - keep.mean()}, s.stop - s.start)
+            weights = keep.expand_as(logps) if weights is None else weights * keep
+        return weights
+
+    def steer_entropy(
+        self, entropy_sum: torch.Tensor, completion_mask: torch.Tensor, totals: UpdateTotals, n: int
+    ) -> None:
+        """Adaptive entropy control: the coefficient the next update uses, from this update's mean entropy over
+        every rank's completion tokens (grpo/loss.py adaptive_entropy_coef); logs the one this update used."""
+        c = self.config
+        totals.add_rows({"entropy_coef": self.entropy_coef, "entropy_target": c.entropy_target}, n)
+        total = sum_over_ranks(torch.stack([entropy_sum, completion_mask.sum().to(entropy_sum)]), self.env)
+        entropy = (total[0] / total[1].clamp(min=1.0)).item()
+        self.entropy_coef = adaptive_entropy_coef(
+            self.entropy_coef,
+            entropy,
+            target=c.entropy_target,
+            delta=c.entropy_coef_delta,
+            low=c.entropy_coef_min,
+            high=c.entropy_coef_max,
+        )
 
     def loss_terms(
         self,

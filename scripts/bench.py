@@ -3,6 +3,7 @@
     python scripts/bench.py cpu                     # ours, and TRL when `import trl, datasets` works
     python scripts/bench.py cpu --repeats 2 --ignore-eos
     python scripts/bench.py gpu --systems ours
+    python scripts/bench.py cpu --systems ours --engine vllm   # our decoder and vLLM side by side
 
 Runs alternate (ours, trl, ours, trl, ...), each in a fresh child process so peak memory is per system.
 Prints one JSON line per system: median step time, rollout tokens/s, peak memory and ours/TRL ratios, and
@@ -15,6 +16,7 @@ written to --out), an error line names the failed one, and the exit status is 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import statistics
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts.bench_systems import CONFIGS, BenchConfig, resolve_config  # noqa: E402
 
 SYSTEMS = ("ours", "trl")
+CHILDREN = (*SYSTEMS, "ours-vllm")  # ours-vllm: our trainer with rollout_engine vllm (--engine vllm)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,9 +42,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, help="steps per run, warm-up included")
     ap.add_argument("--model", help="model override (hub id, folder or .gguf)")
     ap.add_argument("--data", help="GSM8K-style file or hub id (default: the shared GSM8K train file)")
+    ap.add_argument(
+        "--engine",
+        choices=("torch", "vllm"),
+        default="torch",
+        help="vllm: our trainer also runs with rollout_engine vllm, a row beside our decoder's",
+    )
     ap.add_argument("--ignore-eos", action="store_true", help="force every completion to full length")
     ap.add_argument("--out", type=Path, help="also write the result lines to this .jsonl file")
-    ap.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     ap.add_argument("--config-json", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -125,6 +134,8 @@ def summarize(system: str, cfg: BenchConfig, runs: list[dict[str, Any]]) -> dict
             k.removeprefix("time/").removesuffix("_s"): round(statistics.median(p[k] for p in phases), 3)
             for k in phases[0]
         }
+    if runs[0].get("engine_start_s") is not None:
+        row["engine_start_s"] = statistics.median(r["engine_start_s"] for r in runs)
     if runs[0].get("trl_version"):
         row["trl_version"] = runs[0]["trl_version"]
     return row
@@ -153,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         cfg = BenchConfig(**json.loads(args.config_json))
-        if args.child == "ours":
+        if args.child in ("ours", "ours-vllm"):
             from scripts.bench_systems.ours import run_ours as run
+
+            engine = "vllm" if args.child == "ours-vllm" else "torch"
+            cfg = dataclasses.replace(cfg, rollout_engine=engine)
         else:
             from scripts.bench_systems.trl_side import run_trl as run
         print(json.dumps(run(cfg)), flush=True)
@@ -176,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"error: the {cfg.name} benchmark needs a CUDA GPU and none is visible; use cpu."
             )
     systems = pick_systems(args.systems)
+    if args.engine == "vllm":
+        if not importlib.util.find_spec("vllm"):
+            raise SystemExit(
+                "error: --engine vllm needs the vllm package: docs/vllm.md says how to install it."
+            )
+        systems.insert(systems.index("ours") + 1 if "ours" in systems else 0, "ours-vllm")
     runs, failures = run_systems(systems, cfg, args.repeats, run_child)
     rows = [summarize(s, cfg, runs[s]) for s in systems if s in runs]
     by_system = {row["system"]: row for row in rows}
@@ -184,7 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         ours["step_time_vs_trl"] = round(ours["median_step_s"] / trl["median_step_s"], 3)
         ours["peak_memory_vs_trl"] = round(ours["peak_memory_gb"] / trl["peak_memory_gb"], 3)
     add_rollout_bound(rows, runs.get("ours", []))
-    lines = [json.dumps({**row, "settings": cfg.to_dict()}) for row in rows]
+    engines = {"ours-vllm": "vllm"}  # the row's own settings: our trainer's rows differ in the engine alone
+    lines = [
+        json.dumps(
+            {**row, "settings": {**cfg.to_dict(), "rollout_engine": engines.get(row["system"], "torch")}}
+        )
+        for row in rows
+    ]
     if lines:
         print("\n".join(lines), flush=True)
     if args.out:  # written even when empty, so no earlier file passes for this run's result

@@ -18,7 +18,7 @@ OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 LOG=$OUT/checks.log
 RESULTS=$OUT/results.jsonl
-CHECKS="tests train kernels bench decode"
+CHECKS="tests train kernels bench decode vllm"
 MODEL=embedded:smollm2-135m-instruct
 GSM8K=.gpu/b/gsm8k/train.jsonl
 [ -f $GSM8K ] || GSM8K=../shared/data/gsm8k/train.jsonl
@@ -120,6 +120,14 @@ run_one() {
     decode) # CUDA graphs against the plain static cache and transformers, same rollout shape
         check "decode$note" 90 bash -o pipefail -c "python3 scripts/bench_decode.py --device cuda --model $MODEL --prompts 16 \
             --generations 8 --tokens 256 --impls graph,static,hf --repeat 1 | tee -a $RESULTS" ;;
+    vllm) # our decoder and vLLM side by side (rollout_engine vllm, docs/vllm.md), where vllm imports
+        if python3 -c "import vllm" 2>/dev/null; then
+            check "bench-vllm$note" 240 bash -c "rm -f /tmp/bench-vllm.jsonl; python3 scripts/bench.py gpu \
+                --systems ours --engine vllm --model $MODEL --data $GSM8K --out /tmp/bench-vllm.jsonl; s=\$?; \
+                cat /tmp/bench-vllm.jsonl >>$RESULTS; exit \$s"
+        else
+            echo "=== bench-vllm: skipped, vllm does not import here" | tee -a "$LOG"
+        fi ;;
     esac
 }
 

@@ -60,7 +60,12 @@ def fixed_rollout(trainer: GRPOTrainer, batch: list[int]):
 
 def main(argv: list[str]) -> int:
     trainer = GRPOTrainer(load_template(argv[0], argv[2:]))
-    trainer.rollout = lambda batch: fixed_rollout(trainer, batch)
+    if trainer.turns is not None:  # tools: every turn from the scripted policy of tests/test_multi_turn.py
+        from tests.test_multi_turn import multiply_policy, scripted
+
+        trainer.turns.generate = scripted(trainer.tokenizer, multiply_policy)
+    else:
+        trainer.rollout = lambda batch: fixed_rollout(trainer, batch)
     grads = {}
 
     def keep_gradients(optimizer, args, kwargs):  # the first update's gradients, before AdamW uses them

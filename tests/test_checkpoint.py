@@ -43,22 +43,31 @@ def template(tiny_model_dir, tmp_path):
     return write_template(tmp_path / "t.yaml", data)
 
 
-def test_killed_run_resumes_bitwise(template, tmp_path):
+# the random model's entropy is ~10.8 nats, below a target of 20: the adaptive coefficient rises every update,
+# so a resume that restarted it from entropy_coef would log and train differently
+ADAPTIVE_ENTROPY = ["use_adaptive_entropy=true", "entropy_target=20", "entropy_coef_delta=0.05"]
+
+
+@pytest.mark.parametrize("extra", [[], ADAPTIVE_ENTROPY], ids=["plain", "adaptive_entropy"])
+def test_killed_run_resumes_bitwise(template, tmp_path, extra):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    assert train(template, f"output_dir={full}").returncode == 0
+    assert train(template, f"output_dir={full}", *extra).returncode == 0
     result = train(
         template,
         f"output_dir={killed}",
         "save_steps=3",
+        *extra,
         env_extra={"GRPO_TEST_KILL_AT": "after_commit_step3"},
     )
     assert result.returncode == -signal.SIGKILL
     assert (killed / "checkpoints" / "step-000003" / "trainer_state.json").is_file()
     assert not (killed / "model").exists()
-    result = train(template, f"output_dir={killed}", "save_steps=3", "resume=latest")
+    result = train(template, f"output_dir={killed}", "save_steps=3", "resume=latest", *extra)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Resumed from" in result.stdout
     assert rows(killed) == rows(full)  # steps 1-3 from the first attempt, 4-6 from the resumed one
+    if extra:
+        assert rows(full)[-1]["entropy_coef"] == pytest.approx(0.05 * 5)  # 6 updates, the last used the 5th
     assert weights(killed) == weights(full)
 
 

@@ -51,8 +51,11 @@ def test_hub_id_offline_is_one_clear_error(monkeypatch):
 
 
 def test_unknown_builtin_and_bad_local_file(tmp_path):
-    with pytest.raises(ConfigError, match="^dataset.path = 'builtin:chess': the only built-in dataset is"):
+    with pytest.raises(ConfigError) as e:
         load_rows(DatasetConfig(path="builtin:chess"))
+    assert str(e.value) == (
+        "dataset.path = 'builtin:chess': the built-in datasets are builtin:arithmetic, builtin:multiply."
+    )
     bad = tmp_path / "rows.json"
     bad.write_text("{not json\n")
     with pytest.raises(ConfigError) as e:

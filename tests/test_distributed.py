@@ -231,6 +231,59 @@ def test_a_user_loss_is_exact_under_micro_batches_and_ranks(tiny_model_dir, tmp_
     assert two["metrics"]["loss"] == pytest.approx(whole["metrics"]["loss"], rel=1e-6)
 
 
+@pytest.mark.parametrize(
+    "variant, acting",
+    [
+        (
+            # the random model's -10.8 per token against made-up values in [-12, 0]: sequence ratios from e^-40
+            # to e^5, so the bounds [1e-6, 20] keep some sequences and mask the others
+            [
+                "loss_type=dapo",
+                "vllm_importance_sampling_correction=true",
+                "vllm_importance_sampling_mode=sequence_mask",
+                "vllm_importance_sampling_clip_min=1e-6",
+                "vllm_importance_sampling_clip_max=20",
+            ],
+            "rollout/is_masked",
+        ),
+        (  # mean log(pi_sampling / pi) ~ 4.8 nats: a threshold of 5 drops some negative-advantage sequences
+            [
+                "loss_type=luspo",
+                "off_policy_mask_threshold=5",
+                "vllm_importance_sampling_correction=true",
+                "vllm_importance_sampling_mode=sequence_truncate",
+                "vllm_importance_sampling_clip_max=2",
+            ],
+            "off_policy/masked",
+        ),
+    ],
+)
+def test_sequence_weights_and_masks_are_exact_under_micro_batches_and_ranks(
+    tiny_model_dir, tmp_path, variant, acting
+):
+    """Sequence-level importance weights and masks are computed row by row: the gradient and the masked share
+    are those of the whole update, one row at a time or on two ranks."""
+    settings = (*variant, "dtype=float64")  # fp32 sums in another order differ by 2e-6
+    whole = one_step(
+        tmp_path, tiny_model_dir, "whole", "batch_size=4", *settings, "micro_batch_size=0", nproc=0
+    )
+    rows = one_step(
+        tmp_path, tiny_model_dir, "rows", "batch_size=4", *settings, "micro_batch_size=1", nproc=0
+    )
+    two = one_step(tmp_path, tiny_model_dir, "two", "batch_size=2", *settings, "micro_batch_size=1", nproc=2)
+    assert 0 < whole["metrics"][acting] < 1  # the variant acts on some rows, not all
+    for got in (rows, two):
+        assert_same_gradients(got["grads"], whole["grads"])
+        assert got["metrics"]["loss"] == pytest.approx(whole["metrics"]["loss"], rel=1e-6)
+    # a share of sequences is the same over any split; a share of tokens, like entropy, is each rank's token
+    # mean averaged over the ranks, which differs when the ranks hold different numbers of tokens
+    assert rows["metrics"][acting] == pytest.approx(whole["metrics"][acting], rel=1e-9)
+    if acting == "off_policy/masked":
+        assert two["metrics"][acting] == pytest.approx(whole["metrics"][acting], rel=1e-9)
+    else:
+        assert 0 < two["metrics"][acting] < 1
+
+
 @pytest.mark.parametrize("loss_type", ["dapo", "cispo"])
 def test_the_logged_loss_of_a_global_token_mean_is_the_one_process_value(tiny_model_dir, tmp_path, loss_type):
     one = one_step(tmp_path, tiny_model_dir, "one", "batch_size=4", f"loss_type={loss_type}", nproc=0)

@@ -123,3 +123,34 @@ def test_shared_prefix_pass_always_calls_the_decoder_twice(tokenizer, tiny_model
     assert len(calls) == 2 and logps.shape == ro.completion_ids.shape
     concat = module(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask)
     torch.testing.assert_close(logps, concat, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("weights, autocast", [(torch.bfloat16, None), (F32, torch.bfloat16)])
+def test_fp32_head_takes_the_log_probs_from_fp32_logits_under_bf16(
+    tokenizer, tiny_model_dir, weights, autocast
+):
+    """cast_lm_head_to_fp32 (ScaleRL): with bf16 weights, or fp32 weights under bf16 autocast (bf16-mixed), the
+    log-probs are log_softmax of fp32 logits from the hidden states; without it they carry the rounding of
+    bf16 logits. The gradient still reaches the head weight in its own dtype."""
+    model = load_model(str(tiny_model_dir), device=CPU, dtype=weights)
+    ro = make_rollout(tokenizer.pad_token_id, prompt_lengths=[4, 9], completion_lengths=[5, 3, 6, 2], g=2)
+    args = (ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask)
+    fp32 = CompletionLogprobs(model, impl="chunked", autocast=autocast, fp32_head=True)
+    plain = CompletionLogprobs(model, impl="chunked", autocast=autocast)
+    context = (
+        torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    )
+    with torch.no_grad(), context:
+        h = fp32._concatenated_hidden(*args)  # [B, T, H], bf16
+    assert h.dtype == (torch.bfloat16 if autocast is None else F32)  # autocast keeps the final norm in fp32
+    head = model.get_output_embeddings().weight
+    logits = h.float() @ head.float().T  # [B, T, V] fp32
+    expected = torch.log_softmax(logits, -1).gather(-1, ro.completion_ids[..., None]).squeeze(-1)
+    mask = ro.completion_mask.bool()
+    got = fp32(*args)
+    torch.testing.assert_close(got[mask], expected[mask], atol=2e-5, rtol=0)
+    with torch.no_grad():
+        rounded = plain(*args)
+    assert (rounded[mask] - expected[mask]).abs().max() > 1e-4  # bf16 logits: 10x further off
+    got[mask].sum().backward()
+    assert head.grad is not None and head.grad.dtype == weights

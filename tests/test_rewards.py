@@ -79,7 +79,7 @@ def test_resolve_rewards_names_weights_and_user_functions():
         (
             "corectness",
             "config.rewards[0] = 'corectness' is not a built-in reward; use one of correctness, "
-            "int_answer, strict_format, soft_format, tag_count, answer_mentioned, overlong_penalty, reward_model or "
+            "int_answer, strict_format, soft_format, tag_count, answer_mentioned, tool_used, overlong_penalty, reward_model or "
             "package.module:function.",
         ),
         (

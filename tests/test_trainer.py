@@ -293,12 +293,13 @@ def cli(*args, cwd=REPO, env=None):
         (
             ["rewards=[nope]"],
             "error: config.rewards[0] = 'nope' is not a built-in reward; use one of correctness, "
-            "int_answer, strict_format, soft_format, tag_count, answer_mentioned, overlong_penalty, reward_model or "
+            "int_answer, strict_format, soft_format, tag_count, answer_mentioned, tool_used, overlong_penalty, reward_model or "
             "package.module:function.",
         ),
         (
             ["loss_type=ppo"],
-            "error: config.loss_type = 'ppo' is not allowed: use one of grpo, bnpo, dr_grpo, dapo, cispo or "
+            "error: config.loss_type = 'ppo' is not allowed: use one of grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, "
+            "vespo or "
             "package.module:function.",
         ),
         (["train_device=tpu"], "error: config.train_device = 'tpu' is not supported: use cuda, cpu or auto."),

@@ -76,6 +76,44 @@ def check_relations(t: Template) -> None:
             c.delta,
             "cispo has no clipped objective to cap (its ratio cap is 1 + epsilon_high)",
         )
+    if c.rollout_engine == "vllm":
+        need(
+            c.backend != "unsloth",
+            "config.rollout_engine",
+            c.rollout_engine,
+            "unsloth patches the model in ways vLLM does not load; use backend: torch or rollout_engine: torch",
+        )
+        need(
+            c.vllm_mode != "server" or c.vllm_server_url is not None,
+            "config.vllm_server_url",
+            c.vllm_server_url,
+            "vllm_mode: server needs the URL of a running `grpo vllm-serve`, e.g. http://127.0.0.1:8000",
+        )
+        need(
+            c.vllm_max_model_length is None or c.vllm_max_model_length >= c.maximum_sequence_length,
+            "config.vllm_max_model_length",
+            c.vllm_max_model_length,
+            f"it must be null or at least maximum_sequence_length ({c.maximum_sequence_length})",
+        )
+    if c.delta is not None:
+        need(
+            c.loss_type not in ("sapo", "vespo"),
+            "config.delta",
+            c.delta,
+            f"{c.loss_type} reshapes the ratio softly, it has no clip to cap",
+        )
+    need(
+        not (c.rollout_is_cap > 0 and c.vllm_importance_sampling_correction),
+        "config.rollout_is_cap",
+        c.rollout_is_cap,
+        "it is the token_truncate form of vllm_importance_sampling_correction; use one of the two",
+    )
+    need(
+        not c.use_bias_correction_kl or c.beta > 0,
+        "config.use_bias_correction_kl",
+        c.use_bias_correction_kl,
+        "it corrects the KL term, and beta = 0 has none; set beta > 0",
+    )
     need(
         not c.load_in_4bit or c.backend == "unsloth",
         "config.load_in_4bit",
@@ -95,6 +133,17 @@ def config_warnings(t: Template) -> list[str]:
             f"importance_sampling_level: sequence (GSPO) with epsilon {c.epsilon} / epsilon_high "
             f"{c.epsilon_high}: a sequence ratio rarely moves that far, so almost nothing is clipped; "
             "GSPO clips at 3e-4 / 4e-4 (docs/losses.md)."
+        )
+    if c.loss_type == "cispo" and c.epsilon_high is not None and c.epsilon_high > 1:
+        notes.append(
+            f"loss_type: cispo caps the ratio at 1 + epsilon_high = {1 + c.epsilon_high:g} here (MiniMax-M1's "
+            f"form); TRL caps it at epsilon_high itself (ScaleRL's form). For TRL's cap of {c.epsilon_high:g}, "
+            f"set epsilon_high: {c.epsilon_high - 1:g} (docs/losses.md)."
+        )
+    if c.loss_type == "luspo" and c.importance_sampling_level != "sequence":
+        notes.append(
+            "loss_type: luspo is GSPO with each sequence's term times its length; the paper uses "
+            "importance_sampling_level: sequence (docs/loss-variants.md)."
         )
     return notes
 

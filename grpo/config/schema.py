@@ -8,9 +8,22 @@ grpo/config/checks.py. Everything here is cheap: validation runs before any mode
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from grpo.config import fields as declared
+from grpo.config.fields import (
+    AT_LEAST_1,
+    NOT_BLANK,
+    NULL_OR_COUNT,
+    OFF_OR_MORE,
+    POSITIVE,
+    ZERO_OR_MORE,
+    Check,
+    doc,
+    within,
+)
+from grpo.config.rollout_settings import RolloutSettings
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 BUILTIN_DATASET = "builtin:arithmetic"
@@ -24,39 +37,10 @@ SEED_INSTRUCTION = """Respond in the following format:
 </answer>"""
 
 
-@dataclass(frozen=True)
-class Check:
-    """The values a field allows beyond its type: `ok(value)` must hold, else `allowed` tells the user why."""
-
-    ok: Callable[[Any], bool]
-    allowed: str
-
-
-AT_LEAST_1 = Check(lambda v: v >= 1, "it must be at least 1")
-ZERO_OR_MORE = Check(lambda v: v >= 0, "it must be 0 or more")
-OFF_OR_MORE = Check(lambda v: v >= 0, "it must be 0 (off) or more")
-POSITIVE = Check(lambda v: v > 0, "it must be positive")
-NOT_BLANK = Check(lambda v: v.strip() != "", "it must not be empty")
-
-
-def within(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Check:
-    above = (lambda v: v > low) if low_open else (lambda v: v >= low)
-    below = (lambda v: v < high) if high_open else (lambda v: v <= high)
-    span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    return Check(lambda v: above(v) and below(v), f"it must be in {span}")
-
-
-def doc(text: str, *, check: Check | None = None, resume_safe: bool = False, **kw: Any) -> Any:
-    """A field with its description and, next to it, what it allows (checked before anything loads, with the
-    relations between fields in grpo/config/checks.py) and whether a resume may change it: resume_safe fields
-    change how a run is carried out or logged, not what it computes."""
-    return field(metadata={"doc": text, "check": check, "resume_safe": resume_safe}, **kw)
-
-
 @dataclass
 class DatasetConfig:
     path: str = doc(
-        "Hub id (openai/gsm8k), a local .jsonl/.json/.csv/.parquet file, or builtin:arithmetic.",
+        "Hub id (openai/gsm8k), a local .jsonl/.json/.csv/.parquet file, builtin:arithmetic or builtin:multiply.",
         default=BUILTIN_DATASET,
     )
     config: str | None = doc("Dataset config name on the hub (gsm8k: main).", default=None)
@@ -64,7 +48,7 @@ class DatasetConfig:
     limit: int | None = doc(
         "Use only the first N rows (null = all).",
         default=None,
-        check=Check(lambda v: v is None or v >= 1, "use null or a positive count"),
+        check=NULL_OR_COUNT,
     )
     eval_split: str = doc(
         "Held-out split for evaluation (a local file path also works).", default="test", resume_safe=True
@@ -93,7 +77,7 @@ class DataTemplate:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RolloutSettings):
     # -- device and placement
     train_device: Literal["auto", "cuda", "cpu", "tpu"] = doc(
         "Where to train: auto picks cuda when present.", default="auto", resume_safe=True
@@ -248,12 +232,33 @@ class TrainConfig:
         default=1,
         check=AT_LEAST_1,
     )
-    loss_type: str = doc("grpo | bnpo | dr_grpo | dapo | cispo, or package.module:function.", default="grpo")
+    loss_type: str = doc(
+        "grpo|bnpo|dr_grpo|dapo|cispo|sapo|luspo|vespo or package.module:function.", default="grpo"
+    )
+    sapo_temperature_pos: float = doc(
+        "sapo: the gate's temperature where A > 0.", default=1.0, check=POSITIVE
+    )
+    sapo_temperature_neg: float = doc(
+        "sapo: the gate's temperature where A <= 0.", default=1.05, check=POSITIVE
+    )
+    vespo_k_pos: float = doc("vespo: the kernel's power where A >= 0.", default=2.0, check=ZERO_OR_MORE)
+    vespo_lambda_pos: float = doc("vespo: the kernel's decay where A >= 0.", default=3.0, check=ZERO_OR_MORE)
+    vespo_k_neg: float = doc("vespo: the kernel's power where A < 0.", default=3.0, check=ZERO_OR_MORE)
+    vespo_lambda_neg: float = doc("vespo: the kernel's decay where A < 0.", default=2.0, check=ZERO_OR_MORE)
+    use_bias_correction_kl: bool = doc(
+        "Times each token's KL term by its ratio pi / pi_old (DeepSeek-V3.2's unbiased KL); needs beta > 0.",
+        default=False,
+    )
     importance_sampling_level: Literal["token", "sequence"] = doc(
         "token (GRPO) or sequence (GSPO).", default="token"
     )
     scale_rewards: Literal["group", "batch", "none"] = doc(
         "Divide advantages by the std of the group, the batch, or not at all.", default="group"
+    )
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = doc(
+        "Several rewards: normalise their weighted sum, or normalise each within its group, sum, then normalise "
+        "over the batch (GDPO), so a reward on a large scale does not drown the others.",
+        default="sum_then_normalize",
     )
     top_entropy_quantile: float = doc(
         "Apply the policy term only to the tokens whose entropy is in this top share of the step's tokens "
@@ -267,15 +272,20 @@ class TrainConfig:
         default=0.0,
         check=OFF_OR_MORE,
     )
-    dynamic_sampling: bool = doc(
-        "DAPO's dynamic sampling: drop prompts whose G rewards are all equal and sample more prompts until "
-        "batch_size informative ones are found (grpo/rollout/dynamic_sampling.py).",
+    use_adaptive_entropy: bool = doc(
+        "Adaptive entropy control (Skywork-OR1): after each update the entropy coefficient (from entropy_coef) "
+        "moves by entropy_coef_delta, up while the entropy is below entropy_target, down while above.",
         default=False,
     )
-    dynamic_sampling_max_rounds: int = doc(
-        "Most rollouts per step with dynamic_sampling; a batch still short is topped up with dropped prompts.",
-        default=3,
-        check=AT_LEAST_1,
+    entropy_target: float = doc("use_adaptive_entropy: the entropy to steer to.", default=0.2, check=POSITIVE)
+    entropy_coef_delta: float = doc(
+        "use_adaptive_entropy: the move per update.", default=0.005, check=POSITIVE
+    )
+    entropy_coef_min: float = doc(
+        "use_adaptive_entropy: the lowest coefficient.", default=0.0, check=ZERO_OR_MORE
+    )
+    entropy_coef_max: float = doc(
+        "use_adaptive_entropy: the highest coefficient.", default=1.0, check=ZERO_OR_MORE
     )
     rollout_is_cap: float = doc(
         "Truncated importance sampling of the rollout: weight each token's policy term by min(pi_train / "
@@ -283,6 +293,30 @@ class TrainConfig:
         "training forward's, which differ numerically (bf16, CUDA graphs, packed kernels); 0 = off (2 is usual).",
         default=0.0,
         check=Check(lambda v: v == 0 or v >= 1, "it must be 0 (off) or at least 1"),
+    )
+    vllm_importance_sampling_correction: bool = doc(
+        "Weight the policy term by the importance ratio training / decode path, as the mode says (TRL's names; "
+        "grpo/off_policy.py); rollout_is_cap is its token_truncate form.",
+        default=False,
+    )
+    vllm_importance_sampling_mode: Literal[
+        "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"
+    ] = doc(
+        "Per token or per sequence; clamped to [clip_min, clip_max], or 0 outside it.",
+        default="sequence_mask",
+    )
+    vllm_importance_sampling_clip_max: float = doc(
+        "Upper bound of the ratio.", default=3.0, check=Check(lambda v: v >= 1, "it must be at least 1")
+    )
+    vllm_importance_sampling_clip_min: float | None = doc(
+        "Lower bound of the ratio (null = none).",
+        default=None,
+        check=Check(lambda v: v is None or 0 <= v < 1, "it must be null or in [0, 1)"),
+    )
+    off_policy_mask_threshold: float | None = doc(
+        "Mask sequences with A < 0 and mean log(pi_sampling / pi) above this (DeepSeek-V3.2); null = off.",
+        default=None,
+        check=Check(lambda v: v is None or v > 0, "it must be null (off) or positive"),
     )
     mask_truncated_completions: bool = doc(
         "Exclude completions cut at the length limit from the loss.", default=False
@@ -300,14 +334,11 @@ class TrainConfig:
         check=Check(lambda v: v >= 0, "it must be 0 (no limit) or more"),
         resume_safe=True,
     )
+    cast_lm_head_to_fp32: bool = doc(
+        "Log-prob passes: the LM head and its softmax in fp32 even under bf16 (ScaleRL).", default=False
+    )
     logprob_impl: Literal["auto", "chunked", "naive", "triton"] = doc(
         "How per-token log-probs are computed (kernels/).", default="auto", resume_safe=True
-    )
-    decode_impl: Literal["auto", "graph", "packed", "static", "hf"] = doc(
-        "How rollouts decode: graph (CUDA graphs on GPU), packed (CPU fp32), static, hf (transformers' "
-        "generation path, the slowest and the reference); auto picks the fastest the model and device allow.",
-        default="auto",
-        resume_safe=True,
     )
     # -- outputs
     output_dir: str = doc(
@@ -362,12 +393,7 @@ class TrainConfig:
 
     def sampling(self) -> dict[str, Any]:
         """The settings that shape the sampling distribution, as keyword arguments of grpo.rollout.generate.generate."""
-        return {
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "min_p": self.min_p,
-        }
+        return {name: getattr(self, name) for name in ("temperature", "top_p", "top_k", "min_p")}
 
 
 @dataclass
@@ -390,30 +416,18 @@ class Template:
 SECTIONS = {"dataset": DatasetConfig, "template": DataTemplate, "config": TrainConfig}
 
 
-def _leaf_paths() -> dict[str, tuple[str, ...]]:
-    """Every settable field as dotted path -> path tuple."""
-    paths: dict[str, tuple[str, ...]] = {}
-    for f in dataclasses.fields(Template):
-        if f.name in SECTIONS:
-            for sub in dataclasses.fields(SECTIONS[f.name]):
-                paths[f"{f.name}.{sub.name}"] = (f.name, sub.name)
-        else:
-            paths[f.name] = (f.name,)
-    return paths
-
-
-LEAF_PATHS = _leaf_paths()
+LEAF_PATHS = declared.leaf_paths(Template, SECTIONS)  # every settable field: dotted path -> path tuple
 ALIASES = {"resume": ("config", "resume_from_checkpoint")}  # resume=latest on the command line
 
 
 def field_docs() -> list[tuple[str, str, str]]:
     """(dotted name, default, doc) for every field: the README's template reference."""
-    rows = []
-    for dotted in LEAF_PATHS:
-        f = leaf_field(dotted)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rows.append((dotted, repr(default), f.metadata.get("doc", "")))
-    return rows
+    fields = {dotted: leaf_field(dotted) for dotted in LEAF_PATHS}
+    defaults = {
+        d: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for d, f in fields.items()
+    }
+    return [(dotted, repr(defaults[dotted]), f.metadata.get("doc", "")) for dotted, f in fields.items()]
 
 
 def leaf_field(dotted: str) -> dataclasses.Field:

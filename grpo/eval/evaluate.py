@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ from grpo import rewards as rw
 from grpo.config import ConfigError, Template
 from grpo.data import BUILTIN_SEEDS, Prompt, build_prompts, complete_rows, load_rows
 from grpo.model.loading import stop_token_ids
-from grpo.rollout.generate import generate
+from grpo.rollout.generate import Rollout, generate
 
 CORRECTNESS = "correctness"
 
@@ -120,8 +121,10 @@ def evaluate(
     generator: torch.Generator | None = None,
     progress: bool = True,
     decode_impl: str = "auto",
+    sample: Callable[..., Rollout] = generate,
 ) -> EvalResult:
-    """Answer every prompt (greedy when samples == 1, else `samples` draws) and score the answers.
+    """Answer every prompt (greedy when samples == 1, else `samples` draws) and score the answers. `sample`:
+    grpo.rollout.generate.generate, or a rollout engine's function with its signature (rollout_engine vllm).
 
     `batch_size` counts prompts per generate call; each call decodes batch_size x samples sequences.
     """
@@ -137,7 +140,7 @@ def evaluate(
     batches = range(0, len(prompts), batch_size)
     for i in tqdm(batches, desc="eval", unit="batch", file=sys.stderr, disable=not progress, leave=False):
         chunk = prompts[i : i + batch_size]
-        ro = generate(
+        ro = sample(
             model,
             [p.ids for p in chunk],
             num_generations=samples,
@@ -158,7 +161,9 @@ def evaluate(
         truncated += ro.truncated.tolist()
     expanded = [p for p in prompts for _ in range(samples)]  # the order generate returns: G per prompt
     refs = [p.reference for p in expanded]
-    inputs = rw.RewardInputs.of(expanded, lengths, tags=tags, max_completion_length=max_new_tokens)
+    inputs = rw.RewardInputs.of(
+        expanded, lengths, tags=tags, max_completion_length=max_new_tokens, completions=texts
+    )
     scores = rw.score(rewards, texts, refs, **inputs.as_kwargs())  # [N, R]
     j = correctness_index(rewards)
     correct_scores = scores[:, j] if j is not None else torch.tensor(rw.correctness(texts, refs, tags=tags))

@@ -18,6 +18,7 @@ from grpo.parallel.collectives import any_over_ranks
 from grpo.parallel.launch import DistEnv
 from grpo.parallel.wrapping import full_params, full_state_dict
 from grpo.rewards import Reward, Tags
+from grpo.rollout.generate import generate
 from grpo.run.atomic_files import atomic_write_text
 from grpo.run.logger import RunLogger
 
@@ -43,6 +44,7 @@ class TrainingEval:
     tags: Tags
     last: tuple[int, EvalResult | None] | None = None  # (step, result), on every rank
     best_accuracy: float = float("-inf")
+    engine: Any = None  # rollout_engine vllm: the engine (grpo/rollout/vllm_engine.py) evaluates too
 
     def run(self, step: int, sampling_model: torch.nn.Module, policy: torch.nn.Module) -> EvalResult | None:
         """Greedy evaluation on the held-out prompts (rank 0; None on the other ranks, which wait)."""
@@ -59,6 +61,7 @@ class TrainingEval:
                     batch_size=c.batch_size * c.num_generations,
                     response_prefix=self.template.template.response_prefix,
                     decode_impl=c.decode_impl,
+                    sample=generate if self.engine is None else self.engine.sampler(version=step),
                 )
         self.last = (step, result)  # on every rank, so all agree whether the final one is due
         if self.env.enabled and torch.distributed.is_initialized():

@@ -29,12 +29,14 @@ class CompletionLogprobs(nn.Module):
         temperature: float = 1.0,
         impl: str = "auto",
         autocast: torch.dtype | None = None,
+        fp32_head: bool = False,
     ):
         super().__init__()
         self.model = model  # a transformers CausalLM (possibly with LoRA layers injected in place)
         self.temperature = temperature
         self.impl = impl
         self.autocast = autocast  # compute dtype over fp32 weights (bf16-mixed), None: the weights' own
+        self.fp32_head = fp32_head  # the LM head from fp32 hidden states and weights (cast_lm_head_to_fp32)
 
     def forward(
         self,
@@ -72,16 +74,23 @@ class CompletionLogprobs(nn.Module):
             else:
                 h = self._shared_prefix_hidden(prompt_ids, prompt_mask, ids, mask, prompt_index)
             head = self.model.get_output_embeddings()
-            out = token_logprobs(
-                h.reshape(-1, h.shape[-1]),
-                head.weight,
-                ids.reshape(-1),
-                bias=getattr(head, "bias", None),
-                temperature=self.temperature,
-                impl=self.impl,
-                return_entropy=return_entropy,
-                detach_entropy=not entropy_grad,
-            )
+            weight, bias = head.weight, getattr(head, "bias", None)
+            head_context = nullcontext()
+            if self.fp32_head:  # ScaleRL (arXiv:2510.13786): no bf16 rounding in the logits or their softmax
+                h, weight = h.float(), weight.float()
+                bias = None if bias is None else bias.float()
+                head_context = torch.autocast(prompt_ids.device.type, enabled=False)
+            with head_context:
+                out = token_logprobs(
+                    h.reshape(-1, h.shape[-1]),
+                    weight,
+                    ids.reshape(-1),
+                    bias=bias,
+                    temperature=self.temperature,
+                    impl=self.impl,
+                    return_entropy=return_entropy,
+                    detach_entropy=not entropy_grad,
+                )
             per_token = out if return_entropy else (out,)
             t = completion_ids.shape[1]
             # padding carries no value and no gradient; trailing columns come back as zeros: [B, T] each

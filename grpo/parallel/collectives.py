@@ -15,7 +15,7 @@ def is_max_metric(key: str) -> bool:
 
 def reduce_over_ranks(values: dict[str, float], env: DistEnv) -> dict[str, float]:
     """A step's metrics over all ranks, in one collective: maxima (`*_max`, `memory/peak*`) take the largest
-    rank's value, the rest the mean over ranks (each rank holds the same number of samples)."""
+    rank's value, minima (`*_min`) the smallest, the rest the mean over ranks (each rank holds the same number of samples)."""
     if not env.enabled or not values:
         return values
     keys = sorted(values)
@@ -24,7 +24,9 @@ def reduce_over_ranks(values: dict[str, float], env: DistEnv) -> dict[str, float
     dist.all_gather(rows, local)
     table = torch.stack(rows)  # [world, keys]
     largest = torch.tensor([is_max_metric(k) for k in keys], device=table.device)
-    return dict(zip(keys, torch.where(largest, table.amax(0), table.mean(0)).tolist()))
+    smallest = torch.tensor([k.endswith("_min") for k in keys], device=table.device)
+    reduced = torch.where(largest, table.amax(0), torch.where(smallest, table.amin(0), table.mean(0)))
+    return dict(zip(keys, reduced.tolist()))
 
 
 def sum_over_ranks(x: torch.Tensor, env: DistEnv) -> torch.Tensor:

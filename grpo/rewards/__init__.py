@@ -7,8 +7,11 @@ implement too:
 `completions[i]` is the decoded text of sample i, `references[i]` its prompt's reference answer. kwargs holds
 `prompts` (list[str], chat-formatted), `prompt_messages` (list of the prompt's chat messages, system + user),
 `rows` (list[dict], the dataset rows), `tags` (a `Tags` with the template's four tag strings),
-`completion_lengths` (list[int], completion tokens) and `max_completion_length` (int,
-config.maximum_completion_length). Accept **kwargs so that new keys do not break your function. A template entry
+`completion_lengths` (list[int], completion tokens), `max_completion_length` (int,
+config.maximum_completion_length), `messages` (each sample's whole conversation as chat messages: the prompt's,
+then each reply and, with tools or an environment, each tool or user message) and `tool_calls` (each sample's
+calls, dicts with name, arguments, result and error; empty without tools). With tools or an environment,
+`completions[i]` holds the model's own replies, one per turn, joined by newlines. Accept **kwargs so that new keys do not break your function. A template entry
 {name: ..., weight: ..., KEY: VALUE} also passes KEY=VALUE to its function on every call.
 """
 
@@ -27,6 +30,7 @@ from grpo.rewards.builtin import (
     soft_format,
     strict_format,
     tag_count,
+    tool_used,
 )
 from grpo.rewards.learned_model import reward_model
 from grpo.rewards.scoring import PASSED_KWARGS, Reward, RewardInputs, resolve_function, resolve_rewards, score
@@ -53,4 +57,5 @@ __all__ = [
     "soft_format",
     "strict_format",
     "tag_count",
+    "tool_used",
 ]

@@ -117,6 +117,14 @@ def answer_mentioned(completions: list[str], references: list[str], **_: Any) ->
     return out
 
 
+def tool_used(
+    completions: list[str], references: list[str], *, tool_calls: list[list[dict]], **_: Any
+) -> list[float]:
+    """0.5 when the sample made at least one tool call that returned without error: partial credit for using
+    the tools at all (docs/tools.md)."""
+    return [0.5 if any(call["error"] is None for call in calls) else 0.0 for calls in tool_calls]
+
+
 def overlong_buffer_problem(buffer: Any, max_completion_length: int | None) -> str | None:
     """Why `buffer` is not a valid overlong_penalty buffer, or None; max_completion_length None = not known yet."""
     if isinstance(buffer, int) and not isinstance(buffer, bool) and buffer > 0:
@@ -180,6 +188,7 @@ BUILTIN: dict[str, RewardFn] = {
         soft_format,
         tag_count,
         answer_mentioned,
+        tool_used,
         overlong_penalty,
         reward_model,
     )

@@ -32,12 +32,31 @@ class RewardInputs:
     prompt_messages: list[list[dict[str, str]]]  # system + user, before the chat template
     completion_lengths: list[int]  # completion tokens
     max_completion_length: int  # config.maximum_completion_length
+    # the whole conversation: prompt messages, then each reply and each tool or environment message
+    messages: list[list[dict[str, str]]]
+    tool_calls: list[list[dict[str, Any]]]  # each call: name, arguments, result, error ([] without tools)
 
     @classmethod
     def of(
-        cls, prompts: list[Any], completion_lengths: list[int], *, tags: Any, max_completion_length: int
+        cls,
+        prompts: list[Any],
+        completion_lengths: list[int],
+        *,
+        tags: Any,
+        max_completion_length: int,
+        completions: list[str],
+        conversations: list[Any] | None = None,
     ) -> RewardInputs:
-        """From the Prompt of each completion (a prompt repeated once per sample) and the completion lengths."""
+        """From the Prompt of each completion (a prompt repeated once per sample), the completion lengths and
+        texts, and for a multi-turn rollout each sample's Conversation (grpo/rollout/multi_turn.py)."""
+        if conversations is None:  # one reply
+            messages = [
+                [*p.messages, {"role": "assistant", "content": t}] for p, t in zip(prompts, completions)
+            ]
+            tool_calls: list[list[dict[str, Any]]] = [[] for _ in prompts]
+        else:
+            messages = [list(conv.messages) for conv in conversations]
+            tool_calls = [list(conv.tool_calls) for conv in conversations]
         return cls(
             tags=tags,
             rows=[p.row for p in prompts],
@@ -45,6 +64,8 @@ class RewardInputs:
             prompt_messages=[p.messages for p in prompts],
             completion_lengths=[int(n) for n in completion_lengths],
             max_completion_length=max_completion_length,
+            messages=messages,
+            tool_calls=tool_calls,
         )
 
     def as_kwargs(self) -> dict[str, Any]:

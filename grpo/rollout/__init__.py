@@ -6,5 +6,9 @@ decoders.py         which decoder runs (`decode_impl`), and transformers' forwar
 static_decode.py    a preallocated KV cache decoded with the model's own layers
 graph_decode.py     fixed shapes, recorded as CUDA graphs on GPU
 packed_decode.py    CPU fp32 with MKL-packed fused weights
+vllm_engine.py      rollout_engine vllm: a vLLM engine that gets the policy's weights after every step
 dynamic_sampling.py DAPO's dynamic sampling: more prompts until the batch has groups that disagree
+multi_turn.py       several turns per sample with tools or an environment; tokens between turns masked out
+tools.py            config.tools: schemas, the call format, calls with a timeout, the built-in calculator
+environments.py     config.environment: reset/step classes, the built-in number_guess
 """

@@ -6,10 +6,13 @@ the B*G sequences decode together; decoding stops as soon as every sequence has 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 
+from grpo.config import TrainConfig
 from grpo.rollout.decoders import DECODE_IMPLS, make_decoder
 from grpo.rollout.sampling import sample_next
 
@@ -28,6 +31,13 @@ class Rollout:
     # padding; None for greedy decoding. Compared with the training forward's log-probs it measures how far
     # the fast decode path is from the policy being trained (rollout/mismatch_* metrics, rollout_is_cap).
     sampling_logps: torch.Tensor | None = None
+    # [N, T] 1 where the model sampled the token, 0 at tool results, observations and the chat template's role
+    # headers between turns (grpo/rollout/multi_turn.py); None: a single reply, every completion token is the
+    # model's. The sequence keeps the other tokens for the log-probs; the loss trains only `trained_mask`.
+    model_written: torch.Tensor | None = None
+    conversations: list[Any] | None = (
+        None  # per row, a multi-turn rollout's Conversation (messages, tool calls)
+    )
 
     def prompt_groups(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The distinct prompts of rows[start:stop], without all-padding columns, and each row's index into
@@ -46,7 +56,19 @@ class Rollout:
         if isinstance(index, slice) and (index.start % self.group_size or index.stop % self.group_size):
             raise ValueError(f"rows {index.start}:{index.stop} split a group of {self.group_size} samples.")
         tensors = {f.name: getattr(self, f.name) for f in fields(self)}
-        return replace(self, **{k: v[index] for k, v in tensors.items() if isinstance(v, torch.Tensor)})
+        out = replace(self, **{k: v[index] for k, v in tensors.items() if isinstance(v, torch.Tensor)})
+        if self.conversations is not None:
+            picked = range(len(self.conversations))[index] if isinstance(index, slice) else index.tolist()
+            out.conversations = [self.conversations[i] for i in picked]
+        return out
+
+    @property
+    def trained_mask(self) -> torch.Tensor:
+        """[N, T] the completion tokens the model wrote: what the loss, its normalisers and the token metrics
+        count."""
+        if self.model_written is None:
+            return self.completion_mask
+        return self.completion_mask * self.model_written
 
     @property
     def num_completion_tokens(self) -> int:
@@ -160,3 +182,27 @@ def generate(
 
 
 CUDA_CHECK_DONE_EVERY = 8
+
+
+def sample_as_configured(
+    sample: Callable[..., Rollout],
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    c: TrainConfig,
+    eos_ids: list[int],
+    pad_id: int,
+    generator: torch.Generator,
+) -> Rollout:
+    """A training rollout of `prompts` with the template's sampling settings, through `sample`: `generate`
+    (our decoder) or an engine's sampler with the same signature (grpo/rollout/vllm_engine.py)."""
+    return sample(
+        model,
+        prompts,
+        num_generations=c.num_generations,
+        max_new_tokens=c.maximum_completion_length,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        generator=generator,
+        decode_impl=c.decode_impl,
+        **c.sampling(),
+    )

@@ -190,6 +190,7 @@ class Progress:
 
     step: int
     skipped_steps: int = 0
+    entropy_coef: float | None = None  # where use_adaptive_entropy has steered the coefficient to
 
 
 def write_model(
@@ -264,6 +265,7 @@ def _write_checkpoint(parts: RunParts, progress: Progress) -> Path:
             "step": step,
             "sampler": parts.sampler.state_dict(),
             "skipped_steps": progress.skipped_steps,
+            "entropy_coef": progress.entropy_coef,
             "world_size": env.world_size,
         }
         (tmp / "trainer_state.json").write_text(json.dumps(info, indent=2))
@@ -330,7 +332,11 @@ def resume(parts: RunParts, path: Path) -> Progress:
     scheduler = _reading(path / "scheduler.pt", lambda: torch.load(path / "scheduler.pt", weights_only=False))
     parts.scheduler.load_state_dict(scheduler)
     info = _reading(path / "trainer_state.json", lambda: read_trainer_state(path))
-    progress = Progress(step=int(info["step"]), skipped_steps=int(info.get("skipped_steps", 0)))
+    progress = Progress(
+        step=int(info["step"]),
+        skipped_steps=int(info.get("skipped_steps", 0)),
+        entropy_coef=info.get("entropy_coef"),
+    )
     parts.sampler.load_state_dict(info["sampler"])
     _reading(path / f"rng-rank{env.rank}.pt", lambda: load_rng(path, env.rank, parts.generator))
     if env.is_main:

@@ -12,13 +12,14 @@ import torch
 
 
 class UpdateTotals:
-    """Row-weighted means (loss statistics), token means (entropy, rollout mismatch), maxima and grad norms."""
+    """Row-weighted means (loss statistics), token means (entropy, rollout mismatch), extrema and grad norms."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.row_sums: dict[str, torch.Tensor] = {}
         self.token_sums: dict[str, torch.Tensor] = {}
         self.maxima: dict[str, torch.Tensor] = {}
+        self.minima: dict[str, torch.Tensor] = {}
         self.grad_norms: list[torch.Tensor] = []
         self.thresholds: list[torch.Tensor] = []
         self.rows = 0
@@ -44,9 +45,14 @@ class UpdateTotals:
         value = value.detach().double()
         self.maxima[key] = torch.maximum(self.maxima[key], value) if key in self.maxima else value
 
+    def add_min(self, key: str, value: torch.Tensor) -> None:
+        value = value.detach().double()
+        self.minima[key] = torch.minimum(self.minima[key], value) if key in self.minima else value
+
     def result(self) -> dict[str, float]:
-        keys = [*self.row_sums, *self.token_sums, *self.maxima]
-        tensors = [*self.row_sums.values(), *self.token_sums.values(), *self.maxima.values()]
+        extrema = {**self.maxima, **self.minima}
+        keys = [*self.row_sums, *self.token_sums, *extrema]
+        tensors = [*self.row_sums.values(), *self.token_sums.values(), *extrema.values()]
         for key, items in (("grad_norm", self.grad_norms), ("entropy_threshold", self.thresholds)):
             if items:
                 keys.append(key)

@@ -34,6 +34,7 @@ class BenchConfig:
     model: str = "embedded:smollm2-135m-instruct"
     data: str = ""  # empty: the shared GSM8K train file when present, else the hub's openai/gsm8k
     ignore_eos: bool = False  # sample every completion to full length on both sides (equal work)
+    rollout_engine: str = "torch"  # ours: torch (our decoder) or vllm
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +78,7 @@ def gsm8k_template(cfg: BenchConfig, output_dir: str) -> dict[str, Any]:
         learning_rate_schedule="constant",
         warmup_ratio=0.0,
         temperature=cfg.temperature,
+        rollout_engine=cfg.rollout_engine,
         max_steps=cfg.steps,
         loss_type="grpo",
         seed=cfg.seed,

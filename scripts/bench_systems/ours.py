@@ -22,7 +22,14 @@ from scripts.bench_systems import (
     sync,
 )
 
-PHASES = ("time/rollout_s", "time/reward_s", "time/logprob_s", "time/fwd_bwd_s", "time/optimizer_s")
+PHASES = (
+    "time/rollout_s",
+    "time/reward_s",
+    "time/logprob_s",
+    "time/fwd_bwd_s",
+    "time/optimizer_s",
+    "time/push_s",
+)
 
 
 def run_ours(cfg: BenchConfig) -> dict[str, Any]:
@@ -35,6 +42,9 @@ def run_ours(cfg: BenchConfig) -> dict[str, Any]:
             t0 = time.perf_counter()
             metrics, _ = trainer.train_step()
             trainer.step += 1
+            if trainer.engine is not None:  # part of a step with vLLM: the new weights go to the engine
+                trainer.engine.push(trainer.model, version=trainer.step)
+                metrics["time/push_s"] = trainer.engine.push_s
             sync(cfg.device)
             steps.append(
                 step_record(time.perf_counter() - t0, metrics["time/rollout_s"], _tokens(metrics, cfg))
@@ -53,6 +63,7 @@ def run_ours(cfg: BenchConfig) -> dict[str, Any]:
         kv_per_token = kv_cache_bytes_per_token(model.config, itemsize)
         bound = decode_bound(rows(cfg), copy_bandwidth(trainer.device), weight_bytes, kv_per_token, context)
         return {
+            "engine_start_s": None if trainer.engine is None else round(trainer.engine.startup_s, 1),
             "steps": steps,
             "phases": phases,
             "peak_memory_bytes": peak,

@@ -1,0 +1,100 @@
+"""Whole runs with several turns per sample: a run killed mid-way with an environment on resumes bitwise, and
+two processes (gloo) match one on the same data."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+from tests.conftest import build_tiny_model, tiny_template, write_template
+from tests.test_checkpoint import rows, train, weights
+
+
+@pytest.fixture(scope="module")
+def ending_model_dir(tokenizer, tmp_path_factory):
+    """The tiny model, with an end-token row that makes it end a reply every few tokens, so that the game has
+    several turns (the random model's end-token row is the zero padding row: it would never end)."""
+    from transformers import LlamaForCausalLM
+
+    from grpo.model.loading import save_model
+
+    folder = build_tiny_model(tokenizer, tmp_path_factory.mktemp("ending") / "model")
+    model = LlamaForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        end_row = torch.randn(32, generator=torch.Generator().manual_seed(0)) * 2
+        model.get_output_embeddings().weight[tokenizer.eos_token_id] = end_row
+    save_model(model, tokenizer, folder)
+    return folder
+
+
+@pytest.fixture
+def template(ending_model_dir, tmp_path):
+    data = tiny_template(
+        ending_model_dir,
+        tmp_path / "unused",
+        max_steps=4,
+        environment="number_guess",
+        max_tool_calling_iterations=3,
+        maximum_completion_length=24,
+        maximum_sequence_length=400,
+        rewards=["tests.user_rewards:length"],
+    )
+    return write_template(tmp_path / "t.yaml", data)
+
+
+def test_a_killed_run_with_an_environment_resumes_bitwise(template, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    result = train(template, f"output_dir={full}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert all(r["turns/mean"] > 1 for r in rows(full))  # the games did run several turns
+    result = train(
+        template,
+        f"output_dir={killed}",
+        "save_steps=2",
+        env_extra={"GRPO_TEST_KILL_AT": "after_commit_step2"},
+    )
+    assert result.returncode == -signal.SIGKILL
+    result = train(template, f"output_dir={killed}", "save_steps=2", "resume=latest")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Resumed from" in result.stdout
+    assert rows(killed) == rows(full)
+    assert weights(killed) == weights(full)
+
+
+def test_two_processes_match_one_process_with_tools(tiny_model_dir, tmp_path):
+    """4 prompts x 4 samples in one process == 2 prompts x 4 samples on each of 2 ranks (gloo), every turn from
+    the same scripted policy: the multi-turn masks and token counts add up over ranks like single replies."""
+    from tests.test_distributed import launch
+
+    results = {}
+    for name, nproc, batch in (("one", 0, 4), ("two", 2, 2)):
+        data = tiny_template(
+            tiny_model_dir,
+            tmp_path / name,
+            tools=["calculator"],
+            num_generations=4,
+            batch_size=batch,
+            maximum_completion_length=64,
+            maximum_sequence_length=600,
+            loss_type="dapo",
+            beta=0.1,
+            learning_rate=1e-2,
+            adam_epsilon=1.0,
+            max_grad_norm=0.0,
+            rewards=["correctness", "tool_used"],
+        )
+        data["dataset"] = {"path": "builtin:multiply", "limit": 16}
+        path = write_template(tmp_path / f"{name}.yaml", data)
+        result = launch("tests/dist_step.py", path, tmp_path / f"{name}.pt", nproc=nproc)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[name] = torch.load(tmp_path / f"{name}.pt")
+    one, two = results["one"], results["two"]
+    for key in ("tools/calls_per_sample", "tools/error_share", "turns/mean", "reward/total_mean", "loss"):
+        assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-6, abs=1e-9), key
+    assert one["metrics"]["turns/mean"] == 1.75
+    for k, g in one["grads"].items():
+        torch.testing.assert_close(two["grads"][k], g, rtol=1e-5, atol=1e-7, msg=k)
+    for k, v in one["state"].items():
+        torch.testing.assert_close(two["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
