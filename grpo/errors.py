@@ -19,6 +19,10 @@ class RewardTimeout(RewardError):
     """A reward function's call took longer than config.reward_timeout."""
 
 
+class EngineError(RuntimeError):
+    """The rollout engine failed: a vLLM server that stopped answering or holds another run's weights."""
+
+
 class NonFiniteError(RuntimeError):
     pass
 

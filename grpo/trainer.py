@@ -12,7 +12,6 @@ import contextlib
 import copy
 import dataclasses
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 
 from grpo import rewards as rw
 from grpo.advantages import reward_advantages
-from grpo.config import ConfigError, Template
+from grpo.config import Template
 from grpo.config.checks import config_warnings
 from grpo.data import PromptSampler, build_prompts, complete_rows, load_rows
 from grpo.eval.evaluate import load_eval_prompts
@@ -41,12 +40,13 @@ from grpo.model.reference_sync import mix_into_reference, sync_due
 from grpo.parallel.collectives import any_over_ranks, gather_over_ranks, reduce_over_ranks
 from grpo.parallel.launch import DistEnv, init_distributed
 from grpo.parallel.wrapping import full_params, full_state_dict, wrap_models
-from grpo.rollout.decoders import decode_impl_problem
+from grpo.rollout.decoders import require_decode_impl
 from grpo.rollout.dynamic_sampling import fill_batch
 from grpo.rollout.generate import Rollout, generate, sample_as_configured
 from grpo.rollout.multi_turn import MultiTurn
-from grpo.rollout.vllm_engine import require_engine, start_engine
+from grpo.rollout.vllm_engine import connect_server, require_engine, start_engine
 from grpo.run import checkpoint as ckpt
+from grpo.run.cli_common import say_line
 from grpo.run.cpu_memory import keep_freed_memory
 from grpo.run.logger import finish_queued, peak_memory_metric
 from grpo.run.run_dir import check_writable, naming_full_disk, open_run_log
@@ -73,6 +73,7 @@ class GRPOTrainer:
         self.device = resolve_device(c)
         self.precision = resolve_precision(c.dtype, self.device)
         require_engine(c, self.device, self.env.world_size)  # rollout_engine vllm: the package, devices
+        self.server = connect_server(template, Path(c.output_dir), self.env)  # vllm_mode server: up and free
         if self.device.type == "cpu":
             keep_freed_memory()  # no page faults on memory the last step freed (grpo/run/cpu_memory.py)
         if c.backend == "unsloth":
@@ -140,7 +141,8 @@ class GRPOTrainer:
             # save_best: a resumed run must beat what the interrupted one already kept
             self.evaluation.best_accuracy = best_accuracy_so_far(self.output_dir)
         # rollout_engine vllm: an engine holding this step's weights (the restored ones on a resume); else None
-        self.engine = start_engine(template, self.model, self.device, self.precision.compute, step=self.step)
+        dtype = self.precision.compute
+        self.engine = start_engine(template, self.model, self.device, dtype, self.step, self.server)
         self.evaluation.engine = self.engine
 
     def _build_models(self) -> None:
@@ -201,11 +203,9 @@ class GRPOTrainer:
         if c.beta > 0 and self.lora:
             # The KL reference is the base model: the (wrapped) policy with its adapters off, no second copy.
             self.ref = AdaptersDisabled(self.policy, self.model)
-        problem = decode_impl_problem(
+        require_decode_impl(
             c.decode_impl, self.model, self.device, self.precision.compute, c.maximum_sequence_length
         )
-        if problem:  # an explicit choice that cannot run fails here, not in the first rollout
-            raise ConfigError(f"config.decode_impl = {c.decode_impl!r} {problem}: use auto, static or hf.")
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(
             params, c, total_updates=self.total_steps * c.num_iterations * c.mini_batches
@@ -232,15 +232,17 @@ class GRPOTrainer:
     def rollout(self, batch: list[int]) -> tuple[Rollout, list[str], list[str], list[dict[str, Any]]]:
         c = self.config
         prompts = [self.prompts[i] for i in batch]
-        sample = generate if self.engine is None else self.engine.sampler(version=self.step)
+        engine = None if self.engine is None else self.engine.sampler(version=self.step)  # else our decoder
         with full_params(self.policy):  # FSDP: gather the sharded weights for sampling
             model = self.sampling_model()
             if self.turns is not None:  # tools or an environment: grpo/rollout/multi_turn.py
-                ro = self.turns.rollout(model, prompts, c, self.tokenizer, self.eos_ids, self.generator)
+                ro = self.turns.rollout(
+                    model, prompts, c, self.tokenizer, self.eos_ids, self.generator, engine
+                )
             else:
-                ids = [p.ids for p in prompts]
+                ids, pad = [p.ids for p in prompts], self.tokenizer.pad_token_id
                 ro = sample_as_configured(
-                    sample, model, ids, c, self.eos_ids, self.tokenizer.pad_token_id, self.generator
+                    engine or generate, model, ids, c, self.eos_ids, pad, self.generator
                 )
         ids = ro.completion_ids.masked_fill(ro.completion_mask == 0, self.tokenizer.pad_token_id)
         prefix = self.template.template.response_prefix  # prefilled in the prompt, but part of the reply
@@ -419,6 +421,8 @@ class GRPOTrainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if self.engine is not None:  # a vLLM server is free for the next run
+                self.engine.close()
             if logger is not None:
                 logger.close()
 
@@ -442,8 +446,4 @@ class GRPOTrainer:
             raise KeyboardInterrupt
         self.stop_requested = True
         if self.env.is_main:
-            print(
-                "\nCtrl-C: stopping after this step and saving the model; press Ctrl-C again to abort.",
-                file=sys.stderr,
-                flush=True,
-            )
+            say_line("\nCtrl-C: stopping after this step and saving the model; press Ctrl-C again to abort.")

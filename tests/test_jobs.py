@@ -306,7 +306,7 @@ def test_every_invalid_input_is_one_clear_line(env, saved, tmp_path):
         (
             ["frobnicate"],
             "error: argument COMMAND: invalid choice: 'frobnicate' (choose from 'template', "
-            "'queue', 'resume', 'jobs', 'logs', 'stop', 'worker', 'tensorboard', 'recover') (see grpo --help).",
+            "'queue', 'resume', 'jobs', 'logs', 'stop', 'worker', 'tensorboard', 'recover', 'vllm-serve') (see grpo --help).",
         ),
     ]
     for args, message in cases:

@@ -51,6 +51,12 @@ class RolloutSettings:
     vllm_server_url: str | None = doc(
         "vllm_mode server: the server's URL (http://HOST:PORT).", default=None, check=URL, resume_safe=True
     )
+    vllm_server_timeout: float = doc(
+        "vllm_mode server: seconds to wait for the server to come up, and for each of its answers.",
+        default=240.0,
+        check=POSITIVE,
+        resume_safe=True,
+    )
     vllm_max_model_length: int | None = doc(
         "Longest prompt + completion; null = maximum_sequence_length.",
         default=None,

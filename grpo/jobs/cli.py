@@ -11,6 +11,8 @@
   grpo worker [--once] [--parallel N]      run queued jobs (N at once when their GPUs differ)
   grpo tensorboard JOB [--start]           how to watch a job in TensorBoard
   grpo recover                             rebuild a damaged database from the job folders and saved templates
+  grpo vllm-serve MODEL [options]          a vLLM server for rollout_engine: vllm, vllm_mode: server
+                                           (options go to `vllm serve`: --port, --dtype, ...; docs/vllm.md)
 
 The workspace is GRPO_HOME (default ~/.grpo). User mistakes print one `error: ...` line and exit 2.
 """
@@ -85,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "recover", help="rebuild the database's lost rows from the job folders and saved templates"
     )
+    s = sub.add_parser(
+        "vllm-serve",
+        help="serve MODEL's rollouts with vLLM for vllm_mode: server (other options go to `vllm serve`)",
+    )
+    s.add_argument("model", help="a model folder, a .gguf file, embedded, or a hub id")
+    s.add_argument("options", nargs=argparse.REMAINDER, help="options for `vllm serve`, e.g. --port 8000")
     return p
 
 
@@ -92,6 +100,10 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "recover":  # before opening the store, which refuses a damaged workspace
         commands.recover()
         return 0
+    if args.command == "vllm-serve":  # needs no workspace; replaces this process with vLLM's server
+        from grpo.rollout.vllm_server import serve
+
+        serve(args.model, args.options)
     store = commands.Store()
     try:
         if args.command == "template":

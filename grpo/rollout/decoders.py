@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from grpo.errors import ConfigError
 from grpo.model.logprobs import cache_argument
 from grpo.rollout.graph_decode import CUDAGraphDecoder, FixedShapeDecoder, graph_decode_supported
 from grpo.rollout.packed_decode import PackedDecoder, packed_decode_supported
@@ -40,6 +41,14 @@ def decode_impl_problem(
     if impl == "packed" and not packed_decode_supported(model, device, dtype):
         return "runs on CPU, in float32, with MKL only"
     return None
+
+
+def require_decode_impl(
+    impl: str, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, capacity: int
+) -> None:
+    """An explicit decode_impl that cannot run fails when the model is built, not in the first rollout."""
+    if problem := decode_impl_problem(impl, model, device, dtype, capacity):
+        raise ConfigError(f"config.decode_impl = {impl!r} {problem}: use auto, static or hf.")
 
 
 def make_decoder(

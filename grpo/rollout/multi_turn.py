@@ -13,6 +13,7 @@ whole conversation, while the loss, the KL, the entropy and every token count ta
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,10 +93,12 @@ class MultiTurn:
         tokenizer: Any,
         eos_ids: list[int],
         generator: torch.Generator | None,
+        sample: Callable[..., Rollout] | None = None,
         *,
         greedy: bool = False,
     ) -> Rollout:
-        """G samples of each prompt (objects with .ids, .messages, .row), every turn of all samples batched."""
+        """G samples of each prompt (objects with .ids, .messages, .row), every turn of all samples batched.
+        `sample`: the rollout engine's function for one turn (rollout_engine vllm); else self.generate."""
         g, pad_id = c.num_generations, tokenizer.pad_token_id
         samples = [_Sample(p, Conversation(list(p.messages))) for p in prompts for _ in range(g)]
         if self.environment is not None:
@@ -109,7 +112,7 @@ class MultiTurn:
             contexts = (
                 [s.prompt_ids for s in samples[::g]] if first else [s.prompt_ids + s.ids for s in active]
             )
-            ro = self.generate(
+            ro = (sample or self.generate)(
                 model,
                 contexts,
                 num_generations=g if first else 1,

