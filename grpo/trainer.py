@@ -122,6 +122,7 @@ class GRPOTrainer:
             ),
             rewards=self.rewards,
             tags=self.tags,
+            turns=self.turns,
         )
         self._build_models()
         self.step = 0

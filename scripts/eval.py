@@ -46,6 +46,7 @@ def main(argv: list[str]) -> int:
         from grpo.eval.evaluate import evaluate, load_eval_prompts
         from grpo.model.loading import load_model, load_tokenizer, resolve_device
         from grpo.model.precision import resolve_precision
+        from grpo.rollout.multi_turn import MultiTurn
 
         data = apply_overrides(read_yaml(args.config), args.overrides)
         if args.model:
@@ -80,6 +81,10 @@ def main(argv: list[str]) -> int:
             batch_size=args.batch_size,
             response_prefix=t.template.response_prefix,
             generator=torch.Generator(device=device).manual_seed(c.seed),
+            turns=MultiTurn.from_config(
+                c, t.template.response_prefix
+            ),  # tools: several turns, as in training
+            config=c,
             **c.sampling(),
         )
         output = Path(args.output) if args.output else Path(c.output_dir) / f"eval-{Path(split).stem}.json"

@@ -3,6 +3,7 @@ two processes (gloo) match one on the same data."""
 
 from __future__ import annotations
 
+import json
 import signal
 
 import pytest
@@ -40,6 +41,8 @@ def template(ending_model_dir, tmp_path):
         maximum_completion_length=24,
         maximum_sequence_length=400,
         rewards=["tests.user_rewards:length"],
+        eval_steps=2,  # the held-out games are played over several turns too
+        eval_limit=4,
     )
     return write_template(tmp_path / "t.yaml", data)
 
@@ -49,6 +52,9 @@ def test_a_killed_run_with_an_environment_resumes_bitwise(template, tmp_path):
     result = train(template, f"output_dir={full}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert all(r["turns/mean"] > 1 for r in rows(full))  # the games did run several turns
+    assert [r["step"] for r in rows(full) if "eval/accuracy" in r] == [2, 4]
+    games = [json.loads(line) for line in (full / "eval.jsonl").read_text().splitlines()]
+    assert len(games) == 4 and max(len(g["messages"]) for g in games) > 1  # the final evaluation's turns
     result = train(
         template,
         f"output_dir={killed}",

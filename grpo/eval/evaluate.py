@@ -20,10 +20,11 @@ import torch
 from tqdm import tqdm
 
 from grpo import rewards as rw
-from grpo.config import ConfigError, Template
+from grpo.config import ConfigError, Template, TrainConfig
 from grpo.data import BUILTIN_SEEDS, Prompt, build_prompts, complete_rows, load_rows
 from grpo.model.loading import stop_token_ids
 from grpo.rollout.generate import Rollout, generate
+from grpo.rollout.multi_turn import MultiTurn, turn_records
 
 CORRECTNESS = "correctness"
 
@@ -94,11 +95,14 @@ def load_eval_prompts(
     if note:
         print(note, flush=True)
     c = template.config
+    turns = MultiTurn.from_config(c, template.template.response_prefix)  # tools: described as in training
     return build_prompts(
         rows,
         template.template,
         tokenizer,
         max_prompt_tokens=c.maximum_sequence_length - c.maximum_completion_length,
+        tools=turns.schemas if turns else None,
+        system_text=turns.system_text(tokenizer) if turns else "",
     )
 
 
@@ -122,9 +126,13 @@ def evaluate(
     progress: bool = True,
     decode_impl: str = "auto",
     sample: Callable[..., Rollout] = generate,
+    turns: MultiTurn | None = None,
+    config: TrainConfig | None = None,
 ) -> EvalResult:
     """Answer every prompt (greedy when samples == 1, else `samples` draws) and score the answers. `sample`:
     grpo.rollout.generate.generate, or a rollout engine's function with its signature (rollout_engine vllm).
+    `turns` (with the run's `config`): a template with tools or an environment answers over several turns, as
+    in training, and is scored on the whole conversation.
 
     `batch_size` counts prompts per generate call; each call decodes batch_size x samples sequences.
     """
@@ -137,9 +145,25 @@ def evaluate(
     texts: list[str] = []
     lengths: list[int] = []
     truncated: list[bool] = []
+    conversations: list[Any] = []
     batches = range(0, len(prompts), batch_size)
+    if turns is not None:
+        assert config is not None, "a multi-turn evaluation needs the run's config"
+        settings = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+        config = dataclasses.replace(
+            config, num_generations=samples, maximum_completion_length=max_new_tokens, **settings
+        )
     for i in tqdm(batches, desc="eval", unit="batch", file=sys.stderr, disable=not progress, leave=False):
         chunk = prompts[i : i + batch_size]
+        if turns is not None:  # every turn of the chunk's samples, the tools run as in training
+            ro = turns.rollout(
+                model, chunk, config, tokenizer, eos_ids, generator, sample, greedy=samples == 1
+            )
+            conversations += ro.conversations
+            texts += [conv.text for conv in ro.conversations]
+            lengths += ro.trained_mask.sum(-1).tolist()  # the tokens the model wrote
+            truncated += ro.truncated.tolist()
+            continue
         ro = sample(
             model,
             [p.ids for p in chunk],
@@ -162,7 +186,12 @@ def evaluate(
     expanded = [p for p in prompts for _ in range(samples)]  # the order generate returns: G per prompt
     refs = [p.reference for p in expanded]
     inputs = rw.RewardInputs.of(
-        expanded, lengths, tags=tags, max_completion_length=max_new_tokens, completions=texts
+        expanded,
+        lengths,
+        tags=tags,
+        max_completion_length=max_new_tokens,
+        completions=texts,
+        conversations=conversations or None,
     )
     scores = rw.score(rewards, texts, refs, **inputs.as_kwargs())  # [N, R]
     j = correctness_index(rewards)
@@ -183,6 +212,7 @@ def evaluate(
             "soft_format": bool(soft[k]),
             "length": int(lengths[k]),
             "rewards": {r.name: float(scores[k, m]) for m, r in enumerate(rewards)},
+            **(turn_records(conversations[k]) if conversations else {}),
         }
         for k in range(n)
     ]

@@ -45,6 +45,7 @@ class TrainingEval:
     last: tuple[int, EvalResult | None] | None = None  # (step, result), on every rank
     best_accuracy: float = float("-inf")
     engine: Any = None  # rollout_engine vllm: the engine (grpo/rollout/vllm_engine.py) evaluates too
+    turns: Any = None  # tools or an environment: the answers take several turns, as in training
 
     def run(self, step: int, sampling_model: torch.nn.Module, policy: torch.nn.Module) -> EvalResult | None:
         """Greedy evaluation on the held-out prompts (rank 0; None on the other ranks, which wait)."""
@@ -62,6 +63,8 @@ class TrainingEval:
                     response_prefix=self.template.template.response_prefix,
                     decode_impl=c.decode_impl,
                     sample=generate if self.engine is None else self.engine.sampler(version=step),
+                    turns=self.turns,
+                    config=c,
                 )
         self.last = (step, result)  # on every rank, so all agree whether the final one is due
         if self.env.enabled and torch.distributed.is_initialized():

@@ -19,7 +19,9 @@ def policy_weights(model: torch.nn.Module, env: DistEnv) -> dict[str, torch.Tens
     """The policy as a plain HF state dict: merged for LoRA, gathered to rank 0 under FSDP (every rank calls).
     Tied embeddings keep lm_head.weight: without it vLLM's in-place reload puts the old output layer back
     (measured: a gap of 27 nats in the log-probs after moving the embedding)."""
-    state = full_state_dict(model, env)  # None without FSDP
+    state = full_state_dict(model, env)  # None without FSDP; {} on the ranks other than 0
+    if state == {}:
+        return state
     return merged_state_dict(model, state) if lora_layers(model) else (state or model.state_dict())
 
 

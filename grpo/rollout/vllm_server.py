@@ -120,7 +120,8 @@ class VLLMServer(EngineSampler):
             other = owner.removeprefix("grpo ").rsplit(" ", 1)[0]
             raise ConfigError(
                 f"config.vllm_server_url = {c.vllm_server_url!r} is already driven by the run in {other}: one "
-                "server serves one trainer; wait for that run to end, or start another `grpo vllm-serve`."
+                "server serves one trainer; wait for that run to end (restart the server if it died), or start "
+                "another `grpo vllm-serve`."
             )
         served = server.call("/v1/models")["data"][0]
         server.model_name = served["id"]

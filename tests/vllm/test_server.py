@@ -188,8 +188,8 @@ def test_a_second_trainer_is_refused(server, policy, vllm_model_dir, tmp_path):
             connected(server, vllm_model_dir, tmp_path / "second")
         assert str(e.value) == (
             f"config.vllm_server_url = '{server.url}' is already driven by the run in "
-            f"{(tmp_path / 'first').resolve()}: one server serves one trainer; wait for that run to end, or "
-            "start another `grpo vllm-serve`."
+            f"{(tmp_path / 'first').resolve()}: one server serves one trainer; wait for that run to end (restart "
+            "the server if it died), or start another `grpo vllm-serve`."
         )
         # someone else changes the weights behind the first run's back: its next rollout refuses them
         request = urllib.request.Request(
@@ -254,19 +254,20 @@ def test_training_pushes_the_weights_to_the_server_every_step(server, server_run
 
 
 @needs_vllm
-def test_torchrun_ranks_share_the_server(server, server_run_template, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_ranks_share_the_server(server, server_run_template, tmp_path, strategy):
     before = server.completion_requests()
     out = tmp_path / "two"
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+    ]
+    overrides = [f"output_dir={out}", "max_steps=2", f"distributed_strategy={strategy}"]
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_port",
-            str(free_port()),
-        ]
-        + ["scripts/train.py", str(server_run_template), f"output_dir={out}", "max_steps=2"],
+        [*launcher, "scripts/train.py", str(server_run_template), *overrides],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
         capture_output=True,
@@ -274,6 +275,7 @@ def test_torchrun_ranks_share_the_server(server, server_run_template, tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # FSDP: rank 0 writes the weights gathered from both ranks' shards
     gaps = [r["rollout/mismatch_max"] for r in rows(out)]  # the largest over both ranks
     assert len(gaps) == 2 and max(gaps) < 1e-3
     assert server.completion_requests() - before == 2 * 2 * 2  # each rank sends its own 2 prompts a step
