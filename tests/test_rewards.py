@@ -79,7 +79,7 @@ def test_resolve_rewards_names_weights_and_user_functions():
         (
             "corectness",
             "config.rewards[0] = 'corectness' is not a built-in reward; use one of correctness, "
-            "int_answer, strict_format, soft_format, tag_count, answer_mentioned, tool_used, overlong_penalty, reward_model or "
+            "int_answer, strict_format, soft_format, tag_count, answer_mentioned, tool_used, tool_answer, overlong_penalty, reward_model or "
             "package.module:function.",
         ),
         (
@@ -435,3 +435,15 @@ def test_cli_reward_errors_are_one_line(tiny_model_dir, tmp_path, reward, overri
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == f"error: {message}"
     assert not (tmp_path / "out" / "model").exists()
+
+
+def test_tool_rewards_by_hand():
+    ran = {"name": "calculator", "arguments": {"expression": "711 * 68"}, "result": "48348", "error": None}
+    bare = {"name": "calculator", "arguments": {"expression": "711"}, "result": "711", "error": None}
+    failed = {"name": "calculator", "arguments": {"expression": "711 *"}, "result": None, "error": "bad"}
+    calls = [[ran], [bare], [failed], [], [bare, ran]]
+    refs = ["48348"] * 5
+    assert rw.tool_used([""] * 5, refs, tool_calls=calls) == [0.5, 0.5, 0.0, 0.0, 0.5]
+    # only a call that computed the reference pays: a bare number runs, but earns nothing
+    assert rw.tool_answer([""] * 5, refs, tool_calls=calls) == [0.5, 0.0, 0.0, 0.0, 0.5]
+    assert rw.tool_answer([""], ["48,348"], tool_calls=[[ran]]) == [0.5]  # numbers compare normalised

@@ -30,6 +30,7 @@ from grpo.rewards.builtin import (
     soft_format,
     strict_format,
     tag_count,
+    tool_answer,
     tool_used,
 )
 from grpo.rewards.learned_model import reward_model
@@ -57,5 +58,6 @@ __all__ = [
     "soft_format",
     "strict_format",
     "tag_count",
+    "tool_answer",
     "tool_used",
 ]

@@ -125,6 +125,22 @@ def tool_used(
     return [0.5 if any(call["error"] is None for call in calls) else 0.0 for calls in tool_calls]
 
 
+def tool_answer(
+    completions: list[str], references: list[str], *, tool_calls: list[list[dict]], **_: Any
+) -> list[float]:
+    """0.5 when a tool call returned the reference number: partial credit for the call that computes the answer.
+    Unlike tool_used it cannot be earned by a call that runs but computes nothing (a bare number to the
+    calculator), which a policy trained on tool_used alone learns to make."""
+    out = []
+    for calls, ref in zip(tool_calls, references):
+        r = normalize_number(ref)
+        hit = r is not None and any(
+            call["error"] is None and normalize_number(str(call["result"]).strip()) == r for call in calls
+        )
+        out.append(0.5 if hit else 0.0)
+    return out
+
+
 def overlong_buffer_problem(buffer: Any, max_completion_length: int | None) -> str | None:
     """Why `buffer` is not a valid overlong_penalty buffer, or None; max_completion_length None = not known yet."""
     if isinstance(buffer, int) and not isinstance(buffer, bool) and buffer > 0:
@@ -189,6 +205,7 @@ BUILTIN: dict[str, RewardFn] = {
         tag_count,
         answer_mentioned,
         tool_used,
+        tool_answer,
         overlong_penalty,
         reward_model,
     )

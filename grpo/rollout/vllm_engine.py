@@ -19,6 +19,7 @@ a filter it is the log-prob under the renormalised filtered distribution (docs/v
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import time
 from pathlib import Path
@@ -147,6 +148,8 @@ class VLLMEngine(EngineSampler):
         start = time.perf_counter()
         from vllm import LLM  # the only import of vllm in the package
 
+        # Every push warns that the rotary embedding's cache (computed, never in a checkpoint) was not loaded.
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         from grpo.model.loading import resolve_model_source
 
         c = template.config
