@@ -3,8 +3,9 @@ the template's tools, scored with its rewards.
 
     python scripts/eval_tools.py CONFIG [--model PATH] [--limit N] [--batch-size B] [key=value ...]
 
-Prints one JSON line: problems, the share of samples with a tool call that ran, the share with the right
-number in the answer tags (accuracy), the share that mention it anywhere, and calls and turns per sample.
+Prints one JSON line: problems, the share of samples with a tool call that ran, the accuracy two ways (strict:
+the right number in the answer tags; flexible: the final reply's answer, in its tags or else its last number),
+the share that mention the right number anywhere, and calls and turns per sample.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def main(argv: list[str]) -> int:
     refs = [p.reference for p in prompts]
     tags = rw.Tags.from_config(c)
     correct = rw.correctness(texts, refs, tags=tags)
+    final = rw.final_answer(texts, refs, tags=tags, messages=[conv.messages for conv in conversations])
     mentioned = rw.answer_mentioned(texts, refs)
     used = rw.tool_used(texts, refs, tool_calls=[conv.tool_calls for conv in conversations])
     n = len(prompts)
@@ -71,7 +73,8 @@ def main(argv: list[str]) -> int:
         "model": str(model_path),
         "problems": n,
         "tool_use": sum(u > 0 for u in used) / n,
-        "accuracy": sum(x > 0 for x in correct) / n,
+        "accuracy_strict": sum(x > 0 for x in correct) / n,
+        "accuracy_flexible": sum(x > 0 for x in final) / n,
         "mentioned": sum(x > 0 for x in mentioned) / n,
         **conversation_metrics(conversations),
     }

@@ -18,7 +18,7 @@ def test_evaluation_runs_the_tools(tokenizer, tiny_model_dir, tmp_path, samples,
     template = template_from_dict(
         {
             **tiny_template(tiny_model_dir, tmp_path, tools=["calculator"], maximum_completion_length=64,
-                            maximum_sequence_length=600, rewards=["correctness", "tool_used"]),
+                            maximum_sequence_length=600, rewards=["correctness", "tool_used", "final_answer"]),
             "dataset": {"path": "builtin:multiply"},
         }
     )  # fmt: skip
@@ -34,6 +34,7 @@ def test_evaluation_runs_the_tools(tokenizer, tiny_model_dir, tmp_path, samples,
     )  # fmt: skip
     assert result.accuracy == accuracy and result.pass_at_k == pass_at_k
     assert result.reward_means["tool_used"] == (0.5 if samples == 1 else 0.25)  # 0.5 where a call ran: k 0, 1
+    assert result.reward_means["final_answer"] == accuracy  # the reply after the tool result, as correctness
     first = result.records[0]
     a, b = (int(x) for x in first["prompt"]["question"].removeprefix("What is ").rstrip("?").split(" * "))
     assert first["tool_calls"][0]["result"] == str(a * b) and first["completion"].endswith(

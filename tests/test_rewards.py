@@ -79,7 +79,7 @@ def test_resolve_rewards_names_weights_and_user_functions():
         (
             "corectness",
             "config.rewards[0] = 'corectness' is not a built-in reward; use one of correctness, "
-            "int_answer, strict_format, soft_format, tag_count, answer_mentioned, tool_used, tool_answer, overlong_penalty, reward_model or "
+            "int_answer, strict_format, soft_format, tag_count, answer_mentioned, final_answer, tool_used, tool_answer, overlong_penalty, reward_model or "
             "package.module:function.",
         ),
         (
@@ -447,3 +447,26 @@ def test_tool_rewards_by_hand():
     # only a call that computed the reference pays: a bare number runs, but earns nothing
     assert rw.tool_answer([""] * 5, refs, tool_calls=calls) == [0.5, 0.0, 0.0, 0.0, 0.5]
     assert rw.tool_answer([""], ["48,348"], tool_calls=[[ran]]) == [0.5]  # numbers compare normalised
+
+
+def test_final_answer_reads_the_last_reply():
+    tags = rw.Tags()
+
+    def chat(*replies):
+        turns = [{"role": "user", "content": "What is 711 * 68?"}]
+        for r in replies:
+            turns += [{"role": "assistant", "content": r}, {"role": "tool", "content": "48348"}]
+        return turns[:-1]
+
+    messages = [
+        chat("<tool_call>{}</tool_call>", "48348"),  # bare number after the tool result
+        chat("<tool_call>{}</tool_call>", "So 711 * 68 = 48,348."),  # its last number, normalised
+        chat("48348 <tool_call>{}</tool_call>", "The answer is 711 * 68."),  # an earlier reply does not count
+        chat("<answer>48348</answer> or 5"),  # the tags win over the last number
+        chat("<answer>5</answer> 48348"),
+        chat("no number at all"),
+        [{"role": "user", "content": "q"}],  # no reply
+    ]
+    completions = ["\n".join(m["content"] for m in c if m["role"] == "assistant") for c in messages]
+    scores = rw.final_answer(completions, ["48348"] * 7, tags=tags, messages=messages)
+    assert scores == [1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0]

@@ -293,7 +293,7 @@ def cli(*args, cwd=REPO, env=None):
         (
             ["rewards=[nope]"],
             "error: config.rewards[0] = 'nope' is not a built-in reward; use one of correctness, "
-            "int_answer, strict_format, soft_format, tag_count, answer_mentioned, tool_used, tool_answer, overlong_penalty, reward_model or "
+            "int_answer, strict_format, soft_format, tag_count, answer_mentioned, final_answer, tool_used, tool_answer, overlong_penalty, reward_model or "
             "package.module:function.",
         ),
         (

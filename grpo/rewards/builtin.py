@@ -117,6 +117,24 @@ def answer_mentioned(completions: list[str], references: list[str], **_: Any) ->
     return out
 
 
+def final_answer(
+    completions: list[str], references: list[str], *, tags: Tags, messages: list[list[dict]], **_: Any
+) -> list[float]:
+    """1.0 when the final reply's answer equals the reference: the text inside its answer tags when it has them,
+    else its last number (the "flexible extract" of GSM8K evaluations). With tools, the final reply is the one
+    after the last tool result, so the credit is for reporting what the tools computed."""
+    out = []
+    for conversation, ref in zip(messages, references):
+        replies = [m["content"] for m in conversation if m["role"] == "assistant"]
+        last = replies[-1] if replies else ""
+        answer = extract_answer(last, tags)
+        if answer is None:
+            numbers = _NUMBER.findall(last)
+            answer = numbers[-1] if numbers else None
+        out.append(1.0 if answer is not None and answers_match(answer, ref) else 0.0)
+    return out
+
+
 def tool_used(
     completions: list[str], references: list[str], *, tool_calls: list[list[dict]], **_: Any
 ) -> list[float]:
@@ -204,6 +222,7 @@ BUILTIN: dict[str, RewardFn] = {
         soft_format,
         tag_count,
         answer_mentioned,
+        final_answer,
         tool_used,
         tool_answer,
         overlong_penalty,

@@ -54,7 +54,49 @@ class EngineSampler:
             )
         return self.generate
 
-    def generate(self, model: torch.nn.Module | None, prompts: list[list[int]], **settings: Any) -> Rollout:
+    def generate(
+        self,
+        model: torch.nn.Module | None,
+        prompts: list[list[int]],
+        *,
+        num_generations: int,
+        max_new_tokens: int,
+        eos_ids: list[int],
+        pad_id: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        generator: torch.Generator | None = None,
+        greedy: bool = False,
+        decode_impl: str = "auto",  # our decoder's setting; the engine has its own kernels
+        check_done_every: int | None = None,
+    ) -> Rollout:
+        """G samples per prompt, as grpo.rollout.generate.generate returns them. `model` gives the device only
+        (the engine holds the pushed weights); the random seeds come from `generator`, so a run is reproducible
+        and a resumed one continues the same stream."""
+        device = next(model.parameters()).device if model is not None else torch.device("cpu")
+        settings: dict[str, Any] = {
+            "n": 1 if greedy else num_generations,  # vLLM refuses G > 1 greedy copies: made below instead
+            "max_tokens": max_new_tokens,
+            "stop_token_ids": list(eos_ids),
+            "ignore_eos": not eos_ids,  # as our decoder: no end tokens, every completion runs to the limit
+        }
+        if greedy:
+            settings["temperature"] = 0.0
+        else:
+            settings.update(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, logprobs=0)
+        groups = self.sample_groups(prompts, settings, prompt_seeds(generator, len(prompts), num_generations))
+        samples = [s for group in groups for s in (group * num_generations if greedy else group)]
+        return to_rollout(
+            prompts, samples, num_generations=num_generations, eos_ids=eos_ids, pad_id=pad_id, device=device
+        )
+
+    def sample_groups(
+        self, prompts: list[list[int]], settings: dict[str, Any], seeds: list[int]
+    ) -> list[list[tuple[list[int], list[float] | None]]]:
+        """Each prompt's samples with vLLM's sampling `settings` and the prompt's seed, in the order of their
+        index: the token ids and, when sampled, each one's log-prob."""
         raise NotImplementedError
 
     def push(self, model: torch.nn.Module, *, version: int) -> None:

