@@ -193,6 +193,27 @@ def test_two_process_run_killed_and_resumed_bitwise(template, tmp_path, strategy
     assert weights(killed) == weights(full)
 
 
+def test_a_damaged_file_of_one_rank_takes_every_rank_to_the_previous_checkpoint(template, tmp_path):
+    """rng-rank1.pt is read by rank 1 only: were the fallback decided per rank, rank 0 would continue from step
+    4 and rank 1 from step 2, and their collectives would no longer pair up."""
+    full, damaged = tmp_path / "full", tmp_path / "damaged"
+    common = ["max_steps=4", "batch_size=1", "save_steps=2"]
+    assert torchrun(template, f"output_dir={full}", *common).returncode == 0
+    assert torchrun(template, f"output_dir={damaged}", *common).returncode == 0
+    newest = damaged / "checkpoints" / "step-000004"
+    (newest / "rng-rank1.pt").write_bytes(b"not a torch file")
+    result = torchrun(template, f"output_dir={damaged}", "resume=latest", *common)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    notes = [line for line in lines if line.startswith("warning: skipped checkpoint")]
+    assert len(notes) == 1  # one run log, from rank 0, which read its own files without trouble
+    assert notes[0].startswith("warning: skipped checkpoint step-000004: rng-rank1.pt does not load: ")
+    assert f"Resumed from {damaged / 'checkpoints' / 'step-000002'} at step 2" in lines
+    assert [r["step"] for r in rows(damaged)] == [1, 2, 3, 4]  # steps 3 and 4 again, each logged once
+    assert rows(damaged) == rows(full)
+    assert weights(damaged) == weights(full)
+
+
 def test_resume_with_a_different_number_of_processes(template, tmp_path):
     out = tmp_path / "run"
     common = ["batch_size=1", "save_steps=2"]

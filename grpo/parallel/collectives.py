@@ -62,6 +62,16 @@ def any_over_ranks(flag: bool, env: DistEnv) -> bool:
     return bool(t.item())
 
 
+def first_text_over_ranks(text: str | None, env: DistEnv) -> str | None:
+    """The lowest rank's text that is not None, on every rank: a decision that one rank's files can change
+    (a damaged per-rank file on resume) is then taken by all ranks together."""
+    if not env.enabled:
+        return text
+    texts: list[str | None] = [None] * env.world_size
+    dist.all_gather_object(texts, text)
+    return next((t for t in texts if t is not None), None)
+
+
 def _comm_device() -> torch.device:
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

@@ -27,6 +27,7 @@ from grpo.config import RESUME_SAFE_FIELDS, ConfigError, Template
 from grpo.data import PromptSampler
 from grpo.errors import StorageError
 from grpo.model.reference_sync import load_reference, save_reference
+from grpo.parallel.collectives import first_text_over_ranks
 from grpo.parallel.launch import DistEnv
 from grpo.run.atomic_files import atomic_write_text, fresh_dir, fsync_tree
 from grpo.run.run_dir import naming_full_disk
@@ -295,17 +296,26 @@ def _reading(path: Path, load: Callable[[], Any]) -> Any:
 def resume_newest_loadable(
     parts: RunParts, paths: list[Path], *, force: bool, explicit: bool
 ) -> tuple[Progress, Path, list[str]]:
-    """Resume from the first of `paths` (newest first) that loads; returns its Progress, its path and one note
-    per checkpoint skipped. An explicitly named checkpoint that does not load is refused instead."""
+    """Resume from the first of `paths` (newest first) that loads on every rank; returns its Progress, its path
+    and one note per checkpoint skipped. An explicitly named checkpoint that does not load is refused instead.
+    The ranks decide together: one whose own file (rng-rankN.pt) is damaged takes them all to the previous
+    checkpoint, so no two ranks continue from different steps."""
     skipped: list[str] = []
     for path in paths:
         check_compatible(path, parts.template, force=force, world_size=parts.env.world_size)
+        progress, problem = None, None
         try:
-            return resume(parts, path), path, skipped
+            progress = resume(parts, path)
         except UnreadableCheckpoint as e:
-            if explicit:
-                raise ConfigError(f"config.resume_from_checkpoint = {str(path)!r}: {e}.") from None
-            skipped.append(f"skipped checkpoint {path.name}: {e}")
+            problem = str(e)
+        problem = first_text_over_ranks(problem, parts.env)
+        if problem is None and progress is not None:
+            if parts.env.is_main:
+                _truncate_logs(parts.output_dir, progress.step)
+            return progress, path, skipped
+        if explicit:
+            raise ConfigError(f"config.resume_from_checkpoint = {str(path)!r}: {problem}.")
+        skipped.append(f"skipped checkpoint {path.name}: {problem}")
     raise ConfigError(
         f"resume=latest: no checkpoint in {checkpoint_root(parts.output_dir)} loads ({'; '.join(skipped)}); "
         "remove the damaged ones or start without resume."
@@ -339,8 +349,6 @@ def resume(parts: RunParts, path: Path) -> Progress:
     )
     parts.sampler.load_state_dict(info["sampler"])
     _reading(path / f"rng-rank{env.rank}.pt", lambda: load_rng(path, env.rank, parts.generator))
-    if env.is_main:
-        _truncate_logs(parts.output_dir, progress.step)
     return progress
 
 
