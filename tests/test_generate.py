@@ -147,3 +147,20 @@ def test_the_report_names_held_out_accuracy_when_the_run_evaluated(tmp_path):
     )
     assert "Held-out accuracy on test (200 problems, greedy): 0.820" in text.splitlines()
     assert "What is 3 + 4?" in text
+
+
+def test_the_closing_report_follows_the_answer_rewards(tmp_path, tiny_model_dir):
+    from grpo.config import template_from_dict
+
+    rewards = ["correctness", "final_answer", "tool_answer", "my_pkg.mod:correctness"]
+    template = template_from_dict(tiny_template(tiny_model_dir, tmp_path, rewards=rewards))
+    keys = ["total_mean", "correctness", "final_answer", "tool_answer", "my_pkg.mod:correctness"]
+    rows = [{"step": s, **{f"reward/{k}": s * (i + 1) / 4 for i, k in enumerate(keys)}} for s in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = closing_report(
+        run_dir=tmp_path, model_dir=tmp_path / "model", template=template, example="q", scripts_dir=REPO
+    )
+    assert report.splitlines()[1] == (
+        "Mean reward, steps 1 -> 2: total 0.250 -> 0.500, correctness 0.500 -> 1.000, "
+        "final_answer 0.750 -> 1.500, my_pkg.mod:correctness 1.250 -> 2.500"
+    )

@@ -58,7 +58,7 @@ def closing_report(
         lines.append(f"LoRA adapter saved to {model} (on top of {template.model}).")
     else:
         lines.append(f"Model saved to {model} (a folder transformers' from_pretrained loads).")
-    keys = ["reward/total_mean"] + [f"reward/{n}" for n in _reward_names(c.rewards) if _is_correctness(n)]
+    keys = ["reward/total_mean"] + [f"reward/{n}" for n in _reward_names(c.rewards) if _is_accuracy(n)]
     movement = reward_movement(Path(run_dir) / "metrics.jsonl", keys)
     if movement:
         lines.append(movement)
@@ -97,5 +97,6 @@ def _reward_names(rewards: list[Any]) -> list[str]:
     return [r if isinstance(r, str) else str(r.get("name", "")) for r in rewards]
 
 
-def _is_correctness(name: str) -> bool:
-    return name.rpartition(":")[2] == "correctness"
+def _is_accuracy(name: str) -> bool:
+    """The rewards that pay for the right answer, the ones worth following beside the total."""
+    return name.rpartition(":")[2] in ("correctness", "final_answer")
