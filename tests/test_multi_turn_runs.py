@@ -1,5 +1,5 @@
-"""Whole runs with several turns per sample: a run killed mid-way with an environment on resumes bitwise, and
-two processes (gloo) match one on the same data."""
+"""Whole runs with several turns per sample: a run killed mid-way with an environment or tools on resumes
+bitwise, and two processes (gloo) match one on the same data."""
 
 from __future__ import annotations
 
@@ -30,31 +30,47 @@ def ending_model_dir(tokenizer, tmp_path_factory):
     return folder
 
 
-@pytest.fixture
-def template(ending_model_dir, tmp_path):
+# A response prefix that holds a whole call makes every first reply a calculator call, so each sample has a tool
+# turn even though the random model would never write one itself.
+CALL = '<tool_call>{"name": "calculator", "arguments": {"expression": "12 * 34"}}</tool_call>'
+TURNS = {"environment": {"environment": "number_guess"}, "tools": {"tools": ["calculator"]}}
+
+
+@pytest.fixture(params=sorted(TURNS))
+def template(request, ending_model_dir, tmp_path):
     data = tiny_template(
         ending_model_dir,
         tmp_path / "unused",
         max_steps=4,
-        environment="number_guess",
         max_tool_calling_iterations=3,
-        maximum_completion_length=24,
+        maximum_completion_length=24 if request.param == "environment" else 64,
         maximum_sequence_length=400,
         rewards=["tests.user_rewards:length"],
-        eval_steps=2,  # the held-out games are played over several turns too
+        eval_steps=2,  # the held-out prompts are played over several turns too
         eval_limit=4,
+        **TURNS[request.param],
     )
+    if request.param == "tools":
+        data["template"] = {"instruction": "Use it.", "input": "{{question}}", "response_prefix": CALL}
     return write_template(tmp_path / "t.yaml", data)
 
 
-def test_a_killed_run_with_an_environment_resumes_bitwise(template, tmp_path):
+def test_a_killed_run_with_several_turns_resumes_bitwise(template, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
+    with_tools = "calculator" in template.read_text()
     result = train(template, f"output_dir={full}")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert all(r["turns/mean"] > 1 for r in rows(full))  # the games did run several turns
+    assert all(r["turns/mean"] > 1 for r in rows(full))  # every step's samples did run several turns
+    if with_tools:  # the calls ran (a reply cut by the token limit runs none)
+        assert all(r["tools/calls_per_sample"] > 0 for r in rows(full))
+        sample = json.loads((full / "samples.jsonl").read_text().splitlines()[0])
+        assert sample["turns"]["tool_calls"][0]["result"] == "408"
     assert [r["step"] for r in rows(full) if "eval/accuracy" in r] == [2, 4]
-    games = [json.loads(line) for line in (full / "eval.jsonl").read_text().splitlines()]
-    assert len(games) == 4 and max(len(g["messages"]) for g in games) > 1  # the final evaluation's turns
+    held_out = [json.loads(line) for line in (full / "eval.jsonl").read_text().splitlines()]
+    assert len(held_out) == 4
+    # The final evaluation's turns (greedy, the random model never ends a reply after the prefilled call).
+    if not with_tools:
+        assert max(len(g["messages"]) for g in held_out) > 1
     result = train(
         template,
         f"output_dir={killed}",
