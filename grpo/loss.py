@@ -114,6 +114,36 @@ def sapo_objective(
     return -(4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0)) * adv
 
 
+def sapo_gate(
+    ratio: torch.Tensor, adv: torch.Tensor, *, temperature_pos: float, temperature_neg: float
+) -> torch.Tensor:
+    """SAPO's gradient as a share of the plain policy gradient's, r A d logp: 4 s (1 - s) with
+    s = sigmoid(tau (r - 1)); 1 at r = 1, falling towards 0 as r leaves 1."""
+    tau = torch.where(adv > 0, temperature_pos, temperature_neg).to(ratio.dtype)
+    s = torch.sigmoid(tau * (ratio.detach() - 1.0))
+    return 4.0 * s * (1.0 - s)
+
+
+def vespo_weight(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    k: tuple[float, float],
+    lam: tuple[float, float],
+) -> torch.Tensor:
+    """VESPO's sequence weight phi(W) [B, 1] (no gradient): W = prod_t pi / pi_old over the sequence and
+    phi(W) = W^k exp(lam (1 - W)), (k, lam) = (k[0], lam[0]) where A >= 0, else (k[1], lam[1]). phi(1) = 1; far
+    from 1 either way it fades smoothly. log W is kept within [log 1e-8, 20] so that phi stays finite."""
+    log_ratio = (logps - (logps if old_logps is None else old_logps)).detach().clamp(-20.0, 20.0)
+    log_w = (log_ratio * mask).sum(-1, keepdim=True).clamp(math.log(1e-8), 20.0)  # [B, 1]
+    pos = adv >= 0
+    power = torch.where(pos, k[0], k[1]).to(logps.dtype)
+    decay = torch.where(pos, lam[0], lam[1]).to(logps.dtype)
+    return torch.exp(power * log_w + decay * (1.0 - torch.exp(log_w)))
+
+
 def vespo_objective(
     logps: torch.Tensor,
     old_logps: torch.Tensor | None,
@@ -123,17 +153,9 @@ def vespo_objective(
     k: tuple[float, float],
     lam: tuple[float, float],
 ) -> torch.Tensor:
-    """VESPO (arXiv:2602.10693): -sg(phi(W)) A logp [B, T] with W = prod_t pi / pi_old over the sequence and
-    phi(W) = W^k exp(lam (1 - W)), (k, lam) = (k[0], lam[0]) where A >= 0, else (k[1], lam[1]). phi(1) = 1, so
-    on-policy it is the plain policy gradient; far from 1 either way the sequence's weight fades smoothly. log W
-    is kept within [log 1e-8, 20] so that phi stays finite."""
-    log_ratio = (logps - (logps if old_logps is None else old_logps)).detach().clamp(-20.0, 20.0)
-    log_w = (log_ratio * mask).sum(-1, keepdim=True).clamp(math.log(1e-8), 20.0)  # [B, 1]
-    pos = adv >= 0
-    power = torch.where(pos, k[0], k[1]).to(logps.dtype)
-    decay = torch.where(pos, lam[0], lam[1]).to(logps.dtype)
-    phi = torch.exp(power * log_w + decay * (1.0 - torch.exp(log_w)))  # [B, 1], no gradient
-    return -(phi * adv) * logps
+    """VESPO (arXiv:2602.10693): -sg(phi(W)) A logp [B, T], phi the sequence weight of `vespo_weight`. phi(1) = 1,
+    so on-policy it is the plain policy gradient."""
+    return -(vespo_weight(logps, old_logps, adv, mask, k=k, lam=lam) * adv) * logps
 
 
 def kl_term(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
@@ -199,8 +221,17 @@ def token_terms(
             kl = importance_ratio(logps, old_logps, mask) * kl
         per_token = per_token + beta * kl
     stats = _stats(ratio.expand_as(mask), adv, mask, kl, epsilon, high, capped=objective == "cispo")
-    if objective in ("sapo", "vespo"):  # no hard clip: nothing loses its gradient outright
-        stats = {"kl": stats["kl"]}
+    if objective in ("sapo", "vespo"):
+        # No hard clip, so nothing loses its gradient outright: what shows the variant acting is the share of the
+        # plain policy gradient each token keeps (1 on-policy).
+        gate = dict(temperature_pos=sapo_temperature_pos, temperature_neg=sapo_temperature_neg)
+        vespo = dict(k=(vespo_k_pos, vespo_k_neg), lam=(vespo_lambda_pos, vespo_lambda_neg))
+        kept = (
+            sapo_gate(ratio, adv, **gate)
+            if objective == "sapo"
+            else vespo_weight(logps, old_logps, adv, mask, **vespo)
+        )
+        stats = {"kl": stats["kl"], f"{objective}/gradient_kept": _masked_mean(kept.expand_as(mask), mask)}
     return per_token, stats
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -282,6 +283,15 @@ def test_sequence_weights_and_masks_are_exact_under_micro_batches_and_ranks(
         assert two["metrics"][acting] == pytest.approx(whole["metrics"][acting], rel=1e-9)
     else:
         assert 0 < two["metrics"][acting] < 1
+        # the weights' extremes: a masked sequence weighs 0, a kept one its ratio within [1e-6, 20]; the largest
+        # and smallest over micro-batches or ranks are those of the whole update
+        extremes = ("rollout/is_weight_min", "rollout/is_weight_max")
+        low, high = (whole["metrics"][k] for k in extremes)
+        assert low == 0 and 1e-6 <= high <= 20
+        for got, key in itertools.product((rows, two), extremes):
+            assert got["metrics"][key] == pytest.approx(whole["metrics"][key], rel=1e-6), key
+        mean = "rollout/is_weight_mean"
+        assert rows["metrics"][mean] == pytest.approx(whole["metrics"][mean], rel=1e-6)
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "cispo"])

@@ -103,7 +103,11 @@ def test_sapo_gradient_off_policy_is_the_gate_slope():
     r = math.exp(0.5)
     s = 1 / (1 + math.exp(-(r - 1)))
     assert logps.grad.item() == pytest.approx(-4 * s * (1 - s) * r, abs=1e-6)
-    assert set(stats) == {"kl"}  # no hard clip to count
+    # no hard clip to count: the share of the plain gradient -r A kept is logged instead (1 on-policy)
+    assert set(stats) == {"kl", "sapo/gradient_kept"}
+    assert stats["sapo/gradient_kept"].item() == pytest.approx(4 * s * (1 - s), abs=1e-7)
+    on_policy = policy_loss(logps, None, None, torch.ones(1), torch.ones(1, 1), loss_type="sapo")[1]
+    assert on_policy["sapo/gradient_kept"].item() == 1.0
 
 
 # ------------------------------------------------------------------ LUSPO
@@ -123,6 +127,14 @@ def test_vespo_hand_values():
     out = vespo_objective(logps, old, ADV[:, None], MASK, k=(2.0, 3.0), lam=(3.0, 2.0))
     phi = torch.tensor([[4 * math.exp(-3)], [math.exp(1) / 8]])
     torch.testing.assert_close(out, -phi * ADV[:, None] * logps, rtol=1e-6, atol=0)
+    _, stats = policy_loss(logps, old, None, ADV, MASK, loss_type="vespo")
+    # the weight's mean over the 5 counted tokens: sequence 0 has 2, sequence 1 has 3
+    assert stats["vespo/gradient_kept"].item() == pytest.approx(
+        (2 * phi[0, 0] + 3 * phi[1, 0]).item() / 5, rel=1e-6
+    )
+    assert (
+        policy_loss(logps, None, None, ADV, MASK, loss_type="vespo")[1]["vespo/gradient_kept"].item() == 1.0
+    )
 
 
 def test_vespo_on_policy_is_the_plain_policy_gradient():
