@@ -99,6 +99,32 @@ def test_a_truncated_gguf_is_named(tmp_path, monkeypatch):
     assert str(e.value).endswith("); it may be truncated: download it again.")
 
 
+@pytest.mark.parametrize("case", ["empty model folder", "truncated gguf", "output_dir a file"])
+def test_cli_refuses_a_broken_model_or_output_dir_in_one_line(template, tmp_path, case):
+    """The same refusals as above, as a user meets them: scripts/train.py exits 2 with one line, no traceback,
+    before any weights load."""
+    broken = tmp_path / ("cut.gguf" if case == "truncated gguf" else case.replace(" ", "-"))
+    if case == "empty model folder":
+        broken.mkdir()
+        override = f"model={broken}"
+        expected = f"model = '{broken}' is a folder without config.json: point it at a Hugging Face model"
+    elif case == "truncated gguf":
+        with open(embedded_gguf_path(), "rb") as f:
+            broken.write_bytes(f.read(30_000_000))
+        override = f"model={broken}"
+        expected = f"model = '{broken}' is not a complete GGUF file ("
+    else:
+        broken.write_text("x")
+        override = f"output_dir={broken}"
+        expected = (
+            f"config.output_dir = '{broken}': {broken} is a file, not a folder; choose another output_dir."
+        )
+    result = train(template, override, env_extra={"GRPO_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 2
+    assert last_line(result).startswith(f"error: {expected}")
+    assert len(result.stderr.strip().splitlines()) == 1 and "Loading weights" not in result.stderr
+
+
 def test_a_user_loss_with_the_wrong_signature_is_refused_before_the_model_loads(template):
     result = train(template, "loss_type=tests.user_losses:wrong_signature")
     assert result.returncode == 2
