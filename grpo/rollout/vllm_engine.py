@@ -147,8 +147,10 @@ class VLLMEngine(EngineSampler):
         start = time.perf_counter()
         from vllm import LLM  # the only import of vllm in the package
 
-        # Every push warns that the rotary embedding's cache (computed, never in a checkpoint) was not loaded.
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
+        # Every push warns that the rotary embedding's cache (computed, never in a checkpoint) was not loaded. A
+        # filter rather than a level: vLLM configures its loggers again when the engine starts, which resets the
+        # levels of its child loggers but keeps their filters.
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_errors_only)
         from grpo.model.loading import resolve_model_source
 
         c = template.config
@@ -218,3 +220,7 @@ class VLLMEngine(EngineSampler):
             ]
             for out in outputs
         ]
+
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR

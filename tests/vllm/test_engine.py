@@ -176,6 +176,20 @@ def test_the_eos_set_stops_each_completion(engine, policy):
 
 
 @needs_vllm
+def test_the_reload_warning_stays_quiet_after_the_engine_starts(engine, caplog):
+    """With the embedded model every push warned "RotaryEmbedding: Failed to load weights" (its cos/sin cache is
+    computed, never in a checkpoint). vLLM configures its loggers again when an engine starts, which resets a
+    level set before; the engine's filter survives that, so only errors of that logger get through."""
+    import logging
+
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    with caplog.at_level(logging.WARNING):
+        logger.warning("%s: Failed to load weights", "RotaryEmbedding")
+        logger.error("a real failure")
+    assert [r.getMessage() for r in caplog.records if r.name == logger.name] == ["a real failure"]
+
+
+@needs_vllm
 def test_pushed_weights_are_sampled_and_stale_ones_refused(engine, policy):
     version = engine.version
     with pytest.raises(RuntimeError, match="holds the weights of step"):
