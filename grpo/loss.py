@@ -144,18 +144,10 @@ def vespo_weight(
     return torch.exp(power * log_w + decay * (1.0 - torch.exp(log_w)))
 
 
-def vespo_objective(
-    logps: torch.Tensor,
-    old_logps: torch.Tensor | None,
-    adv: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    k: tuple[float, float],
-    lam: tuple[float, float],
-) -> torch.Tensor:
-    """VESPO (arXiv:2602.10693): -sg(phi(W)) A logp [B, T], phi the sequence weight of `vespo_weight`. phi(1) = 1,
+def vespo_objective(logps: torch.Tensor, weight: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+    """VESPO (arXiv:2602.10693): -sg(phi(W)) A logp [B, T], with phi(W) [B, 1] from `vespo_weight`. phi(1) = 1,
     so on-policy it is the plain policy gradient."""
-    return -(vespo_weight(logps, old_logps, adv, mask, k=k, lam=lam) * adv) * logps
+    return -(weight * adv) * logps
 
 
 def kl_term(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
@@ -198,15 +190,16 @@ def token_terms(
     ratio = importance_ratio(logps, old_logps, mask, importance_sampling_level)  # [B, T] or [B, 1]
     high = epsilon if epsilon_high is None else epsilon_high
     adv = advantages.unsqueeze(-1).to(logps.dtype)  # [B, 1]
+    kept = None  # sapo and vespo: the share of the plain policy gradient each token keeps
     if objective == "cispo":
         per_token = cispo_objective(ratio, adv, logps, high=high)  # [B, T]
     elif objective == "sapo":
-        per_token = sapo_objective(
-            ratio, adv, temperature_pos=sapo_temperature_pos, temperature_neg=sapo_temperature_neg
-        )
+        gate = dict(temperature_pos=sapo_temperature_pos, temperature_neg=sapo_temperature_neg)
+        per_token, kept = sapo_objective(ratio, adv, **gate), sapo_gate(ratio, adv, **gate)
     elif objective == "vespo":
         k, lam = (vespo_k_pos, vespo_k_neg), (vespo_lambda_pos, vespo_lambda_neg)
-        per_token = vespo_objective(logps, old_logps, adv, mask, k=k, lam=lam)
+        kept = vespo_weight(logps, old_logps, adv, mask, k=k, lam=lam)  # [B, 1]
+        per_token = vespo_objective(logps, kept, adv)
     else:
         per_token = clipped_objective(ratio, adv, low=epsilon, high=high, delta=delta)
     per_token = per_token.expand_as(mask)
@@ -221,16 +214,7 @@ def token_terms(
             kl = importance_ratio(logps, old_logps, mask) * kl
         per_token = per_token + beta * kl
     stats = _stats(ratio.expand_as(mask), adv, mask, kl, epsilon, high, capped=objective == "cispo")
-    if objective in ("sapo", "vespo"):
-        # No hard clip, so nothing loses its gradient outright: what shows the variant acting is the share of the
-        # plain policy gradient each token keeps (1 on-policy).
-        gate = dict(temperature_pos=sapo_temperature_pos, temperature_neg=sapo_temperature_neg)
-        vespo = dict(k=(vespo_k_pos, vespo_k_neg), lam=(vespo_lambda_pos, vespo_lambda_neg))
-        kept = (
-            sapo_gate(ratio, adv, **gate)
-            if objective == "sapo"
-            else vespo_weight(logps, old_logps, adv, mask, **vespo)
-        )
+    if kept is not None:  # nothing is clipped: the share of the gradient kept shows the variant acting
         stats = {"kl": stats["kl"], f"{objective}/gradient_kept": _masked_mean(kept.expand_as(mask), mask)}
     return per_token, stats
 

@@ -10,7 +10,15 @@ import torch
 from grpo.advantages import group_advantages, reward_advantages
 from grpo.config import ConfigError, Template, TrainConfig, template_from_dict
 from grpo.config.checks import config_warnings
-from grpo.loss import adaptive_entropy_coef, kl_term, policy_loss, reduce, sapo_objective, vespo_objective
+from grpo.loss import (
+    adaptive_entropy_coef,
+    kl_term,
+    policy_loss,
+    reduce,
+    sapo_objective,
+    vespo_objective,
+    vespo_weight,
+)
 from grpo.off_policy import off_policy_sequence_mask, rollout_correction_weights
 from grpo.update import loss_keywords, loss_options, weighs_samples
 
@@ -124,8 +132,10 @@ def test_vespo_hand_values():
     sequence 1 (A < 0, k 3, lambda 2) has W = 1/2: phi = e^1 / 8. l = -phi A logp."""
     logps = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.0, -0.25]])
     old = logps - torch.tensor([[0.4, math.log(2) - 0.4, 5.0], [-math.log(2), 0.0, 0.0]])
-    out = vespo_objective(logps, old, ADV[:, None], MASK, k=(2.0, 3.0), lam=(3.0, 2.0))
+    weight = vespo_weight(logps, old, ADV[:, None], MASK, k=(2.0, 3.0), lam=(3.0, 2.0))
     phi = torch.tensor([[4 * math.exp(-3)], [math.exp(1) / 8]])
+    torch.testing.assert_close(weight, phi, rtol=1e-6, atol=0)
+    out = vespo_objective(logps, weight, ADV[:, None])
     torch.testing.assert_close(out, -phi * ADV[:, None] * logps, rtol=1e-6, atol=0)
     _, stats = policy_loss(logps, old, None, ADV, MASK, loss_type="vespo")
     # the weight's mean over the 5 counted tokens: sequence 0 has 2, sequence 1 has 3
