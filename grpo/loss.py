@@ -106,22 +106,16 @@ def cispo_objective(
 
 def sapo_objective(
     ratio: torch.Tensor, adv: torch.Tensor, *, temperature_pos: float, temperature_neg: float
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SAPO (arXiv:2511.20347): -(4 / tau) sigmoid(tau (r - 1)) A, tau = temperature_pos where A > 0, else
     temperature_neg. d/dr at r = 1 is exactly A (sigmoid' (0) = 1/4), so on-policy it is the plain policy
-    gradient; away from 1 the gate fades smoothly instead of cutting off, faster for the larger temperature."""
+    gradient; away from 1 the gate fades smoothly instead of cutting off, faster for the larger temperature.
+    Returns the per-token terms and the gate 4 s (1 - s), s = sigmoid(tau (r - 1)) (no gradient): the share of
+    the plain policy gradient r A d logp each token keeps, 1 at r = 1."""
     tau = torch.where(adv > 0, temperature_pos, temperature_neg).to(ratio.dtype)  # [B, 1]
-    return -(4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0)) * adv
-
-
-def sapo_gate(
-    ratio: torch.Tensor, adv: torch.Tensor, *, temperature_pos: float, temperature_neg: float
-) -> torch.Tensor:
-    """SAPO's gradient as a share of the plain policy gradient's, r A d logp: 4 s (1 - s) with
-    s = sigmoid(tau (r - 1)); 1 at r = 1, falling towards 0 as r leaves 1."""
-    tau = torch.where(adv > 0, temperature_pos, temperature_neg).to(ratio.dtype)
-    s = torch.sigmoid(tau * (ratio.detach() - 1.0))
-    return 4.0 * s * (1.0 - s)
+    s = torch.sigmoid(tau * (ratio - 1.0))
+    gate = (4.0 * s * (1.0 - s)).detach()
+    return -(4.0 / tau) * s * adv, gate
 
 
 def vespo_weight(
@@ -194,8 +188,9 @@ def token_terms(
     if objective == "cispo":
         per_token = cispo_objective(ratio, adv, logps, high=high)  # [B, T]
     elif objective == "sapo":
-        gate = dict(temperature_pos=sapo_temperature_pos, temperature_neg=sapo_temperature_neg)
-        per_token, kept = sapo_objective(ratio, adv, **gate), sapo_gate(ratio, adv, **gate)
+        per_token, kept = sapo_objective(
+            ratio, adv, temperature_pos=sapo_temperature_pos, temperature_neg=sapo_temperature_neg
+        )
     elif objective == "vespo":
         k, lam = (vespo_k_pos, vespo_k_neg), (vespo_lambda_pos, vespo_lambda_neg)
         kept = vespo_weight(logps, old_logps, adv, mask, k=k, lam=lam)  # [B, 1]

@@ -81,7 +81,7 @@ def test_default_advantages_are_todays_group_advantages():
 def test_sapo_hand_values():
     ratio = torch.tensor([[1.0, 1.5], [1.0, 0.5]])
     adv = torch.tensor([[1.0], [-1.0]])
-    out = sapo_objective(ratio, adv, temperature_pos=1.0, temperature_neg=1.05)
+    out, _ = sapo_objective(ratio, adv, temperature_pos=1.0, temperature_neg=1.05)
     sig = 1 / (1 + math.exp(-0.5))
     expected = torch.tensor(
         [

@@ -52,12 +52,12 @@ def template(request, ending_model_dir, tmp_path):
     )
     if request.param == "tools":
         data["template"] = {"instruction": "Use it.", "input": "{{question}}", "response_prefix": CALL}
-    return write_template(tmp_path / "t.yaml", data)
+    return write_template(tmp_path / f"{request.param}.yaml", data)
 
 
 def test_a_killed_run_with_several_turns_resumes_bitwise(template, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    with_tools = "calculator" in template.read_text()
+    with_tools = template.stem == "tools"
     result = train(template, f"output_dir={full}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert all(r["turns/mean"] > 1 for r in rows(full))  # every step's samples did run several turns
