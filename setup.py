@@ -4,7 +4,12 @@ setup(
     name="grpo-trainer",
     version="0.1.0",
     description="A from-scratch GRPO trainer in pure PyTorch.",
-    packages=find_packages(include=["grpo", "grpo.*", "kernels", "kernels.*"]),
+    license_expression="Apache-2.0",
+    license_files=["LICENSE"],
+    # The kernels/ folder installs as grpo_kernels: a top-level `kernels` is Hugging Face's (transformers
+    # imports it), and with no kernels/__init__.py the folder never shadows it, even from the repository root.
+    packages=find_packages(include=["grpo", "grpo.*"]) + ["grpo_kernels"],
+    package_dir={"grpo_kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.6",  # 2.8 for FSDP (docs/requirements.md)

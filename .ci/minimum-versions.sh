@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # CI: prove setup.py's lower bounds. A brand-new venv gets every install_requires entry (but torch) pinned to its
-# floor, then runs the README's default training for 2 steps and loads the saved model, so a floor that is too
-# low fails here instead of on a user's machine.
+# floor, then runs the README's default training for 2 steps, so a floor that is too low fails here instead of on
+# a user's machine. With a venv of the newest releases and a model it saved (.ci/run passes both), a model saved
+# under either set of versions must give the same logits under the other.
+#   bash .ci/minimum-versions.sh [NEWEST_PYTHON NEWEST_MODEL]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TMP=$(mktemp -d)
@@ -29,5 +31,15 @@ echo "== resolved versions (the floors, and the capped packages):"
 "$PY" -m pip freeze | grep -iE "^($names)==" | sort -f
 # A fresh GRPO_CACHE: the embedded GGUF is converted again by these versions, not taken from an older cache.
 GRPO_CACHE="$TMP/cache" "$PY" scripts/train.py configs/default.yaml max_steps=2 output_dir="$TMP/run"
-"$PY" -c "import sys; from transformers import AutoModelForCausalLM as M; M.from_pretrained(sys.argv[1]); print('saved model loads')" "$TMP/run/model"
+if [ $# -ge 2 ]; then
+    NEWEST_PY=$1 NEWEST_MODEL=$2
+    echo "== a model saved under the newest releases, read under the floors"
+    "$NEWEST_PY" .ci/model_logits.py save "$NEWEST_MODEL" "$TMP/newest.json"
+    "$PY" .ci/model_logits.py check "$NEWEST_MODEL" "$TMP/newest.json"
+    echo "== a model saved under the floors, read under the newest releases"
+    "$PY" .ci/model_logits.py save "$TMP/run/model" "$TMP/floors.json"
+    "$NEWEST_PY" .ci/model_logits.py check "$TMP/run/model" "$TMP/floors.json"
+else
+    "$PY" .ci/model_logits.py save "$TMP/run/model" "$TMP/floors.json"
+fi
 echo "minimum versions: OK"

@@ -10,6 +10,7 @@ from typing import Any
 
 import jinja2
 import jinja2.meta
+import jinja2.sandbox
 
 from grpo.config import ConfigError, DatasetConfig, DataTemplate
 
@@ -200,7 +201,31 @@ def _first_line(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------- rendering
-_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
+# Templates come from users, gallery files and queued jobs: the sandbox keeps `{{ cycler.__init__.__globals__.os
+# .system(...) }}` and its kin from reaching Python's internals, and the immutable one from mutating a row.
+_ENV = jinja2.sandbox.ImmutableSandboxedEnvironment(
+    undefined=jinja2.StrictUndefined, keep_trailing_newline=False
+)
+
+
+def _render(template: jinja2.Template, part: str, row: dict[str, Any], index: int) -> str:
+    try:
+        text = template.render(**row)
+        text.encode("utf-8")  # the tokenizer refuses what UTF-8 cannot hold, deep in its Rust code
+        return text
+    except UnicodeEncodeError as e:
+        raise ConfigError(
+            f"Row {index + 1} of the dataset gives template.{part} text that is not valid Unicode ({e.reason}, "
+            f"{e.object[e.start : e.end]!r}: a lone surrogate, as a broken \\u escape in JSON leaves); fix or drop "
+            "that row."
+        ) from None
+    except jinja2.exceptions.SecurityError as e:
+        raise ConfigError(
+            f"template.{part} reaches beyond the row it renders ({e}); a template may use the row's columns, "
+            "Jinja2's filters and tests, and nothing of Python's internals."
+        ) from None
+    except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError) as e:
+        raise ConfigError(f"template.{part} cannot be rendered: {_first_line(e)}.") from None
 
 
 def template_columns(tmpl: DataTemplate) -> dict[str, str]:
@@ -307,9 +332,11 @@ def build_prompts(
     instruction, user, output = (_ENV.from_string(s) for s in (tmpl.instruction, tmpl.input, tmpl.output))
     prompts: list[Prompt] = []
     dropped: list[int] = []  # token counts of the prompts left out
-    for row in rows:
-        messages = [{"role": "user", "content": user.render(**row)}]
-        system = "\n\n".join(t for t in (instruction.render(**row), system_text) if t.strip())
+    for i, row in enumerate(rows):
+        messages = [{"role": "user", "content": _render(user, "input", row, i)}]
+        system = "\n\n".join(
+            t for t in (_render(instruction, "instruction", row, i), system_text) if t.strip()
+        )
         if system.strip():
             messages.insert(0, {"role": "system", "content": system})
         text = tokenizer.apply_chat_template(
@@ -327,7 +354,7 @@ def build_prompts(
             Prompt(
                 text=text,
                 ids=ids,
-                reference=reference_answer(output.render(**row)),
+                reference=reference_answer(_render(output, "output", row, i)),
                 row=row,
                 truncated=cut,
                 messages=messages,

@@ -49,7 +49,7 @@ from grpo.run import checkpoint as ckpt
 from grpo.run.cli_common import say_line
 from grpo.run.cpu_memory import keep_freed_memory
 from grpo.run.logger import finish_queued, peak_memory_metric
-from grpo.run.run_dir import check_writable, naming_full_disk, open_run_log
+from grpo.run.run_dir import claim_run_dir, naming_full_disk, open_run_log
 from grpo.run.step_report import sample_metrics, sample_records
 from grpo.run.update_totals import UpdateTotals
 from grpo.samples import Samples
@@ -81,7 +81,7 @@ class GRPOTrainer:
 
             require_unsloth(self.device)  # no CUDA or no package: stop before anything loads
         self.output_dir = Path(c.output_dir)
-        check_writable(self.output_dir)
+        claim_run_dir(self.output_dir, is_main=self.env.is_main)  # writable, and no other run in it
         resume_paths = ckpt.resume_candidates(c.resume_from_checkpoint, self.output_dir)
         if resume_paths:  # a template that changes the math is refused before anything loads
             with contextlib.suppress(ckpt.UnreadableCheckpoint):  # a damaged one is skipped when resuming

@@ -7,8 +7,8 @@ import functools
 import torch
 from torch import Tensor
 
-from kernels.chunked import chunked_token_logprobs
-from kernels.naive import naive_token_logprobs
+from grpo_kernels.chunked import chunked_token_logprobs
+from grpo_kernels.naive import naive_token_logprobs
 
 IMPLS = ("auto", "naive", "chunked", "triton")
 
@@ -18,7 +18,7 @@ def _triton_importable() -> bool:
     if not torch.cuda.is_available():
         return False  # never import triton on a machine without CUDA
     try:
-        import kernels.triton_logprobs  # noqa: F401  (imports triton)
+        import grpo_kernels.triton_logprobs  # noqa: F401  (imports triton)
     except Exception:  # triton missing, or present but unusable here (driver, version): fall back
         return False
     return True
@@ -85,7 +85,7 @@ def token_logprobs(
     with torch.autocast(hidden.device.type, enabled=False):
         if impl == "chunked":
             return chunked_token_logprobs(hidden, weight, targets, chunk_size=chunk_size, **kw)
-        from kernels.triton_logprobs import triton_token_logprobs
+        from grpo_kernels.triton_logprobs import triton_token_logprobs
 
         return triton_token_logprobs(hidden, weight, targets, chunk_size=chunk_size, **kw)
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.chunked import chunked_token_logprobs
+from grpo_kernels.chunked import chunked_token_logprobs
 
 BLOCK_V = 2048  # vocabulary block per loop step; 2048 bf16 = 4 KB per row per step
 

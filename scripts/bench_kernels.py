@@ -55,7 +55,7 @@ def measure(
     """One implementation at one shape, in this process; returns peak bytes and seconds per step."""
     import torch
 
-    from kernels import token_logprobs
+    from grpo_kernels.dispatch import token_logprobs
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]

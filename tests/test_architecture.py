@@ -7,15 +7,16 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("grpo", "kernels")
+# import name -> folder: kernels/ installs as grpo_kernels (setup.py's package_dir)
+PACKAGES = {"grpo": "grpo", "grpo_kernels": "kernels"}
 
 
 def modules() -> dict[str, Path]:
     """Dotted name -> file for every module of the library (a package is its __init__.py)."""
     out = {}
-    for package in PACKAGES:
-        for path in sorted((REPO / package).rglob("*.py")):
-            parts = path.relative_to(REPO).with_suffix("").parts
+    for package, folder in PACKAGES.items():
+        for path in sorted((REPO / folder).rglob("*.py")):
+            parts = (package, *path.relative_to(REPO / folder).with_suffix("").parts)
             name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
             out[name] = path
     return out

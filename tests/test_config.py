@@ -132,7 +132,7 @@ def test_override_errors(override, message):
         ({"config": {"top_k": -1}}, "config.top_k = -1 is not allowed: it must be 0 (no limit) or more."),
         (
             {"config": {"reward_timeout": -1}},
-            "config.reward_timeout = -1.0 is not allowed: it must be 0 (no limit) or more.",
+            "config.reward_timeout = -1.0 is not allowed: it must be 0 (no limit) or at most 604800 seconds (a week).",
         ),
         (
             {"dataset": {"missing_columns": "skip"}},
@@ -152,6 +152,55 @@ def test_override_errors(override, message):
         ({"config": 3}, "config must be a mapping of fields, got 3."),
         ({"model": "./no/such/model"}, "model = './no/such/model': no such file or folder."),
         ({"dataset": {"path": "/no/such/file.jsonl"}}, "dataset.path = '/no/such/file.jsonl': no such file."),
+        # Values that passed every comparison once (inf, nan) or failed only deep inside a run
+        (
+            {"config": {"learning_rate": float("inf")}},
+            "config.learning_rate = inf is not allowed: it must be a finite number.",
+        ),
+        ({"config": {"beta": float("nan")}}, "config.beta = nan is not allowed: it must be a finite number."),
+        (
+            {"config": {"reward_timeout": float("inf")}},
+            "config.reward_timeout = inf is not allowed: it must be a finite number.",
+        ),
+        (
+            {"config": {"reward_timeout": 1e10}},
+            "config.reward_timeout = 10000000000.0 is not allowed: it must be 0 (no limit) or at most 604800 "
+            "seconds (a week).",
+        ),
+        (
+            {"config": {"tool_timeout": 1e10}},
+            "config.tool_timeout = 10000000000.0 is not allowed: it must be positive and at most 604800 seconds "
+            "(a week).",
+        ),
+        (
+            {"config": {"seed": 10**23}},
+            "config.seed = 100000000000000000000000 is not allowed: it must be in [0, 2**63), the range every "
+            "generator seeded from it takes.",
+        ),
+        ({"config": {"lora_alpha": -16}}, "config.lora_alpha = -16.0 is not allowed: it must be positive."),
+        (
+            {"config": {"maximum_sequence_length": 10**11}},
+            "config.maximum_sequence_length = 100000000000 is not allowed: it must be in [1, 1048576].",
+        ),
+        (
+            {"config": {"vllm_mode": "server", "vllm_server_url": "http://127.0.0.1:8000"}},
+            "config.vllm_mode = 'server' is not allowed: it sets up the vLLM engine, and rollout_engine is torch; "
+            "set rollout_engine: vllm.",
+        ),
+        (
+            {"config": {"vllm_server_url": "http://127.0.0.1:8000"}},
+            "config.vllm_server_url = 'http://127.0.0.1:8000' is not allowed: it sets up the vLLM engine, and "
+            "rollout_engine is torch; set rollout_engine: vllm.",
+        ),
+        (
+            {"config": {"use_adaptive_entropy": True, "entropy_coef_min": 0.5, "entropy_coef_max": 0.1}},
+            "config.entropy_coef_min = 0.5 is not allowed: it must be at most entropy_coef_max (0.1).",
+        ),
+        (
+            {"config": {"use_adaptive_entropy": True, "entropy_coef": 2.0}},
+            "config.entropy_coef = 2.0 is not allowed: the adaptive coefficient starts there, so it must be in "
+            "[entropy_coef_min, entropy_coef_max] = [0, 1].",
+        ),
     ],
 )
 def test_template_errors(data, message):
@@ -189,11 +238,7 @@ def test_every_bounded_number_declares_its_range_next_to_it():
     from grpo.config import LEAF_PATHS
     from grpo.config.schema import leaf_field
 
-    unbounded = {
-        "config.seed",
-        "config.lora_alpha",
-        "config.delta",
-    }  # any seed; alpha may be any sign; relation
+    unbounded = {"config.delta"}  # its bound is a relation (checks.py)
     unchecked = [
         dotted
         for dotted in LEAF_PATHS

@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch import Tensor
 
-import kernels
-from kernels.chunked import CHUNK_BYTES, default_chunk_size
-from kernels.naive import naive_token_logprobs
+from grpo_kernels.chunked import CHUNK_BYTES, default_chunk_size
+from grpo_kernels.dispatch import available_impls, token_logprobs
+from grpo_kernels.naive import naive_token_logprobs
 
 B, T, H, V = 2, 47, 32, 123  # odd shapes: N = 94 rows is not a multiple of any chunk size tested
 CUDA = torch.cuda.is_available()
-needs_triton = pytest.mark.skipif("triton" not in kernels.available_impls(), reason="needs CUDA and triton")
+needs_triton = pytest.mark.skipif("triton" not in available_impls(), reason="needs CUDA and triton")
 
 
 def make_inputs(
@@ -50,7 +50,7 @@ def run(
     g2 = torch.randn(n, generator=gen).to(inp["targets"].device)  # [N]
     if mask is not None:
         g, g2 = g * mask, g2 * mask
-    out = kernels.token_logprobs(
+    out = token_logprobs(
         inp["hidden"],
         inp["weight"],
         inp["targets"],
@@ -93,7 +93,7 @@ def test_chunked_matches_reference_fp32(
 
 def test_values_are_log_probs_and_entropy() -> None:
     inp = make_inputs(bias=True)
-    logp, ent = kernels.token_logprobs(
+    logp, ent = token_logprobs(
         inp["hidden"], inp["weight"], inp["targets"], bias=inp["bias"], temperature=1.5, return_entropy=True
     )
     logits = (inp["hidden"] @ inp["weight"].T + inp["bias"]).double() / 1.5  # [N, V]
@@ -147,7 +147,7 @@ def test_all_rows_masked_gives_zero_weight_grad() -> None:
 @pytest.mark.parametrize("impl", ["naive", "chunked"])
 def test_zero_rows(impl: str) -> None:
     inp = make_inputs(n=0, bias=True)
-    logp, ent = kernels.token_logprobs(
+    logp, ent = token_logprobs(
         inp["hidden"], inp["weight"], inp["targets"], bias=inp["bias"], impl=impl, return_entropy=True
     )
     assert logp.shape == ent.shape == (0,) and logp.dtype == torch.float32
@@ -242,7 +242,7 @@ def test_detached_entropy_is_a_constant_that_keeps_the_fast_backward(case: str) 
             inp["bias"].requires_grad_(False)
         leaves = [x for x in (inp["hidden"], inp["weight"], inp["bias"]) if x.requires_grad]
         with CountMatmuls() as counter:
-            out = kernels.token_logprobs(
+            out = token_logprobs(
                 inp["hidden"],
                 inp["weight"],
                 inp["targets"],
@@ -259,7 +259,7 @@ def test_detached_entropy_is_a_constant_that_keeps_the_fast_backward(case: str) 
         results.append((logp.detach(), *grads))
         if detach:
             assert not out[1].requires_grad
-            _, want = kernels.token_logprobs(
+            _, want = token_logprobs(
                 *(inp[k].detach() for k in ("hidden", "weight")),
                 inp["targets"],
                 bias=inp["bias"].detach(),
@@ -275,7 +275,7 @@ def test_detached_entropy_is_a_constant_that_keeps_the_fast_backward(case: str) 
 
 def test_naive_detached_entropy_has_no_grad() -> None:
     inp = make_inputs()
-    logp, ent = kernels.token_logprobs(
+    logp, ent = token_logprobs(
         inp["hidden"], inp["weight"], inp["targets"], impl="naive", return_entropy=True, detach_entropy=True
     )
     assert logp.requires_grad and not ent.requires_grad
@@ -289,7 +289,7 @@ def test_only_inputs_and_row_stats_are_saved_for_backward() -> None:
     def largest_saved(impl: str) -> int:
         sizes = []
         with torch.autograd.graph.saved_tensors_hooks(lambda x: sizes.append(x.numel()) or x, lambda x: x):
-            kernels.token_logprobs(
+            token_logprobs(
                 inp["hidden"], inp["weight"], inp["targets"], bias=inp["bias"], impl=impl, chunk_size=64
             )
         return max(sizes)
@@ -305,7 +305,7 @@ def test_tied_embeddings_accumulate_both_grads() -> None:
     for impl in ("naive", "chunked"):
         w = inp["weight"].detach().clone().requires_grad_()
         hidden = torch.tanh(w[ids] * 3)  # [N, H] the embedding of the inputs, through a "model"
-        logp = kernels.token_logprobs(hidden, w, inp["targets"], impl=impl, chunk_size=10)
+        logp = token_logprobs(hidden, w, inp["targets"], impl=impl, chunk_size=10)
         (logp * torch.linspace(-1, 1, B * T)).sum().backward()
         grads.append(w.grad)
     torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-5)
@@ -314,7 +314,7 @@ def test_tied_embeddings_accumulate_both_grads() -> None:
 def test_no_grad_inference_and_int32_targets() -> None:
     inp = make_inputs()
     with torch.no_grad():
-        got = kernels.token_logprobs(inp["hidden"], inp["weight"], inp["targets"].int(), impl="chunked")
+        got = token_logprobs(inp["hidden"], inp["weight"], inp["targets"].int(), impl="chunked")
         want = naive_token_logprobs(inp["hidden"], inp["weight"], inp["targets"])
     assert not got.requires_grad
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -323,16 +323,14 @@ def test_no_grad_inference_and_int32_targets() -> None:
 def test_mixed_dtypes_and_autocast() -> None:
     inp = make_inputs()
     w16 = inp["weight"].detach().bfloat16().requires_grad_()  # a bf16 head on fp32 hidden states: promoted
-    got = kernels.token_logprobs(inp["hidden"], w16, inp["targets"], impl="chunked", chunk_size=7)
+    got = token_logprobs(inp["hidden"], w16, inp["targets"], impl="chunked", chunk_size=7)
     want = naive_token_logprobs(inp["hidden"], w16.float(), inp["targets"])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     got.sum().backward()
     assert w16.grad.dtype == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):  # like a bf16 LM head under autocast
-        fast = kernels.token_logprobs(
-            inp["hidden"], inp["weight"], inp["targets"], impl="chunked", chunk_size=7
-        )
-        ref = kernels.token_logprobs(inp["hidden"], inp["weight"], inp["targets"], impl="naive")
+        fast = token_logprobs(inp["hidden"], inp["weight"], inp["targets"], impl="chunked", chunk_size=7)
+        ref = token_logprobs(inp["hidden"], inp["weight"], inp["targets"], impl="naive")
     assert fast.dtype == torch.float32
     torch.testing.assert_close(fast, ref, atol=0.1, rtol=0)  # both use bf16 logits
     exact = naive_token_logprobs(
@@ -346,7 +344,7 @@ def test_mixed_dtypes_and_autocast() -> None:
 def test_bad_impl_name_is_one_clear_sentence() -> None:
     inp = make_inputs()
     with pytest.raises(ValueError) as err:
-        kernels.token_logprobs(inp["hidden"], inp["weight"], inp["targets"], impl="fused")
+        token_logprobs(inp["hidden"], inp["weight"], inp["targets"], impl="fused")
     assert str(err.value) == "impl must be one of 'auto', 'naive', 'chunked', 'triton'; got 'fused'."
 
 
@@ -358,17 +356,17 @@ def test_bad_arguments_name_the_field(kw: dict, field: str) -> None:
     inp = make_inputs()
     args = {"targets": inp["targets"], **kw}
     with pytest.raises(ValueError, match=f"^{field} must be"):
-        kernels.token_logprobs(inp["hidden"], inp["weight"], **args)
+        token_logprobs(inp["hidden"], inp["weight"], **args)
 
 
 def test_available_impls_and_auto_on_this_machine() -> None:
-    impls = kernels.available_impls()
+    impls = available_impls()
     assert impls[:2] == ["naive", "chunked"]
     assert ("triton" in impls) == CUDA or not CUDA
     if not CUDA:
         inp = make_inputs()
         with pytest.raises(ValueError, match="^impl='triton' needs CUDA tensors"):
-            kernels.token_logprobs(inp["hidden"], inp["weight"], inp["targets"], impl="triton")
+            token_logprobs(inp["hidden"], inp["weight"], inp["targets"], impl="triton")
 
 
 def test_default_chunk_size_bounds_the_chunk_buffer() -> None:
@@ -410,9 +408,7 @@ def test_triton_masked_rows_and_auto() -> None:
     got = run(inp, impl="auto", mask=mask, entropy=True, chunk_size=7)
     assert got["grad_hidden"][:T].abs().max() == 0
     empty = make_inputs(n=0, device="cuda")
-    assert kernels.token_logprobs(
-        empty["hidden"], empty["weight"], empty["targets"], impl="triton"
-    ).shape == (0,)
+    assert token_logprobs(empty["hidden"], empty["weight"], empty["targets"], impl="triton").shape == (0,)
 
 
 INTERPRETED = """
@@ -423,9 +419,9 @@ if hasattr(ti, "_patch_lang_tensor"):  # triton < 3.7 calls int() on a [1] array
         patch_tensor(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
     ti._patch_lang_tensor = _patch_lang_tensor
-import torch, kernels.triton_logprobs as tl_mod
-from kernels.chunked import ChunkedLogprobs
-from kernels.naive import naive_token_logprobs
+import torch, grpo_kernels.triton_logprobs as tl_mod
+from grpo_kernels.chunked import ChunkedLogprobs
+from grpo_kernels.naive import naive_token_logprobs
 tl_mod.BLOCK_V = 32  # several vocabulary blocks per row, a partial last one
 g = torch.Generator().manual_seed(0)
 h, w = torch.randn(94, 16, generator=g) * 2, torch.randn(123, 16, generator=g) / 4

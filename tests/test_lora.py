@@ -27,7 +27,7 @@ from grpo.model.lora import (
     unmerge_lora,
 )
 from grpo.trainer import GRPOTrainer
-from tests.conftest import tiny_template
+from tests.conftest import tiny_template, train_cli
 
 CPU, F32 = torch.device("cpu"), torch.float32
 ATTN_MLP = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -133,6 +133,33 @@ def test_peft_loads_our_adapter_with_same_logits(trained, tiny_model_dir, caplog
     theirs = _logits(peft_model, ids)
     assert (ours - theirs).abs().max().item() <= 1e-5
     assert (ours - base_logits).abs().max().item() > 1e-3  # the adapter really changes the model
+
+
+def test_auto_peft_opens_a_real_runs_adapter_by_its_config_alone(tmp_path):
+    """A LoRA run of the embedded model: adapter_config.json names a folder PEFT can open (the converted model),
+    so AutoPeftModelForCausalLM needs nothing but the adapter folder. It computes what our loader does, exactly
+    (both add B A x beside W x), and the merged export's logits up to the rounding of W + B A (at lr 0.01 that
+    reaches 1.9e-4 on logits of about 30; the step is kept small so the adapter stays in the 1e-4 band)."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    args = ["max_steps=1", "batch_size=2", "num_generations=2", "maximum_completion_length=8"]
+    args += ["learning_rate=5e-5", f"rewards=[{__name__}:length_reward]", f"output_dir={out}"]
+    proc = train_cli("configs/lora.yaml", *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    adapter = out / "arithmetic-lora"
+    base = Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
+    assert base.is_absolute() and (base / "config.json").is_file()
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(adapter), dtype=F32)
+    merged = AutoModelForCausalLM.from_pretrained(out / "arithmetic-lora-merged", dtype=F32)
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype=F32)
+    ids = _ids(merged.config.vocab_size, seed=4)
+    theirs = _logits(peft_model, ids)
+    assert (theirs - _logits(merged, ids)).abs().max().item() <= 1e-4
+    assert (theirs - _logits(plain, ids)).abs().max().item() > 1e-2  # the adapter is there and changes it
+    load_adapter(plain, adapter)
+    assert (theirs - _logits(plain, ids)).abs().max().item() <= 1e-5
 
 
 def test_merged_export_is_plain_and_equal(trained, tiny_model_dir):

@@ -98,7 +98,11 @@ def test_resolve_rewards_names_weights_and_user_functions():
         ),
         (
             {"name": "correctness", "weight": "x"},
-            "config.rewards[0] weight = 'x' is not allowed: expected a number.",
+            "config.rewards[0] weight = 'x' is not allowed: expected a finite number.",
+        ),
+        (
+            {"name": "correctness", "weight": float("nan")},
+            "config.rewards[0] weight = nan is not allowed: expected a finite number.",
         ),
         (3, "config.rewards[0] = 3: name a built-in reward or package.module:function."),
     ],

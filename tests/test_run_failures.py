@@ -249,3 +249,41 @@ def test_a_disk_that_fills_during_a_checkpoint_stops_in_one_line_and_keeps_the_e
         assert state["step"] == 1
     finally:
         subprocess.run(["umount", "-l", str(disk)])
+
+
+def test_a_row_with_a_lone_surrogate_is_named_before_the_model_loads(tiny_model_dir, tmp_path):
+    data = tmp_path / "rows.jsonl"
+    # A JSON escape of half a surrogate pair decodes to a str that UTF-8 (and so the tokenizer) cannot hold.
+    data.write_text(
+        '{"question": "What is 1 + 1?", "answer": "2"}\n{"question": "What is \\ud800?", "answer": "3"}\n'
+    )
+    t = tiny_template(tiny_model_dir, tmp_path / "run")
+    t["dataset"] = {"path": str(data)}
+    result = train(write_template(tmp_path / "t.yaml", t))
+    assert result.returncode == 2
+    assert last_line(result) == (
+        "error: Row 2 of the dataset gives template.input text that is not valid Unicode (surrogates not "
+        "allowed, '\\ud800': a lone surrogate, as a broken \\u escape in JSON leaves); fix or drop that row."
+    )
+    assert "Loading weights" not in result.stderr
+
+
+def test_weights_that_are_no_longer_finite_are_never_saved(tiny_model_dir, tmp_path):
+    """skip_nonfinite_steps skips every step of a poisoned model; the run must still not end as a success."""
+    from grpo.errors import NonFiniteError
+    from grpo.trainer import GRPOTrainer
+
+    out = tmp_path / "run"
+    data = tiny_template(
+        tiny_model_dir, out, max_steps=2, skip_nonfinite_steps=True, rewards=["tests.user_rewards:length"]
+    )
+    trainer = GRPOTrainer(template_from_dict(data))
+    with torch.no_grad():
+        trainer.model.model.norm.weight[0] = float("inf")
+    with pytest.raises(NonFiniteError) as e:
+        trainer.train()
+    assert str(e.value) == (
+        f"The weights are no longer finite (model.norm.weight holds inf or NaN), so {out / 'model'} was not "
+        "written; the last checkpoint stays. Lower learning_rate, or look at the run's last metrics."
+    )
+    assert not (out / "model").exists()

@@ -4,6 +4,7 @@ meant. Each failure is one sentence naming the field and what is allowed."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ def check_fields(t: Template) -> None:
     for dotted, path in LEAF_PATHS.items():
         check = leaf_field(dotted).metadata["check"]
         value = getattr(getattr(t, path[0]), path[1]) if len(path) == 2 else getattr(t, path[0])
+        if isinstance(value, float) and not math.isfinite(value):  # inf and nan pass every comparison check
+            raise ConfigError(f"{dotted} = {value!r} is not allowed: it must be a finite number.")
         if check is not None and not check.ok(value):
             raise ConfigError(f"{dotted} = {value!r} is not allowed: {check.allowed}.")
 
@@ -114,6 +117,26 @@ def check_relations(t: Template) -> None:
         c.use_bias_correction_kl,
         "it corrects the KL term, and beta = 0 has none; set beta > 0",
     )
+    need(
+        c.rollout_engine == "vllm" or (c.vllm_mode == "colocate" and c.vllm_server_url is None),
+        "config.vllm_mode" if c.vllm_mode != "colocate" else "config.vllm_server_url",
+        c.vllm_mode if c.vllm_mode != "colocate" else c.vllm_server_url,
+        "it sets up the vLLM engine, and rollout_engine is torch; set rollout_engine: vllm",
+    )
+    if c.use_adaptive_entropy:
+        need(
+            c.entropy_coef_min <= c.entropy_coef_max,
+            "config.entropy_coef_min",
+            c.entropy_coef_min,
+            f"it must be at most entropy_coef_max ({c.entropy_coef_max:g})",
+        )
+        need(
+            c.entropy_coef_min <= c.entropy_coef <= c.entropy_coef_max,
+            "config.entropy_coef",
+            c.entropy_coef,
+            f"the adaptive coefficient starts there, so it must be in [entropy_coef_min, entropy_coef_max] = "
+            f"[{c.entropy_coef_min:g}, {c.entropy_coef_max:g}]",
+        )
     need(
         not c.load_in_4bit or c.backend == "unsloth",
         "config.load_in_4bit",

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from grpo.config.fields import AT_LEAST_1, NULL_OR_COUNT, POSITIVE, UNIT, URL, doc
+from grpo.config.fields import AT_LEAST_1, NULL_OR_COUNT, TIMEOUT, UNIT, URL, doc
 
 
 @dataclass
@@ -54,7 +54,7 @@ class RolloutSettings:
     vllm_server_timeout: float = doc(
         "vllm_mode server: seconds to wait for the server to come up, and for each of its answers.",
         default=240.0,
-        check=POSITIVE,
+        check=TIMEOUT,
         resume_safe=True,
     )
     vllm_max_model_length: int | None = doc(
@@ -79,7 +79,7 @@ class RolloutSettings:
     max_tool_calling_iterations: int = doc(
         "Most tool calls (environment steps) per sample.", default=4, check=AT_LEAST_1
     )
-    tool_timeout: float = doc("Seconds a tool call may take.", default=10.0, check=POSITIVE, resume_safe=True)
+    tool_timeout: float = doc("Seconds a tool call may take.", default=10.0, check=TIMEOUT, resume_safe=True)
     tool_output_chars: int = doc(
         "A tool's output is cut to this many characters.", default=1000, check=AT_LEAST_1
     )

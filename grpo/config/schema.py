@@ -18,6 +18,9 @@ from grpo.config.fields import (
     NULL_OR_COUNT,
     OFF_OR_MORE,
     POSITIVE,
+    SEED,
+    SEQUENCE_LENGTH,
+    TIMEOUT_OR_OFF,
     ZERO_OR_MORE,
     Check,
     doc,
@@ -108,7 +111,7 @@ class TrainConfig(RolloutSettings):
     end_answer_string: str = doc("Tag that closes the answer.", default="</answer>", check=NOT_BLANK)
     # -- lengths and batches
     maximum_sequence_length: int = doc(
-        "Prompt + completion tokens; longer prompts are cut from the left.", default=1024, check=AT_LEAST_1
+        "Prompt + completion tokens; longer prompts are cut from the left.", default=1024, check=SEQUENCE_LENGTH
     )
     maximum_completion_length: int = doc("Most tokens sampled per completion.", default=256, check=AT_LEAST_1)
     long_prompts: Literal["truncate", "drop"] = doc(
@@ -154,12 +157,12 @@ class TrainConfig(RolloutSettings):
     adam_beta1: float = doc("AdamW beta1.", default=0.9, check=within(0, 1, high_open=True))
     adam_beta2: float = doc("AdamW beta2.", default=0.99, check=within(0, 1, high_open=True))
     adam_epsilon: float = doc("AdamW epsilon.", default=1e-8, check=POSITIVE)
-    seed: int = doc("Seed for data order, sampling and initialisation.", default=42)
+    seed: int = doc("Seed for data order, sampling and initialisation.", default=42, check=SEED)
     # -- LoRA
     use_lora: bool = doc("Train a LoRA adapter instead of all weights.", default=False)
     adaptor_name: str = doc("Folder name of the trained adapter/model inside output_dir.", default="model")
     lora_r: int = doc("LoRA rank.", default=16, check=AT_LEAST_1)
-    lora_alpha: float = doc("LoRA alpha (scaling = alpha / r).", default=32)
+    lora_alpha: float = doc("LoRA alpha (scaling = alpha / r).", default=32, check=POSITIVE)
     lora_dropout: float = doc("Dropout on the LoRA input.", default=0.05, check=within(0, 1, high_open=True))
     lora_target_modules: list[str] | None = doc(
         "Module leaf names to adapt (null = attention + MLP).", default=None
@@ -331,7 +334,7 @@ class TrainConfig(RolloutSettings):
         "Seconds one call of a reward function may take; a call that takes longer stops the run, naming the "
         "function (docs/rewards.md). 0 = no limit, and the function runs in the calling thread.",
         default=300.0,
-        check=Check(lambda v: v >= 0, "it must be 0 (no limit) or more"),
+        check=TIMEOUT_OR_OFF,
         resume_safe=True,
     )
     cast_lm_head_to_fp32: bool = doc(

@@ -16,7 +16,9 @@ from grpo.config import EMBEDDED_MODEL, ConfigError, TrainConfig
 from grpo.run.atomic_files import fresh_dir, replace_dir
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERSION_VERSION = 3  # 2: no gguf quantization_config in config.json; 3: special tokens from the file's ids
+CONVERSION_VERSION = (
+    4  # 2: no gguf quantization_config; 3: special tokens from the file's ids; 4: 4.x-readable files
+)
 
 
 def resolve_device(c: TrainConfig) -> torch.device:
@@ -54,6 +56,15 @@ def resolve_model_source(model: str) -> tuple[str, dict[str, Any]]:
     if path.is_dir():
         check_model_folder(model, path)
     return model, {}
+
+
+def peft_base_model(model: str) -> str:
+    """What an adapter's `base_model_name_or_path` names, so that PEFT (`AutoPeftModelForCausalLM`) can open it:
+    the converted folder of the embedded model or a .gguf file, a local folder as an absolute path, a hub id as
+    given. Called after the model has loaded, so a conversion is already cached."""
+    source, _ = resolve_model_source(model)
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.is_dir() else source
 
 
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
@@ -211,11 +222,35 @@ def save_model(
         # The weights were de-quantised on load and are written in full precision; a leftover gguf entry
         # makes transformers treat the folder as quantized and refuse to fine-tune it (Trainer, TRL).
         del config["quantization_config"]
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    (tmp / "config.json").write_text(json.dumps(with_legacy_rope_keys(config), indent=2, default=str))
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    save_tokenizer(tokenizer, tmp)
     replace_dir(tmp, folder)
+
+
+def with_legacy_rope_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """transformers 5 writes RoPE as `rope_parameters`; 4.x reads only `rope_theta` and `rope_scaling` and, not
+    finding them, silently falls back to a base of 10,000 (SmolLM2 uses 100,000). Both spellings are written, so
+    every version setup.py allows builds the same model; 5.x reads `rope_parameters` first."""
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope:  # absent, or one dict per layer type
+        return config
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    plain = scaling.get("rope_type", "default") == "default"
+    return {**config, "rope_theta": rope["rope_theta"], "rope_scaling": None if plain else scaling}
+
+
+def save_tokenizer(tokenizer: Any, folder: Path) -> None:
+    """tokenizer.save_pretrained, readable by transformers 4.x too: 5.x names its generic fast tokenizer
+    `TokenizersBackend`, a class 4.x refuses; `PreTrainedTokenizerFast` is the same class under its 4.x name."""
+    tokenizer.save_pretrained(folder)
+    path = Path(folder) / "tokenizer_config.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("tokenizer_class") == "TokenizersBackend":
+            saved["tokenizer_class"] = "PreTrainedTokenizerFast"
+            path.write_text(json.dumps(saved, indent=2, ensure_ascii=False) + "\n")
 
 
 def has_dropout(model: torch.nn.Module) -> bool:

@@ -18,7 +18,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from kernels import token_logprobs
+from grpo_kernels.dispatch import token_logprobs
 
 
 class CompletionLogprobs(nn.Module):

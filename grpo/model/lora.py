@@ -243,7 +243,9 @@ def save_adapter(
     save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+        from grpo.model.loading import save_tokenizer
+
+        save_tokenizer(tokenizer, tmp)
     replace_dir(tmp, folder)
     return folder
 

@@ -184,8 +184,8 @@ def resolve_rewards(
                 )
             options = {k: v for k, v in entry.items() if k not in ("name", "weight")}
             entry, weight = entry["name"], entry.get("weight", 1.0)
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool):
-            raise ConfigError(f"{where} weight = {weight!r} is not allowed: expected a number.")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
+            raise ConfigError(f"{where} weight = {weight!r} is not allowed: expected a finite number.")
         if not isinstance(entry, str):
             raise ConfigError(f"{where} = {entry!r}: name a built-in reward or package.module:function.")
         if ":" in entry:

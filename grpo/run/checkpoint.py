@@ -25,7 +25,7 @@ import yaml
 
 from grpo.config import RESUME_SAFE_FIELDS, ConfigError, Template
 from grpo.data import PromptSampler
-from grpo.errors import StorageError
+from grpo.errors import NonFiniteError, StorageError
 from grpo.model.reference_sync import load_reference, save_reference
 from grpo.parallel.collectives import first_text_over_ranks
 from grpo.parallel.launch import DistEnv
@@ -97,9 +97,18 @@ def check_compatible(path: Path, current: Template, *, force: bool, world_size: 
         path / "template.yaml", lambda: dict(yaml.safe_load((path / "template.yaml").read_text()))
     )
     diffs = math_differences(saved, current)
-    saved_world = int(
-        _reading(path / "trainer_state.json", lambda: read_trainer_state(path)).get("world_size", 1)
+    state = _reading(path / "trainer_state.json", lambda: read_trainer_state(path))
+    saved_world, step, max_steps = (
+        int(state.get("world_size", 1)),
+        int(state["step"]),
+        current.config.max_steps,
     )
+    if 0 < max_steps < step:  # the loop would not run, and the model saved at `step` be overwritten
+        raise ConfigError(
+            f"Cannot resume from {path}: the run is at step {step}, past max_steps = {max_steps}, and resuming "
+            f"would overwrite its model and drop the metrics of steps {max_steps + 1}-{step}; raise max_steps "
+            f"above {step} or train into a new output_dir."
+        )
     if saved["config"]["batch_size"] * saved_world == current.config.batch_size * world_size:
         diffs = [d for d in diffs if d != "config.batch_size"]
     if diffs and not force:
@@ -203,16 +212,24 @@ def write_model(
 ) -> None:
     """The model as users load it: the adapter under LoRA (plus the merged model if asked), else the full
     model. Rank 0 only; `state` is the full state dict FSDP gathered (None without FSDP)."""
-    from grpo.model.loading import save_model
+    from grpo.model.loading import peft_base_model, save_model
     from grpo.model.lora import export_merged, save_adapter
 
+    weights = model.state_dict() if state is None else state
+    broken = next((k for k, v in weights.items() if v.is_floating_point() and not v.isfinite().all()), None)
+    if broken is not None:  # skip_nonfinite_steps cannot catch a step that leaves finite losses, inf weights
+        raise NonFiniteError(
+            f"The weights are no longer finite ({broken} holds inf or NaN), so {folder} was not written; the "
+            "last checkpoint stays. Lower learning_rate, or look at the run's last metrics."
+        )
     c = template.config
     if c.backend == "unsloth":
         from grpo.model.unsloth_backend import save_unsloth
 
         save_unsloth(model, tokenizer, folder, export_merged=c.export_merged)
     elif c.use_lora:
-        save_adapter(model, folder, base_model_name_or_path=template.model, tokenizer=tokenizer, state=state)
+        base = peft_base_model(template.model)
+        save_adapter(model, folder, base_model_name_or_path=base, tokenizer=tokenizer, state=state)
         if c.export_merged:
             export_merged(model, tokenizer, folder.with_name(folder.name + "-merged"), state=state)
     else:

@@ -1,9 +1,11 @@
-"""The run folder (config.output_dir): checked writable before anything loads, the logs of an earlier run set
-aside when a run starts from step 0, and a write that runs out of space named as such."""
+"""The run folder (config.output_dir): checked writable and locked before anything loads, the logs of an
+earlier run set aside when a run starts from step 0, and a write that runs out of space named as such."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -21,6 +23,31 @@ from grpo.run.logger import RunLogger
 # What a run appends to or rewrites as it goes; a run from step 0 must not mix its lines with an earlier run's.
 RUN_LOGS = ("metrics.jsonl", "samples.jsonl", "tensorboard", "eval.json", "eval.jsonl", "wandb_run_id")
 EARLIER_RUNS = "earlier-runs"
+LOCK_FILE = ".run.lock"  # flock'ed by the run's main process for its whole life; holds its pid
+_HELD: dict[Path, int] = {}  # folder -> lock fd: a second trainer in the same process may use its folder
+
+
+def claim_run_dir(output_dir: Path, *, is_main: bool) -> None:
+    """Check the folder is writable, then take its lock (the main rank), so that a second run on the same
+    output_dir is refused in one line instead of mixing its logs and checkpoints into this one's. The OS drops
+    the lock when the process ends, however it ends, so a killed run never leaves a stale one."""
+    check_writable(output_dir)
+    folder = output_dir.resolve()
+    if not is_main or folder in _HELD:
+        return
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(
+            f"config.output_dir = {str(output_dir)!r} is in use by another run (pid {holder}); wait for it "
+            "to end or stop it, or choose another output_dir."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD[folder] = fd
 
 
 def check_writable(output_dir: Path) -> None:
