@@ -23,9 +23,12 @@ def start_worker(env: dict[str, str], poll: float) -> subprocess.Popen[bytes]:
     return subprocess.Popen([*CLI, "worker", "--poll", str(poll)], env=env, stdout=subprocess.DEVNULL)
 
 
+SLOW_STEPS = "rewards=[{name: tests.user_rewards:slow_length, seconds: 6}]"  # a step of at least 6 s
+
+
 def test_a_killed_worker_takes_its_run_down_and_the_job_resumes(env, saved):
     # save_steps=1000: no checkpoint on the way, only the one the trainer writes when SIGTERM stops it
-    job_id = grpo(env, "queue", "tiny", "max_steps=1000", "save_steps=1000").stdout.strip()
+    job_id = grpo(env, "queue", "tiny", "max_steps=1000", "save_steps=1000", SLOW_STEPS).stdout.strip()
     worker = start_worker(env, 0.2)
     job_pid = 0
     try:
@@ -33,7 +36,18 @@ def test_a_killed_worker_takes_its_run_down_and_the_job_resumes(env, saved):
         wait_for(lambda: job(env, job_id)["step"] >= 1, 90, "the first step")
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait(timeout=10)
-        wait_for(lambda: not pid_alive(job_pid), 10, "the training process to end with its worker")
+        # Seconds into a 6 s step: the run finishes it before it stops, and the job says so meanwhile.
+        info = job(env, job_id)
+        assert pid_alive(job_pid)
+        assert (info["state"], info["reason"]) == (
+            "stopping",
+            f"its worker (pid {worker.pid}) died; its training process {job_pid} finishes its step and saves a "
+            "checkpoint",
+        )
+        assert f"Job {job_id} is stopping; only interrupted" in refused(
+            env, "resume", job_id, "max_steps=2000"
+        )
+        wait_for(lambda: not pid_alive(job_pid), 30, "the training process to end with its worker")
     finally:
         worker.kill()
         if pid_alive(job_pid):
@@ -64,6 +78,25 @@ def test_a_killed_worker_takes_its_run_down_and_the_job_resumes(env, saved):
     )
     assert (
         f"Resumed from {checkpoints / f'step-{step:06d}'} at step {step}" in grpo(env, "logs", job_id).stdout
+    )
+
+
+def test_a_training_process_killed_from_outside_is_interrupted_with_a_sentence(env, saved):
+    job_id = grpo(env, "queue", "tiny", "max_steps=1000", "save_steps=1", SLOW_STEPS).stdout.strip()
+    worker = start_worker(env, 0.2)
+    try:
+        job_pid = wait_for(lambda: _running_job_pid(env, job_id), 60, "the job to start")
+        wait_for(lambda: job(env, job_id)["step"] >= 1, 90, "the first step")
+        os.killpg(job_pid, signal.SIGKILL)
+        wait_for(lambda: job(env, job_id)["state"] != "running", 30, "the worker to record the end")
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    info = job(env, job_id)
+    assert (info["state"], info["reason"]) == (
+        "interrupted",
+        f"its training process was killed by SIGKILL at step {info['step']}; continue it with grpo resume "
+        f"{job_id}",
     )
 
 

@@ -34,3 +34,11 @@ def correctness(completions, references, **kwargs):
     import zlib
 
     return [2.0 if zlib.crc32(c.encode()) % 3 != 0 else 0.0 for c in completions]
+
+
+def slow_length(completions, references, *, seconds: float = 0.0, **kwargs):
+    """length, after a pause: a step long enough to catch a run in the middle of one."""
+    import time
+
+    time.sleep(seconds)
+    return length(completions, references)

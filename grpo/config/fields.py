@@ -27,8 +27,12 @@ NULL_OR_COUNT = Check(lambda v: v is None or v >= 1, "use null or a positive cou
 # Seconds: waits run through threading and select, whose limits overflow far below 1e10 s; a week is plenty.
 WEEK = 7 * 24 * 3600
 TIMEOUT = Check(lambda v: 0 < v <= WEEK, f"it must be positive and at most {WEEK} seconds (a week)")
-TIMEOUT_OR_OFF = Check(lambda v: 0 <= v <= WEEK, f"it must be 0 (no limit) or at most {WEEK} seconds (a week)")
-SEED = Check(lambda v: 0 <= v < 2**63, "it must be in [0, 2**63), the range every generator seeded from it takes")
+TIMEOUT_OR_OFF = Check(
+    lambda v: 0 <= v <= WEEK, f"it must be 0 (no limit) or at most {WEEK} seconds (a week)"
+)
+SEED = Check(
+    lambda v: 0 <= v < 2**63, "it must be in [0, 2**63), the range every generator seeded from it takes"
+)
 # Prompt + completion tokens: beyond a million, no model's context and no memory for its activations reach.
 MAX_TOKENS = 2**20
 SEQUENCE_LENGTH = Check(lambda v: 1 <= v <= MAX_TOKENS, f"it must be in [1, {MAX_TOKENS}]")

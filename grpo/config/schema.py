@@ -111,7 +111,9 @@ class TrainConfig(RolloutSettings):
     end_answer_string: str = doc("Tag that closes the answer.", default="</answer>", check=NOT_BLANK)
     # -- lengths and batches
     maximum_sequence_length: int = doc(
-        "Prompt + completion tokens; longer prompts are cut from the left.", default=1024, check=SEQUENCE_LENGTH
+        "Prompt + completion tokens; longer prompts are cut from the left.",
+        default=1024,
+        check=SEQUENCE_LENGTH,
     )
     maximum_completion_length: int = doc("Most tokens sampled per completion.", default=256, check=AT_LEAST_1)
     long_prompts: Literal["truncate", "drop"] = doc(

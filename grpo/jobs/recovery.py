@@ -5,9 +5,13 @@ A job's state is decided from what its run wrote, never from which process notic
 - its run wrote its model after its last step ("Finished at step N" in train.log): completed, whatever happened
   after (a crash in the closing report, a worker that died before it saw the exit);
 - else a stop was asked for (grpo stop, or the worker itself was stopped): stopped;
-- else it ended early with no one asking, because its worker died: interrupted, and `grpo resume` continues it
-  from its newest checkpoint (the trainer writes one when SIGTERM stops it; see processes.die_with_worker);
-- else it exited with an error: failed, with the log's last error line.
+- else it ended early with no one asking, because its worker died or a signal killed it: interrupted, and
+  `grpo resume` continues it from its newest checkpoint (the trainer writes one when SIGTERM stops it; see
+  processes.die_with_worker);
+- else it exited with an error, or crashed: failed, with the log's last error line.
+
+While the training process of a job whose worker died still runs (it finishes its step and saves a checkpoint
+first), the job reads stopping; the run folder's lock keeps a resumed run from starting beside it.
 
 `reconcile` applies this to every running job whose worker is dead; every command that reads jobs and every
 worker that starts calls it, so a job whose process is gone never reads as running. `recover` (grpo recover)
@@ -56,10 +60,19 @@ def outcome(
         return "interrupted", f"{gone} at step {step}; {resume}"
     if code == 0:  # a SIGTERM from outside the queue stopped the run early
         return "interrupted", f"stopped by a signal at step {step}; {resume}"
+    if code < 0 and -code in _FROM_OUTSIDE:  # kill -9, the OOM killer: nothing in the run's log explains it
+        return (
+            "interrupted",
+            f"its training process was killed by {signal.Signals(-code).name} at step {step}; {resume}",
+        )
     reason = last_error_line(log_path(store, job)) or f"exit code {code}"
     if code < 0:
-        reason = f"killed by {signal.Signals(-code).name}: {reason}"
+        reason = f"crashed with {signal.Signals(-code).name} at step {step}; the log's last line: {reason}"
     return "failed", reason
+
+
+# Signals that end a process from outside, as against the crashes (SIGSEGV, SIGABRT, SIGBUS) of the process itself.
+_FROM_OUTSIDE = {signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def reconcile(store: Store, *, adopter: int | None = None) -> tuple[list[Job], list[tuple[Job, str]]]:
@@ -68,18 +81,25 @@ def reconcile(store: Store, *, adopter: int | None = None) -> tuple[list[Job], l
     end; an ended one gets its outcome. Returns the settled jobs, as they now are, and the adopted ones, each with
     why it lost its worker."""
     settled, adopted = [], []
-    for job in store.jobs("running"):
+    for job in store.jobs("running") + store.jobs("stopping"):
         if job.worker_pid != adopter and is_worker(job.worker_pid):
             continue  # a live worker records this job itself
         gone = f"its worker (pid {job.worker_pid}) died"
         if is_job_process(job.job_pid, store.job_dir(job.id) / "job.yaml"):
             signal_group(job.job_pid)
             if adopter is not None and store.orphan_update(
-                job, worker_pid=adopter, reason=f"{gone}; stopping, watched by worker {adopter}"
+                job,
+                state="stopping",
+                worker_pid=adopter,
+                reason=f"{gone}; stopping, watched by worker {adopter}",
             ):
                 adopted.append((store.job(job.id), gone))
-            elif adopter is None and job.reason is None:
-                store.orphan_update(job, reason=f"{gone}; its training process {job.job_pid} is stopping")
+            elif adopter is None and job.state == "running":
+                store.orphan_update(
+                    job,
+                    state="stopping",
+                    reason=f"{gone}; its training process {job.job_pid} finishes its step and saves a checkpoint",
+                )
             continue
         state, reason = outcome(store, job, None, gone=gone)
         if store.orphan_update(job, state=state, reason=reason, ended_at=time.time()):

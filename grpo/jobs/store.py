@@ -33,7 +33,8 @@ import yaml
 from grpo.config import ConfigError
 from grpo.run.atomic_files import atomic_write_text
 
-STATES = ("queued", "running", "completed", "failed", "stopped", "interrupted")
+STATES = ("queued", "running", "stopping", "completed", "failed", "stopped", "interrupted")
+# stopping: its worker died and its training process, told to stop, finishes its step and saves a checkpoint;
 # interrupted: the training process ended early without being asked to (its worker died); grpo resume continues it
 FINAL_STATES = ("completed", "failed", "stopped", "interrupted")
 
@@ -387,12 +388,12 @@ class Store:
         return self.job(job.id), action
 
     def orphan_update(self, job: Job, **fields: Any) -> bool:
-        """Update a running job that `job.worker_pid` owned, only if nothing changed it meanwhile (two commands
+        """Update a running or stopping job that `job.worker_pid` owned, only if nothing changed it meanwhile (two commands
         that notice the same dead worker agree on one outcome). False when it had changed."""
         sets = ", ".join(f"{k} = ?" for k in fields)
         with self.tx() as db:
             cur = db.execute(
-                f"UPDATE jobs SET {sets} WHERE id = ? AND state = 'running' AND worker_pid IS ?",
+                f"UPDATE jobs SET {sets} WHERE id = ? AND state IN ('running', 'stopping') AND worker_pid IS ?",
                 (*fields.values(), job.id, job.worker_pid),
             )
             self._mirror(db, job.id)
