@@ -79,7 +79,13 @@ class RolloutSettings:
     max_tool_calling_iterations: int = doc(
         "Most tool calls (environment steps) per sample.", default=4, check=AT_LEAST_1
     )
-    tool_timeout: float = doc("Seconds a tool call may take.", default=10.0, check=TIMEOUT, resume_safe=True)
+    tool_timeout: float = doc(
+        "Seconds a tool call, or an environment's reset or step, may take; past it the worker process running "
+        "them is killed and replaced.",
+        default=10.0,
+        check=TIMEOUT,
+        resume_safe=True,
+    )
     tool_output_chars: int = doc(
         "A tool's output is cut to this many characters.", default=1000, check=AT_LEAST_1
     )

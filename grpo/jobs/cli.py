@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s = sub.add_parser(
         "vllm-serve",
-        help="serve MODEL's rollouts with vLLM for vllm_mode: server (other options go to `vllm serve`)",
+        help="serve MODEL's rollouts with vLLM for vllm_mode: server, on 127.0.0.1 unless --host, every route but "
+        "/health behind GRPO_VLLM_SECRET (other options go to `vllm serve`; docs/vllm.md)",
     )
     s.add_argument("model", help="a model folder, a .gguf file, embedded, or a hub id")
     s.add_argument("options", nargs=argparse.REMAINDER, help="options for `vllm serve`, e.g. --port 8000")

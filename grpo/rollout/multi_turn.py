@@ -21,11 +21,11 @@ import torch
 
 from grpo.config import TrainConfig
 from grpo.errors import ConfigError
-from grpo.rollout.environments import resolve_environment
+from grpo.rollout.environments import Episodes, resolve_environment
 from grpo.rollout.generate import Rollout, generate, left_pad
 from grpo.rollout.tools import CallFormat, resolve_tools, run_call, tool_message, tools_description
 
-REPLY_END = "\x00reply-end\x00"  # marks where a reply's text ends in a rendered conversation
+REPLY_END = "\x00reply-end\x00"  # where a reply's text ends in a rendered conversation (between_turns)
 
 
 @dataclass
@@ -57,6 +57,9 @@ class MultiTurn:
             )
         self.tools = resolve_tools(c.tools) if c.tools else {}
         self.environment = resolve_environment(c.environment) if c.environment else None
+        self.episodes = (
+            Episodes(self.environment, c.environment, c.tool_timeout) if self.environment else None
+        )
         self.call_format = CallFormat.parse(c.tool_call_format)
         self.max_iterations, self.timeout = c.max_tool_calling_iterations, c.tool_timeout
         self.max_chars = c.tool_output_chars
@@ -101,7 +104,7 @@ class MultiTurn:
         `sample`: the rollout engine's function for one turn (rollout_engine vllm); else self.generate."""
         g, pad_id = c.num_generations, tokenizer.pad_token_id
         samples = [_Sample(p, Conversation(list(p.messages))) for p in prompts for _ in range(g)]
-        if self.environment is not None:
+        if self.episodes is not None:
             self._reset(samples, tokenizer, g)
         first = True
         while active := [s for s in samples if not s.done]:
@@ -161,14 +164,16 @@ class MultiTurn:
     def _reset(self, samples: list[_Sample], tokenizer: Any, g: int) -> None:
         """One environment per sample; reset's text joins the prompt's user message, so it must be the same for
         the G samples of a row (they share one prompt)."""
+        assert self.episodes is not None and self.environment is not None
+        self.episodes.begin()
         for k in range(0, len(samples), g):
             texts = []
-            for s in samples[k : k + g]:
-                s.env = self.environment()
-                texts.append(s.env.reset(s.prompt.row))
+            for key, s in enumerate(samples[k : k + g], start=k):
+                s.env = key  # the sample's environment, in the environments' worker process
+                texts.append(self.episodes.reset(key, s.prompt.row))
             if len(set(texts)) != 1:
                 raise ConfigError(
-                    f"{type(samples[k].env).__name__}.reset returned different texts for the same row: the "
+                    f"{self.environment.__name__}.reset returned different texts for the same row: the "
                     "samples of a prompt share it, so reset must depend on the row only."
                 )
             if texts[0]:
@@ -182,8 +187,8 @@ class MultiTurn:
     def _next_turn(self, s: _Sample, reply: str, tokens: list[int], tokenizer: Any, c: TrainConfig) -> None:
         """The tool results or the observation after `reply`, appended as tokens the model did not write; or
         the end of the sample."""
-        if self.environment is not None:
-            observation, done = s.env.step(reply)
+        if self.episodes is not None:
+            observation, done = self.episodes.step(s.env, reply)
             if done or observation is None:
                 return s.stop(None)
             if len(s.conversation.replies) > self.max_iterations:
@@ -216,8 +221,17 @@ class MultiTurn:
     ) -> list[int]:
         """The tokens between the model's reply (messages[-1], its tokens `reply`) and its next reply, as the
         chat template renders them: the reply's closing text the model did not write, `following`, and the
-        next assistant header."""
-        marked = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + REPLY_END}]
+        next assistant header.
+
+        The reply's end is found by a marker, so the marker must be out of band: one that no text of the
+        conversation holds (a tool's output, an observation, the model's own text may hold REPLY_END), checked
+        to occur once in the rendering. Else a forged marker would move the cut and turn the model's reply
+        into tokens between turns."""
+        marker, n = REPLY_END, 0
+        while any(marker in str(m.get("content", "")) for m in [*messages, *following]):
+            n += 1
+            marker = f"\x00reply-end-{n}\x00"
+        marked = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + marker}]
         before = tokenizer.apply_chat_template(marked, tools=self.schemas, tokenize=False)
         after = tokenizer.apply_chat_template(
             marked + following, tools=self.schemas, tokenize=False, add_generation_prompt=True
@@ -226,7 +240,11 @@ class MultiTurn:
             raise ConfigError(
                 "The chat template renders a conversation differently once it grows; it cannot run turns."
             )
-        text = before[before.index(REPLY_END) + len(REPLY_END) :] + after[len(before) :]
+        if before.count(marker) != 1:
+            raise ConfigError(
+                "The chat template renders a reply's text other than once; it cannot run turns."
+            )
+        text = before[before.index(marker) + len(marker) :] + after[len(before) :]
         ended = tokenizer.decode(reply[-1:]) if reply else ""
         if ended and text.startswith(ended):  # the end token the model sampled is already in the sequence
             text = text[len(ended) :]
@@ -243,7 +261,7 @@ class _Sample:
         self.logps: list[float] = []
         self.used = 0  # model tokens
         self.done = False
-        self.env: Any = None
+        self.env = -1  # the key of its environment (Episodes), when the run has one
 
     @property
     def length(self) -> int:

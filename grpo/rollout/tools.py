@@ -1,8 +1,10 @@
 """Tools a model may call during a rollout: resolving `config.tools`, their JSON schemas, finding the calls in a
 reply, and running each call with a timeout and an output budget. The built-in `calculator` is here too.
 
-User tools run in the training process, by design (docs/tools.md): a tool is trusted code. Built-in tools never
-run model-written code: the calculator parses arithmetic with `ast` and evaluates only numbers and operators.
+A tool is trusted code (docs/tools.md), but the model chooses its arguments: every call runs in a worker process
+(user_code.py) that a timeout kills and replaces, and anything a call does wrong comes back to the model as an
+error text. Built-in tools never run model-written code: the calculator parses arithmetic with `ast` and
+evaluates only numbers and operators.
 """
 
 from __future__ import annotations
@@ -10,14 +12,13 @@ from __future__ import annotations
 import ast
 import json
 import operator
-import re
-import threading
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from grpo.errors import ConfigError
-from grpo.rewards.scoring import resolve_function
+from grpo.rollout.user_code import UserProcess, describe
 
 CALC_MAX_DIGITS = 30  # operands and every intermediate result stay below 10**30
 CALC_MAX_EXPONENT = 64
@@ -81,9 +82,22 @@ BUILTIN_TOOLS: dict[str, Callable[..., Any]] = {"calculator": calculator}
 
 
 # ---------------------------------------------------------------- resolving
-def resolve_tools(names: list[str]) -> dict[str, tuple[Callable[..., Any], dict[str, Any]]]:
+class Tools(dict):
+    """{name: (function, JSON schema)}, and the worker process that runs the calls (started at the first)."""
+
+    def __init__(self, tools: dict[str, tuple[Callable[..., Any], dict[str, Any]]]):
+        super().__init__(tools)
+        functions = {name: fn for name, (fn, _) in tools.items()}
+        self.worker = UserProcess(_serve_call, functions, what=f"config.tools = {list(tools)!r}")
+
+
+def resolve_tools(names: list[str]) -> Tools:
     """config.tools -> {name: (function, JSON schema)}, checked before any model loads."""
     from transformers.utils import get_json_schema
+
+    from grpo.rewards.scoring import (
+        resolve_function,
+    )  # here: the worker process imports this module, not torch
 
     tools: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {}
     for i, spec in enumerate(names):
@@ -106,11 +120,18 @@ def resolve_tools(names: list[str]) -> dict[str, tuple[Callable[..., Any], dict[
                 f"{where} = {spec!r} cannot describe itself to the model ({e}): a tool needs type hints on "
                 "every argument and a Google-style docstring with an Args section."
             ) from None
+        try:
+            pickle.dumps(fn)
+        except Exception as e:  # the worker process finds a function by its module and name
+            raise ConfigError(
+                f"{where} = {spec!r} cannot be sent to the tools' worker process ({describe(e)}): a tool must be "
+                "a function its module defines under its own name."
+            ) from None
         name = schema["function"]["name"]
         if name in tools:
             raise ConfigError(f"{where} = {spec!r}: a tool named {name!r} is listed twice.")
         tools[name] = (fn, schema)
-    return tools
+    return Tools(tools)
 
 
 # ---------------------------------------------------------------- the call format
@@ -136,28 +157,46 @@ class CallFormat:
 
     def find(self, text: str) -> list[dict[str, Any]]:
         """Each call in a reply as {name, arguments, error}: a call whose JSON does not parse keeps its text as
-        the error, so the model is told what went wrong."""
-        pattern = re.escape(self.opening) + r"(.*?)" + re.escape(self.closing)
-        calls = []
-        for body in re.findall(pattern, text, flags=re.DOTALL):
-            try:
-                call = json.loads(body)
-            except json.JSONDecodeError as e:
-                calls.append({"name": None, "arguments": {}, "error": f"the call is not JSON ({e.msg})"})
-                continue
-            if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-                calls.append(
-                    {"name": None, "arguments": {}, "error": 'a call needs {"name": ..., "arguments": {...}}'}
-                )
-                continue
-            arguments = call.get("arguments", {})
-            if isinstance(arguments, str):  # some families write the arguments as a JSON string
-                try:
-                    arguments = json.loads(arguments)
-                except json.JSONDecodeError:
-                    pass
-            calls.append({"name": call["name"], "arguments": arguments, "error": None})
+        the error, so the model is told what went wrong.
+
+        One scan with str.find, linear in the reply: a regex's lazy match would rescan the rest of the reply
+        from every opening that is never closed. Once an opening has no closing after it, no later one has."""
+        calls, start = [], 0
+        while (start := text.find(self.opening, start)) >= 0:
+            body_start = start + len(self.opening)
+            end = text.find(self.closing, body_start)
+            if end < 0:
+                break
+            calls.append(_call(text[body_start:end]))
+            start = end + len(self.closing)
         return calls
+
+
+def _call(body: str) -> dict[str, Any]:
+    call, error = _json(body)
+    if error is not None:
+        return {"name": None, "arguments": {}, "error": error}
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        return {"name": None, "arguments": {}, "error": 'a call needs {"name": ..., "arguments": {...}}'}
+    arguments = call.get("arguments", {})
+    if isinstance(arguments, str):  # some families write the arguments as a JSON string
+        decoded, error = _json(arguments)
+        if error is None:
+            arguments = decoded
+    return {"name": call["name"], "arguments": arguments, "error": None}
+
+
+def _json(text: str) -> tuple[Any, str | None]:
+    """The JSON value of model text, or why it has none. Any failure is the model's, never the run's: nesting
+    past the recursion limit raises RecursionError, an integer of over 4,300 digits ValueError."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        return None, f"the call is not JSON ({e.msg})"
+    except RecursionError:
+        return None, "the call's JSON is nested too deeply"
+    except ValueError as e:
+        return None, f"the call's JSON cannot be read ({str(e).split(':')[0]})"
 
 
 def tools_description(schemas: list[dict[str, Any]], call_format: CallFormat) -> str:
@@ -173,16 +212,10 @@ def tools_description(schemas: list[dict[str, Any]], call_format: CallFormat) ->
 
 
 # ---------------------------------------------------------------- running
-def run_call(
-    tools: dict[str, tuple[Callable[..., Any], dict[str, Any]]],
-    call: dict[str, Any],
-    *,
-    timeout: float,
-    max_chars: int,
-) -> dict[str, Any]:
-    """{name, arguments, result, error}: the call run in a daemon thread for at most `timeout` seconds (a thread
-    cannot be stopped, so one that hangs is abandoned, and the interpreter does not wait for it at exit). Any
-    failure becomes an error text for the model; the run goes on. Results are cut to `max_chars`."""
+def run_call(tools: Tools, call: dict[str, Any], *, timeout: float, max_chars: int) -> dict[str, Any]:
+    """{name, arguments, result, error}: the call run in the tools' worker process for at most `timeout` seconds
+    (a call past it kills the worker; a fresh one takes the next call). Any failure becomes an error text for
+    the model; the run goes on. Results are cut to `max_chars`."""
     record = {"name": call["name"], "arguments": call["arguments"], "result": None, "error": call["error"]}
     if record["error"] is None and call["name"] not in tools:
         record["error"] = f"unknown tool {call['name']!r}; the tools are {', '.join(tools)}"
@@ -190,28 +223,31 @@ def run_call(
         record["error"] = "arguments must be a JSON object"
     if record["error"] is not None:
         return record
-    fn = tools[call["name"]][0]
-    out: dict[str, Any] = {}
-
-    def work() -> None:
-        try:
-            out["value"] = fn(**call["arguments"])
-        except BaseException as e:  # reported to the model as text
-            out["error"] = f"{type(e).__name__}: {e}"
-
-    worker = threading.Thread(target=work, name=f"tool {call['name']}", daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if worker.is_alive():
+    status, reply = tools.worker.request((call["name"], call["arguments"], max_chars), timeout)
+    if status == "timeout":
         record["error"] = f"the tool did not return within {timeout:g} s"
-    elif "error" in out:
-        record["error"] = truncate(out["error"], max_chars)
+    elif status == "ended":
+        record["error"] = f"the tool's process ended (exit code {reply})"
+    elif status == "unsendable":
+        record["error"] = truncate(f"the arguments cannot be passed to the tool ({reply})", max_chars)
     else:
-        value = out["value"]
-        record["result"] = truncate(
-            value if isinstance(value, str) else json.dumps(value, default=str), max_chars
-        )
+        record["result" if reply[0] == "result" else "error"] = reply[1]
     return record
+
+
+def _serve_call(functions: dict[str, Callable[..., Any]], request: tuple[str, dict[str, Any], int]) -> tuple:
+    """In the worker process: ("result", text) or ("error", text), cut to max_chars. A value that is no string
+    is shown as JSON, and one that JSON cannot show (a tuple key, a cycle, a str() that raises) is an error."""
+    name, arguments, max_chars = request
+    try:
+        value = functions[name](**arguments)
+    except BaseException as e:  # SystemExit too: reported to the model as text
+        return "error", truncate(describe(e), max_chars)
+    try:
+        text = str.__str__(value) if isinstance(value, str) else json.dumps(value, default=str)
+    except BaseException as e:
+        return "error", truncate(f"the tool's result cannot be shown as text ({describe(e)})", max_chars)
+    return "result", truncate(text, max_chars)
 
 
 def truncate(text: str, max_chars: int) -> str:

