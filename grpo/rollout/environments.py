@@ -13,13 +13,12 @@ a reset that fails (it reads only the row) stops the run with one line naming th
 from __future__ import annotations
 
 import importlib
-import pickle
 import re
 import zlib
 from typing import Any
 
 from grpo.errors import ConfigError
-from grpo.rollout.user_code import UserProcess, describe
+from grpo.rollout.user_code import UserProcess, describe, require_sendable
 
 
 class NumberGuess:
@@ -73,13 +72,7 @@ def resolve_environment(spec: str) -> type:
             f"{where} lacks {' and '.join(missing)}: an environment needs reset(row) -> str | None and "
             "step(reply) -> (observation | None, done)."
         )
-    try:
-        pickle.dumps(cls)
-    except Exception as e:  # the worker process finds the class by its module and name
-        raise ConfigError(
-            f"{where} cannot be sent to the environments' worker process ({describe(e)}): an environment must be "
-            "a class its module defines under its own name."
-        ) from None
+    require_sendable(cls, where, "environments", "an environment must be a class")
     return cls
 
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 import ast
 import json
 import operator
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from grpo.errors import ConfigError
-from grpo.rollout.user_code import UserProcess, describe
+from grpo.rollout.user_code import UserProcess, describe, require_sendable
 
 CALC_MAX_DIGITS = 30  # operands and every intermediate result stay below 10**30
 CALC_MAX_EXPONENT = 64
@@ -120,13 +119,7 @@ def resolve_tools(names: list[str]) -> Tools:
                 f"{where} = {spec!r} cannot describe itself to the model ({e}): a tool needs type hints on "
                 "every argument and a Google-style docstring with an Args section."
             ) from None
-        try:
-            pickle.dumps(fn)
-        except Exception as e:  # the worker process finds a function by its module and name
-            raise ConfigError(
-                f"{where} = {spec!r} cannot be sent to the tools' worker process ({describe(e)}): a tool must be "
-                "a function its module defines under its own name."
-            ) from None
+        require_sendable(fn, f"{where} = {spec!r}", "tools", "a tool must be a function")
         name = schema["function"]["name"]
         if name in tools:
             raise ConfigError(f"{where} = {spec!r}: a tool named {name!r} is listed twice.")

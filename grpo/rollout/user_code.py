@@ -36,6 +36,18 @@ BOOT = (
 )
 
 
+def require_sendable(obj: Any, where: str, workers: str, what: str) -> None:
+    """Refuse, before any model loads, user code its worker process could not find: the worker imports it by its
+    module and name, so it must be what its module defines under that name (`what`: "a tool must be a function")."""
+    try:
+        pickle.dumps(obj)
+    except Exception as e:
+        raise ConfigError(
+            f"{where} cannot be sent to the {workers}' worker process ({describe(e)}): {what} its module defines "
+            "under its own name."
+        ) from None
+
+
 def describe(e: BaseException) -> str:
     """`Type: message`, even for an exception whose __str__ raises (user code may raise anything)."""
     name = type(e).__name__
