@@ -94,9 +94,8 @@ def resolve_tools(names: list[str]) -> Tools:
     """config.tools -> {name: (function, JSON schema)}, checked before any model loads."""
     from transformers.utils import get_json_schema
 
-    from grpo.rewards.scoring import (
-        resolve_function,
-    )  # here: the worker process imports this module, not torch
+    # Imported here: the worker process imports this module, and must not pay for torch.
+    from grpo.rewards.scoring import resolve_function
 
     tools: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {}
     for i, spec in enumerate(names):

@@ -13,8 +13,8 @@ The trainer speaks only HTTP to it, so it needs no vllm package of its own:
   left for this machine; grpo/rollout/vllm_serve.py), and a server that answers without one is refused. The
   server's weight version (vLLM's `/update_weight_version`) carries the run's folder and step, `grpo
   <output_dir> <step>`: a run refuses a server whose version names another run's folder. Each push returns a
-  fingerprint of the weights the engine then holds; before and after each rollout the run checks that the
-  version and the fingerprint are still its own, so weights pushed by anyone else, or a push that never
+  fingerprint of the weights the engine then holds; before each push and after each rollout the run checks
+  that the version and the fingerprint are still its own (before a rollout, the version), so weights pushed by anyone else, or a push that never
   happened, stop the run within the step instead of training on another policy's samples.
 - **answers**: every answer is checked before it is used (grpo/rollout/vllm_answers.py).
 """
@@ -239,16 +239,16 @@ class VLLMServer(EngineSampler):
         self.vocab_size = vocab_size(model)
         self.push_s = time.perf_counter() - start
 
-    def expect(self, version: int) -> None:
+    def expect(self, version: int, *, weights: bool = True) -> None:
         """Refuse to go on unless the server holds this run's weights of step `version`: its version string
-        and the fingerprint of what the engine holds, both as this run's last push left them."""
+        and (with `weights`) the fingerprint of what the engine holds, both as this run's last push left them."""
         found = self.server_version()
         if found != f"{self.tag} {version}":
             raise EngineError(
                 f"the vLLM server at {self.url} holds weights {found!r}, not this run's step {version}: "
                 "another trainer or client changed them; give each run its own `grpo vllm-serve`."
             )
-        if self.rpc("grpo_fingerprint") != self.fingerprint:
+        if weights and self.rpc("grpo_fingerprint") != self.fingerprint:
             raise EngineError(
                 f"the vLLM server at {self.url} holds other weights than the ones this run pushed for step "
                 f"{version} (their fingerprint changed): someone else reloaded them; give each run its own "
@@ -267,7 +267,9 @@ class VLLMServer(EngineSampler):
     def sample_groups(
         self, prompts: list[list[int]], settings: dict[str, Any], seeds: list[int]
     ) -> list[list[tuple[list[int], list[float] | None]]]:
-        self.expect(self.version)
+        # The version only: the fingerprint was just taken (by the push, or after the last rollout), and the
+        # check after sampling catches any reload since, without a second pass over the weights per rollout.
+        self.expect(self.version, weights=False)
         body = {**settings, "model": self.model_name, "return_token_ids": True, "skip_special_tokens": False}
         shape = {"n": settings["n"], "max_tokens": settings["max_tokens"], "vocab_size": self.vocab_size}
 
