@@ -12,12 +12,10 @@ import jinja2
 import jinja2.meta
 import jinja2.sandbox
 
-from grpo.config import ConfigError, DatasetConfig, DataTemplate
+from grpo.builtin_tasks import BUILTIN_TASKS
+from grpo.config import ConfigError, DatasetConfig, DataTemplate, Template
 
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-BUILTIN_SIZES = {"train": 5000, "test": 500}
-# Different seeds per split keep held-out problems out of the training stream.
-BUILTIN_SEEDS = {"train": 1234, "test": 98765}
 
 
 @dataclass
@@ -30,51 +28,6 @@ class Prompt:
     row: dict[str, Any]
     truncated: bool = False
     messages: list[dict[str, str]] = field(default_factory=list)  # system + user, before the chat template
-
-
-# ---------------------------------------------------------------- the built-in task
-_ITEMS = ["apples", "marbles", "stickers", "pencils", "cookies", "shells", "coins", "books"]
-_NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivo", "Jun"]
-_ADD = [
-    "{n} has {a} {item} and gets {b} more. How many {item} does {n} have now?",
-    "There are {a} {item} in a box and {b} {item} on the table. How many {item} are there in all?",
-    "{n} found {a} {item} on Monday and {b} {item} on Tuesday. How many {item} did {n} find?",
-    "What is {a} + {b}?",
-]
-_SUB = [
-    "{n} has {a} {item} and gives away {b}. How many {item} are left?",
-    "A jar holds {a} {item}. {n} takes out {b}. How many {item} stay in the jar?",
-    "What is {a} - {b}?",
-]
-
-
-def builtin_arithmetic(split: str, size: int | None = None) -> list[dict[str, Any]]:
-    """Small word problems with one-digit operands: easy enough that a 135M model sometimes succeeds."""
-    seed = BUILTIN_SEEDS.get(split, abs(hash(split)) % 10**6)
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(size or BUILTIN_SIZES.get(split, 500)):
-        a, b, n, item = rng.randint(1, 9), rng.randint(1, 9), rng.choice(_NAMES), rng.choice(_ITEMS)
-        if rng.random() < 0.6:
-            question, result, op = rng.choice(_ADD).format(a=a, b=b, n=n, item=item), a + b, "+"
-        else:
-            a, b = max(a, b), min(a, b)
-            question, result, op = rng.choice(_SUB).format(a=a, b=b, n=n, item=item), a - b, "-"
-        rows.append({"question": question, "answer": f"{a} {op} {b} = {result}\n#### {result}"})
-    return rows
-
-
-def builtin_multiply(split: str, size: int | None = None) -> list[dict[str, Any]]:
-    """3-digit x 2-digit products: beyond a 135M model's mental arithmetic, easy with the calculator tool."""
-    rng = random.Random(BUILTIN_SEEDS.get(split, abs(hash(split)) % 10**6) + 7)
-    rows = []
-    for _ in range(size or BUILTIN_SIZES.get(split, 500)):
-        a, b = rng.randint(100, 999), rng.randint(10, 99)
-        rows.append({"question": f"What is {a} * {b}?", "answer": f"{a} * {b} = {a * b}\n#### {a * b}"})
-    return rows
-
-
-BUILTIN_TASKS = {"builtin:arithmetic": builtin_arithmetic, "builtin:multiply": builtin_multiply}
 
 
 # ---------------------------------------------------------------- loading rows
@@ -369,6 +322,25 @@ def build_prompts(
     return prompts
 
 
+def training_prompts(
+    template: Template, tokenizer: Any, *, tools: list[dict[str, Any]] | None = None, system_text: str = ""
+) -> tuple[list[Prompt], int, str | None]:
+    """The training split's prompts, how many were dropped as too long (long_prompts: drop), and the note on
+    rows left out for lacking a column (None: none were)."""
+    c, ds = template.config, template.dataset
+    rows, note = complete_rows(load_rows(ds), template.template, ds)
+    prompts = build_prompts(
+        rows,
+        template.template,
+        tokenizer,
+        max_prompt_tokens=c.maximum_sequence_length - c.maximum_completion_length,
+        drop_long=c.long_prompts == "drop",
+        tools=tools,
+        system_text=system_text,
+    )
+    return prompts, len(rows) - len(prompts), note
+
+
 class PromptSampler:
     """Seeded epoch-wise shuffling with a resumable position; rank r of w takes every w-th prompt of the global
     batch, so mini-batch j of every rank together is the same prompts whatever the number of processes."""
@@ -384,6 +356,13 @@ class PromptSampler:
             )
         self.steps_per_epoch = num_prompts // self.global_batch
         self.epoch, self.position = 0, 0
+
+    @classmethod
+    def for_run(cls, num_prompts: int, c: Any, env: Any) -> PromptSampler:
+        """This rank's order of a run's prompts (c: the TrainConfig, env: the DistEnv)."""
+        return cls(
+            num_prompts, batch_size=c.batch_size, seed=c.seed, rank=env.rank, world_size=env.world_size
+        )
 
     def _order(self, epoch: int) -> list[int]:
         order = list(range(self.n))

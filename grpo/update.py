@@ -1,13 +1,15 @@
-"""One optimizer update on a step's samples: micro-batched log-probs -> policy loss -> backward -> clip ->
-AdamW -> LR, and the no-grad log-prob passes (reference, old policy) the loss compares against.
+"""The updates of one step on its samples: each micro-batch's forward, loss and backward (`micro_step`), the
+optimizer step with its finiteness check and clipping (`optimizer_step`), and the no-grad log-prob passes
+(reference, old policy) the loss compares against.
 
-`PolicyUpdate` runs the math on samples already drawn, with the parts the trainer built handed to it explicitly:
+A step's rows are split into `mini_batches` (one optimizer update each, `num_iterations` passes over them), and
+each mini-batch into micro-batches of `micro_batch_size` rows (one forward and backward each, the gradients
+summed). `PolicyUpdate` runs the math on samples already drawn, with the parts the trainer built handed to it:
 the config, the (wrapped) policy and its model, the optimizer and schedule, the loss, the ranks and the device.
 """
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -15,108 +17,63 @@ from typing import Any
 import torch
 
 from grpo.config import TrainConfig
-from grpo.errors import ConfigError, NonFiniteError
+from grpo.errors import NonFiniteError
 from grpo.loss import (
-    LOSS_TYPES,
-    PRESETS,
-    REDUCTIONS,
     UpdateScale,
     adaptive_entropy_coef,
     rollout_gap,
     rollout_is_weights,
     rollout_mismatch_kl,
-    token_terms,
 )
+from grpo.loss_choice import LossChoice, loss_options
 from grpo.model.logprobs import CompletionLogprobs
 from grpo.off_policy import off_policy_sequence_mask, rollout_correction_weights
 from grpo.parallel.collectives import any_over_ranks, gather_over_ranks, sum_over_ranks
 from grpo.parallel.launch import DistEnv
 from grpo.parallel.wrapping import grad_sync
-from grpo.rewards.scoring import resolve_function
 from grpo.rollout.generate import Rollout
 from grpo.run.logger import finish_queued
 from grpo.run.update_totals import UpdateTotals
 
 
 @dataclass(frozen=True)
-class LossChoice:
-    """The loss a template names: a built-in's per-token objective or a user function, and its reduction
-    (grpo/loss.py)."""
+class MicroBatch:
+    """One micro-batch of an update, sliced once: b rows, T completion tokens."""
 
-    fn: Any  # the user function; None for a built-in
-    objective: str | None  # the built-in's per-token objective; None for a user function
-    reduction: str
+    inputs: tuple[torch.Tensor, ...]  # CompletionLogprobs' arguments (PolicyUpdate.logprob_inputs)
+    advantages: torch.Tensor  # [b]
+    loss_mask: torch.Tensor  # [b, T] the tokens the loss trains
+    trained_mask: torch.Tensor  # [b, T] the tokens the model wrote: the token metrics count these
+    old: torch.Tensor | None  # [b, T] the policy before this step's updates; None: this forward is it
+    ref: torch.Tensor | None  # [b, T] the reference policy (beta > 0)
+    sampling_logps: torch.Tensor | None  # [b, T] the decode path's own log-probs of the tokens it drew
 
-
-def loss_keywords(c: TrainConfig) -> list[str]:
-    """The keyword arguments a user loss is called with under this config (see PolicyUpdate.loss_terms)."""
-    names = ["loss_type", "max_completion_length", "num_items_in_batch", *fixed_loss_settings(c)]
-    names += [*loss_options(c), *(["token_weights"] if weighs_samples(c) else [])]
-    return names + (["token_mask"] if c.top_entropy_quantile < 1 else [])
-
-
-def weighs_samples(c: TrainConfig) -> bool:
-    """Whether the policy term gets token_weights: rollout correction or off-policy sequence masking."""
-    correction = c.rollout_is_cap > 0 or c.vllm_importance_sampling_correction
-    return correction or c.off_policy_mask_threshold is not None
+    @property
+    def rows(self) -> int:
+        return self.advantages.shape[0]
 
 
-# Variant settings a loss is called with only when set away from their defaults (grpo/loss.py token_terms).
-VARIANT_OPTIONS = {
-    "sapo_temperature_pos": 1.0,
-    "sapo_temperature_neg": 1.05,
-    "use_bias_correction_kl": False,
-    **{"vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0, "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0},
-}
+class OldLogprobs:
+    """The policy's log-probs before this step's updates, per mini-batch: what the ratio pi / pi_old divides by.
 
+    This is the one place that decides where they come from. A single on-policy update (num_iterations 1,
+    mini_batches 1) needs none: its ratio is 1 by construction. Otherwise the step's first update runs before
+    any weight changes, so its own forward gives mini-batch 0's log-probs, unless dropout makes training
+    forwards random (LoRA dropout); every other mini-batch's come from one no-grad pass before the updates."""
 
-def fixed_loss_settings(c: TrainConfig) -> dict[str, Any]:
-    return {
-        "epsilon": c.epsilon,
-        "epsilon_high": c.epsilon_high,
-        "beta": c.beta,
-        "importance_sampling_level": c.importance_sampling_level,
-    }
+    def __init__(self, values: list[torch.Tensor | None], *, from_first_forward: bool):
+        self.values, self.from_first_forward = values, from_first_forward
 
+    def of(self, mini: int) -> torch.Tensor | None:
+        return self.values[mini]
 
-def loss_options(c: TrainConfig) -> dict[str, Any]:
-    """Settings passed only when they differ from the default, so a user loss need not know them."""
-    options: dict[str, Any] = {"kl_estimator": c.kl_estimator} if c.kl_estimator != "k3" else {}
-    if c.delta is not None:
-        options["delta"] = c.delta
-    for name, default in VARIANT_OPTIONS.items():
-        if getattr(c, name) != default:
-            options[name] = getattr(c, name)
-    return options
+    def keeps(self, iteration: int, mini: int) -> bool:
+        """Whether this update's forward is mini-batch 0's old policy, to keep for the later passes."""
+        return self.from_first_forward and iteration == 0 and mini == 0
 
-
-def resolve_loss(c: TrainConfig) -> LossChoice:
-    """The loss config.loss_type names: a built-in preset, or a user function with its declared reduction
-    whose signature takes what the trainer passes (checked now, not after the first rollout)."""
-    loss_type = c.loss_type
-    if ":" in loss_type:
-        fn = resolve_function(loss_type, field="config.loss_type")
-        reduction = getattr(fn, "reduction", None)
-        if reduction not in REDUCTIONS:
-            raise ConfigError(
-                f"config.loss_type = {loss_type!r} does not declare its reduction: decorate it with "
-                f"@grpo.loss.reduced_by(NAME), NAME one of {', '.join(REDUCTIONS)} (docs/losses.md)."
-            )
-        try:
-            inspect.signature(fn).bind(*[None] * 5, **dict.fromkeys(loss_keywords(c)))
-        except TypeError as e:
-            raise ConfigError(
-                f"config.loss_type = {loss_type!r} cannot be called as a loss ({e}): it must take (logps, "
-                "old_logps, ref_logps, advantages, mask, **kwargs) (docs/losses.md)."
-            ) from None
-        return LossChoice(fn, None, reduction)
-    if loss_type not in LOSS_TYPES:
-        raise ConfigError(
-            f"config.loss_type = {loss_type!r} is not allowed: use one of "
-            f"{', '.join(LOSS_TYPES)} or package.module:function."
-        )
-    objective, reduction = PRESETS[loss_type]
-    return LossChoice(None, objective, reduction)
+    def keep(self, mini: int, logps: torch.Tensor | None) -> None:
+        if logps is not None:
+            self.values[mini] = logps
 
 
 class PolicyUpdate:
@@ -144,9 +101,13 @@ class PolicyUpdate:
         self.old_from_first_update = old_from_first_update  # no dropout: the first forward is the old policy
         self.skipped_steps = 0  # non-finite steps skipped (skip_nonfinite_steps)
         self.optimizer_seconds = 0.0  # grad clipping + optimizer step, summed until the trainer resets it
-        self.entropy_coef = (
-            config.entropy_coef
-        )  # steered towards entropy_target after each update (use_adaptive_entropy)
+        # steered towards entropy_target after each update (use_adaptive_entropy)
+        self.entropy_coef = config.entropy_coef
+
+    def mini_batches(self, n: int) -> list[slice]:
+        """The rows of each optimizer update: whole prompt groups, as mini_batches divides batch_size."""
+        size = n // self.config.mini_batches
+        return [slice(j, j + size) for j in range(0, n, size)]
 
     def micro_batches(self, n: int) -> list[slice]:
         size = self.config.micro_batch_size or n
@@ -174,14 +135,11 @@ class PolicyUpdate:
                 m.training = mode
         return out.clone()  # an ordinary tensor that the loss may save for backward
 
-    def old_logprobs(self, ro: Rollout, minis: list[slice]) -> tuple[list[torch.Tensor | None], bool]:
-        """The sampling policy's log-probs per mini-batch (None: not needed, or still to come) and whether the
-        first update's forward provides mini-batch 0's. Only the first update runs before any weight changes,
-        so its forward gives those log-probs, unless dropout makes that forward random; the other mini-batches
-        need one no-grad pass before the updates."""
-        c = self.config
-        if c.num_iterations == 1 and len(minis) == 1:
-            return [None], False  # a single on-policy update: the ratio is 1 by construction
+    def old_logprobs(self, ro: Rollout, minis: list[slice]) -> OldLogprobs:
+        """The old policy's log-probs of each mini-batch, as `OldLogprobs` states: the no-grad pass it needs
+        runs here, once, over the rows of every mini-batch that does not take them from the first forward."""
+        if self.config.num_iterations == 1 and len(minis) == 1:
+            return OldLogprobs([None], from_first_forward=False)
         reuse = self.old_from_first_update
         frozen = minis[1:] if reuse else minis
         olds: list[torch.Tensor | None] = [None] * (len(minis) - len(frozen))
@@ -189,7 +147,50 @@ class PolicyUpdate:
             start = frozen[0].start
             later = self.frozen_logprobs(self.policy, ro.rows(slice(start, minis[-1].stop)))
             olds += [later[m.start - start : m.stop - start] for m in frozen]
-        return olds, reuse
+        return OldLogprobs(olds, from_first_forward=reuse)
+
+    def run(
+        self,
+        ro: Rollout,
+        advantages: torch.Tensor,
+        loss_mask: torch.Tensor,
+        ref: torch.Tensor | None,
+        olds: OldLogprobs,
+        minis: list[slice],
+        *,
+        step: int,
+    ) -> dict[str, float]:
+        """num_iterations passes over the step's samples, one update per mini-batch; the metrics of the last
+        pass."""
+        for i in range(self.config.num_iterations):
+            totals = UpdateTotals(self.device)  # the step reports its last pass over the samples
+            for j, m in enumerate(minis):
+                batch = (ro.rows(m), advantages[m], loss_mask[m], olds.of(j), None if ref is None else ref[m])
+                olds.keep(j, self.update(*batch, totals, step=step, keep_logps=olds.keeps(i, j)))
+        return totals.result()
+
+    def micro_slices(
+        self,
+        ro: Rollout,
+        advantages: torch.Tensor,
+        loss_mask: torch.Tensor,
+        old: torch.Tensor | None,
+        ref: torch.Tensor | None,
+    ) -> list[MicroBatch]:
+        """An update's rows as its micro-batches."""
+        sampled, trained = ro.sampling_logps, ro.trained_mask
+        return [
+            MicroBatch(
+                inputs=self.logprob_inputs(ro, s),
+                advantages=advantages[s],
+                loss_mask=loss_mask[s],
+                trained_mask=trained[s],
+                old=None if old is None else old[s],
+                ref=None if ref is None else ref[s],
+                sampling_logps=None if sampled is None else sampled[s],
+            )
+            for s in self.micro_batches(ro.completion_ids.shape[0])
+        ]
 
     def update(
         self,
@@ -203,9 +204,8 @@ class PolicyUpdate:
         step: int,
         keep_logps: bool = False,
     ) -> torch.Tensor | None:
-        """One optimizer update over all micro-batches of the rows in `ro` (a step's samples or one mini-batch
-        of them); its metrics are added to `totals`. Returns, with keep_logps, the log-probs its forward
-        computed [N, T] (detached), else None."""
+        """One optimizer update over the rows of `ro` (a step's samples or one mini-batch of them); its metrics
+        are added to `totals`. Returns, with keep_logps, the log-probs its forward computed [N, T] (detached)."""
         c, n = self.config, ro.completion_ids.shape[0]
         self.optimizer.zero_grad(set_to_none=True)
         scale = UpdateScale(
@@ -216,47 +216,59 @@ class PolicyUpdate:
             world_size=self.env.world_size if self.env.enabled else 1,
             max_completion_length=c.maximum_completion_length,
         )
-        slices, kept = self.micro_batches(n), []
+        micro = self.micro_slices(ro, advantages, loss_mask, old, ref)
         finite = torch.ones((), dtype=torch.bool, device=self.device)
-        # passed only when set, so user losses written for the base signature need not take them
-        options = loss_options(c)
-        coef, entropy_sum = self.entropy_coef, torch.zeros((), device=self.device)
-        for s in slices:
-            with grad_sync(self.policy, last=s is slices[-1]):
-                logps, entropy = self.policy(
-                    *self.logprob_inputs(ro, s), return_entropy=True, entropy_grad=coef > 0
-                )
-                if keep_logps:
-                    kept.append(logps.detach())
-                extra, mask = dict(options), loss_mask[s].bool()
-                entropy_sum = entropy_sum + (entropy.detach() * ro.trained_mask[s]).sum()
-                totals.add_tokens({"entropy": (entropy.detach() * ro.trained_mask[s]).sum()})
-                weights = self.sample_weights(ro, s, logps, old, advantages[s], loss_mask[s], totals)
-                if weights is not None:
-                    extra["token_weights"] = weights
-                if c.top_entropy_quantile < 1:
-                    extra["token_mask"], threshold = self.high_entropy_tokens(entropy.detach(), mask)
-                    totals.thresholds.append(threshold)
-                loss, stats = self.loss_terms(logps, old, ref, advantages, loss_mask, s, scale, extra)
-                objective = loss
-                if coef > 0:  # a token mean over this update's loss tokens of all ranks
-                    objective = objective - coef * scale.token_mean(entropy, loss_mask[s])
-                objective.backward()
-            # the logged loss is the policy loss this update minimises (without any entropy bonus): its
-            # micro-batches' shares summed, as one process would compute it
-            totals.add_rows({"loss": loss.detach() * n / (s.stop - s.start)}, s.stop - s.start)
-            totals.add_rows(stats, s.stop - s.start)
+        kept, entropy_sum = [], torch.zeros((), device=self.device)
+        for mb in micro:
+            with grad_sync(self.policy, last=mb is micro[-1]):
+                loss, stats, logps, entropy = self.micro_step(mb, scale, totals)
+            kept += [logps] if keep_logps else []
+            entropy_sum = entropy_sum + entropy
             finite &= torch.isfinite(
                 torch.stack([torch.as_tensor(v, device=self.device).float() for v in (loss, *stats.values())])
             ).all()
         totals.count_tokens(ro.trained_mask, n)
         if c.use_adaptive_entropy:
             self.steer_entropy(entropy_sum, ro.trained_mask, totals, n)
-        first_logps = torch.cat(kept) if kept else None
+        self.optimizer_step(totals, finite, step=step)
+        return torch.cat(kept) if kept else None
+
+    def micro_step(
+        self, mb: MicroBatch, scale: UpdateScale, totals: UpdateTotals
+    ) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor, torch.Tensor]:
+        """One micro-batch's forward, loss and backward: (its share of the policy loss, the loss's stats, the
+        detached log-probs [b, T], the entropy summed over the tokens the model wrote); metrics go to totals."""
+        coef = self.entropy_coef
+        logps, entropy = self.policy(*mb.inputs, return_entropy=True, entropy_grad=coef > 0)
+        # passed only when set, so user losses written for the base signature need not take them
+        extra, mask = dict(loss_options(self.config)), mb.loss_mask.bool()
+        entropy_sum = (entropy.detach() * mb.trained_mask).sum()
+        totals.add_tokens({"entropy": entropy_sum})
+        weights = self.sample_weights(mb, logps, totals)
+        if weights is not None:
+            extra["token_weights"] = weights
+        if self.config.top_entropy_quantile < 1:
+            extra["token_mask"], threshold = self.high_entropy_tokens(entropy.detach(), mask)
+            totals.thresholds.append(threshold)
+        loss, stats = self.loss.terms(logps, mb.old, mb.ref, mb.advantages, mb.loss_mask, scale, extra)
+        objective = loss
+        if coef > 0:  # a token mean over this update's loss tokens of all ranks
+            objective = objective - coef * scale.token_mean(entropy, mb.loss_mask)
+        objective.backward()
+        # the logged loss is the policy loss this update minimises (without any entropy bonus): its
+        # micro-batches' shares summed, as one process would compute it
+        totals.add_rows({"loss": loss.detach() * scale.rows / mb.rows}, mb.rows)
+        totals.add_rows(stats, mb.rows)
+        return loss, stats, logps.detach(), entropy_sum
+
+    def optimizer_step(self, totals: UpdateTotals, finite: torch.Tensor, *, step: int) -> None:
+        """The finiteness check over every rank (a non-finite step stops the run, or is skipped with
+        skip_nonfinite_steps), gradient clipping, the optimizer step and the schedule."""
+        c = self.config
         if any_over_ranks(not bool(finite), self.env) and not self._skip_nonfinite(
             f"Non-finite loss at step {step}: {totals.result()}."
         ):
-            return first_logps
+            return
         t_opt = time.perf_counter()
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
@@ -267,38 +279,30 @@ class PolicyUpdate:
         if not torch.isfinite(grad_norm) and not self._skip_nonfinite(
             f"Non-finite gradient norm at step {step}."
         ):
-            return first_logps
+            return
         self.optimizer.step()
         # Free the gradients now, so the next rollout runs without a model's worth of them.
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         finish_queued(self.device)
         self.optimizer_seconds += time.perf_counter() - t_opt
-        return first_logps
 
     def sample_weights(
-        self,
-        ro: Rollout,
-        s: slice,
-        logps: torch.Tensor,
-        old: torch.Tensor | None,
-        advantages: torch.Tensor,
-        loss_mask: torch.Tensor,
-        totals: UpdateTotals,
+        self, mb: MicroBatch, logps: torch.Tensor, totals: UpdateTotals
     ) -> torch.Tensor | None:
-        """The factor [b, T] on micro-batch s's policy term (grpo/off_policy.py), or None: rollout correction
+        """The factor [b, T] on the micro-batch's policy term (grpo/off_policy.py), or None: rollout correction
         and off-policy sequence masking, multiplied; their metrics are added to totals."""
         c, weights = self.config, None
-        before = logps.detach() if old is None else old[s]  # the policy before this step's updates
-        if ro.sampling_logps is not None:
+        before = logps.detach() if mb.old is None else mb.old  # the policy before this step's updates
+        if mb.sampling_logps is not None:
             # the policy before this step's updates against the decode path that drew the tokens
-            gap = rollout_gap(before, ro.sampling_logps[s], ro.trained_mask[s])
+            gap = rollout_gap(before, mb.sampling_logps, mb.trained_mask)
             totals.add_tokens({"rollout/mismatch_kl": rollout_mismatch_kl(gap)})
             totals.add_max("rollout/mismatch_max", gap.abs().max())
             if c.rollout_is_cap > 0:
                 weights = rollout_is_weights(gap, c.rollout_is_cap)
             elif c.vllm_importance_sampling_correction:
-                completion = ro.trained_mask[s]  # the metrics are means over completion tokens, like entropy
+                completion = mb.trained_mask  # the metrics are means over completion tokens, like entropy
                 weights, masked = rollout_correction_weights(
                     gap,
                     completion,
@@ -314,11 +318,11 @@ class PolicyUpdate:
                 totals.add_max("rollout/is_weight_max", weights.masked_fill(outside, 0.0).max())
                 totals.add_min("rollout/is_weight_min", weights.masked_fill(outside, float("inf")).min())
         if c.off_policy_mask_threshold is not None:
-            sampler = ro.sampling_logps[s] if ro.sampling_logps is not None else before
+            sampler = mb.sampling_logps if mb.sampling_logps is not None else before
             keep = off_policy_sequence_mask(
-                logps.detach(), sampler, advantages, loss_mask, c.off_policy_mask_threshold
+                logps.detach(), sampler, mb.advantages, mb.loss_mask, c.off_policy_mask_threshold
             )  # [b, 1]
-            totals.add_rows({"off_policy/masked": 1.0 - keep.mean()}, s.stop - s.start)
+            totals.add_rows({"off_policy/masked": 1.0 - keep.mean()}, mb.rows)
             weights = keep.expand_as(logps) if weights is None else weights * keep
         return weights
 
@@ -339,42 +343,6 @@ class PolicyUpdate:
             low=c.entropy_coef_min,
             high=c.entropy_coef_max,
         )
-
-    def loss_terms(
-        self,
-        logps: torch.Tensor,
-        old: torch.Tensor | None,
-        ref: torch.Tensor | None,
-        advantages: torch.Tensor,
-        loss_mask: torch.Tensor,
-        s: slice,
-        scale: UpdateScale,
-        extra: dict[str, Any],
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Micro-batch s's share of the rank's loss, and its stats. A built-in runs its per-token objective; a
-        user function returns per-token terms [b, T] or a scalar of its declared reduction."""
-        c = self.config
-        args = (
-            logps,
-            None if old is None else old[s],
-            None if ref is None else ref[s],
-            advantages[s],
-            loss_mask[s],
-        )
-        settings = {**fixed_loss_settings(c), **extra}
-        if self.loss.objective is not None:
-            terms, stats = token_terms(*args, objective=self.loss.objective, **settings)
-            return scale.of_terms(terms, loss_mask[s]), stats
-        out, stats = self.loss.fn(
-            *args,
-            loss_type=c.loss_type,
-            max_completion_length=c.maximum_completion_length,
-            num_items_in_batch=scale.global_tokens,
-            **settings,
-        )
-        if out.dim() == 2:
-            return scale.of_terms(out, loss_mask[s]), stats
-        return scale.of_scalar(out, loss_mask[s]), stats
 
     def high_entropy_tokens(
         self, entropy: torch.Tensor, mask: torch.Tensor

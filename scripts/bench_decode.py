@@ -25,7 +25,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from grpo.rollout.decoders import DECODE_IMPLS
+    from grpo.rollout.decoding.decoders import DECODE_IMPLS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="embedded:smollm2-135m-instruct", help="hub id, folder or .gguf")
@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
     import torch
 
     from grpo.model.loading import load_model
-    from grpo.rollout.generate import generate
+    from grpo.rollout.generate import SamplingSettings, generate
     from scripts.bench_systems import decode_bound, kv_cache_bytes_per_token, mean_decode_context, sync
     from scripts.bench_systems.ours import copy_bandwidth
 
@@ -84,9 +84,8 @@ def main(argv: list[str]) -> int:
             generate(
                 model,
                 prompts,
+                SamplingSettings(max_new_tokens=args.tokens, end_ids=()),  # every row to the full length
                 num_generations=args.generations,
-                max_new_tokens=args.tokens,
-                eos_ids=[],
                 pad_id=0,
                 generator=torch.Generator(device=device).manual_seed(i),
                 decode_impl=impl,

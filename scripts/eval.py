@@ -44,9 +44,11 @@ def main(argv: list[str]) -> int:
         from grpo import rewards as rw
         from grpo.config import ConfigError, apply_overrides, read_yaml, template_from_dict
         from grpo.eval.evaluate import evaluate, load_eval_prompts
-        from grpo.model.loading import load_model, load_tokenizer, resolve_device
+        from grpo.model.loading import load_model, load_tokenizer, resolve_device, stop_token_ids
         from grpo.model.precision import resolve_precision
-        from grpo.rollout.multi_turn import MultiTurn
+        from grpo.rollout.decoding.torch_sampler import TorchSampler
+        from grpo.rollout.generate import SamplingSettings
+        from grpo.rollout.turns.multi_turn import MultiTurn
 
         data = apply_overrides(read_yaml(args.config), args.overrides)
         if args.model:
@@ -70,22 +72,19 @@ def main(argv: list[str]) -> int:
             from grpo.model.lora import load_adapter
 
             load_adapter(model, args.adapter)
+        prefix = t.template.response_prefix
         result = evaluate(
-            model,
+            TorchSampler(model, pad_id=tokenizer.pad_token_id, decode_impl=c.decode_impl),
             tokenizer,
             prompts,
             rewards,
             rw.Tags.from_config(c),
+            SamplingSettings.from_config(c, stop_token_ids(model, tokenizer)),
             samples=args.samples,
-            max_new_tokens=c.maximum_completion_length,
             batch_size=args.batch_size,
-            response_prefix=t.template.response_prefix,
+            response_prefix=prefix,
             generator=torch.Generator(device=device).manual_seed(c.seed),
-            turns=MultiTurn.from_config(
-                c, t.template.response_prefix
-            ),  # tools: several turns, as in training
-            config=c,
-            **c.sampling(),
+            turns=MultiTurn.from_config(c, prefix),  # tools: several turns, as in training
         )
         output = Path(args.output) if args.output else Path(c.output_dir) / f"eval-{Path(split).stem}.json"
         summary = {

@@ -36,7 +36,9 @@ def main(argv: list[str]) -> int:
     from grpo.config import load_template
     from grpo.data import build_prompts, load_rows
     from grpo.model.loading import load_model, load_tokenizer, stop_token_ids
-    from grpo.rollout.multi_turn import MultiTurn, conversation_metrics
+    from grpo.rollout.decoding.torch_sampler import TorchSampler
+    from grpo.rollout.generate import SamplingSettings
+    from grpo.rollout.turns.multi_turn import MultiTurn, conversation_metrics
 
     template = load_template(args.config, args.overrides)
     c = dataclasses.replace(template.config, num_generations=1)  # greedy: one answer per problem
@@ -55,11 +57,13 @@ def main(argv: list[str]) -> int:
         tools=turns.schemas,
         system_text=turns.system_text(tokenizer),
     )
-    eos = stop_token_ids(model, tokenizer)
+    sampler = TorchSampler(model, pad_id=tokenizer.pad_token_id, decode_impl=c.decode_impl)
+    settings = SamplingSettings.from_config(c, stop_token_ids(model, tokenizer))
+    settings = dataclasses.replace(settings, greedy=True)
     conversations = []
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
-        ro = turns.rollout(model, batch, c, tokenizer, eos, None, greedy=True)
+        ro = turns.rollout(sampler, batch, settings, tokenizer, None, num_generations=1, version=0)
         conversations += ro.conversations
     texts = [conv.text for conv in conversations]
     refs = [p.reference for p in prompts]

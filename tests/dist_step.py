@@ -61,11 +61,11 @@ def fixed_rollout(trainer: GRPOTrainer, batch: list[int]):
 def main(argv: list[str]) -> int:
     trainer = GRPOTrainer(load_template(argv[0], argv[2:]))
     if trainer.turns is not None:  # tools: every turn from the scripted policy of tests/test_multi_turn.py
-        from tests.test_multi_turn import multiply_policy, scripted
+        from tests.test_multi_turn import multiply_policy, scripted, use_sampler
 
-        trainer.turns.generate = scripted(trainer.tokenizer, multiply_policy)
+        use_sampler(trainer, scripted(trainer.tokenizer, multiply_policy))
     else:
-        trainer.rollout = lambda batch: fixed_rollout(trainer, batch)
+        trainer.sampling.rollout = lambda batch, version: fixed_rollout(trainer, batch)[0]
     grads = {}
 
     def keep_gradients(optimizer, args, kwargs):  # the first update's gradients, before AdamW uses them

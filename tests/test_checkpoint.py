@@ -229,7 +229,7 @@ def test_a_field_missing_from_an_older_checkpoint_counts_with_its_default(tmp_pa
     from dataclasses import asdict
 
     from grpo.config import template_from_dict
-    from grpo.run.checkpoint import math_differences
+    from grpo.run.resume_checks import math_differences
 
     current = template_from_dict(tiny_template(tmp_path, tmp_path / "out"))
     saved = asdict(current)

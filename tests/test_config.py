@@ -126,8 +126,8 @@ def test_override_errors(override, message):
         ),
         (
             {"config": {"delta": 2.0, "loss_type": "cispo"}},
-            "config.delta = 2.0 is not allowed: cispo has no clipped objective to cap (its ratio cap is 1 + "
-            "epsilon_high).",
+            "config.delta = 2.0 is not allowed: it caps the unclipped ratio of the clipped objective, and cispo's "
+            "objective is CISPO's ratio weight, capped at 1 + epsilon_high and held constant.",
         ),
         ({"config": {"top_k": -1}}, "config.top_k = -1 is not allowed: it must be 0 (no limit) or more."),
         (

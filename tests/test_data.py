@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 
+from grpo.builtin_tasks import builtin_arithmetic
 from grpo.config import ConfigError, DatasetConfig, DataTemplate, template_from_dict
 from grpo.data import (
     PromptSampler,
     build_prompts,
-    builtin_arithmetic,
     complete_rows,
     load_rows,
     reference_answer,

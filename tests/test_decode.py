@@ -5,24 +5,25 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from grpo.model.lora import inject_lora
-from grpo.rollout.decoders import HFDecoder
-from grpo.rollout.generate import generate, left_pad
-from grpo.rollout.graph_decode import CUDAGraphDecoder, FixedShapeDecoder, graph_decode_supported
-from grpo.rollout.packed_decode import (
+from grpo.rollout.decoding.decoders import HFDecoder
+from grpo.rollout.decoding.graph_decode import CUDAGraphDecoder, FixedShapeDecoder, graph_decode_supported
+from grpo.rollout.decoding.packed_decode import (
     MATMUL_STRATEGIES,
     PackedDecoder,
     PackedProjection,
     fastest_strategy,
     packed_decode_supported,
 )
-from grpo.rollout.sampling import nucleus, sample_next, truncate
-from grpo.rollout.static_decode import StaticDecoder, StaticKVCache, static_decode_supported
+from grpo.rollout.decoding.sampling import nucleus, sample_next, truncate
+from grpo.rollout.decoding.static_decode import StaticDecoder, StaticKVCache, static_decode_supported
+from grpo.rollout.generate import SamplingSettings, generate, left_pad
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
@@ -127,9 +128,12 @@ def test_generate_is_the_same_with_either_decoder(tiny_model_dir, tokenizer):
 
     model = load_model(str(tiny_model_dir), device=CPU, dtype=torch.float32)
     prompts = [tokenizer("Hi there", add_special_tokens=False)["input_ids"], [7, 8, 9, 10, 11, 12]]
-    kw = dict(num_generations=3, max_new_tokens=10, eos_ids=[], pad_id=tokenizer.pad_token_id)
+    kw = dict(num_generations=3, pad_id=tokenizer.pad_token_id)
+    settings = SamplingSettings(max_new_tokens=10, end_ids=())
     runs = {
-        impl: generate(model, prompts, generator=torch.Generator().manual_seed(4), decode_impl=impl, **kw)
+        impl: generate(
+            model, prompts, settings, generator=torch.Generator().manual_seed(4), decode_impl=impl, **kw
+        )
         for impl in ("hf", "static", "graph", "packed", "auto")
     }
     for impl, ro in runs.items():
@@ -138,18 +142,19 @@ def test_generate_is_the_same_with_either_decoder(tiny_model_dir, tokenizer):
     with pytest.raises(
         ValueError, match="decode_impl must be one of auto, graph, packed, static, hf; got 'fast'"
     ):
-        generate(model, prompts, decode_impl="fast", **kw)
+        generate(model, prompts, settings, decode_impl="fast", **kw)
 
 
 @pytest.mark.parametrize("every", [2, 3, 7])
 def test_checking_for_the_end_less_often_gives_the_same_rollout(every):
     model = tiny("llama", vocab=40)  # a quarter of the vocabulary ends a row: rows end within a few steps
     prompts = [[15, 16, 17], [18, 19]]
-    kw = dict(
-        num_generations=3, max_new_tokens=30, eos_ids=list(range(1, 11)), pad_id=0, decode_impl="static"
+    settings = SamplingSettings(max_new_tokens=30, end_ids=tuple(range(1, 11)))
+    kw = dict(num_generations=3, pad_id=0, decode_impl="static")
+    want = generate(model, prompts, settings, generator=torch.Generator().manual_seed(2), **kw)
+    got = generate(
+        model, prompts, settings, generator=torch.Generator().manual_seed(2), check_done_every=every, **kw
     )
-    want = generate(model, prompts, generator=torch.Generator().manual_seed(2), **kw)
-    got = generate(model, prompts, generator=torch.Generator().manual_seed(2), check_done_every=every, **kw)
     assert not want.truncated.any() and want.completion_ids.shape[1] < 30  # every row ended early
     assert want.completion_mask[:, -1].any()  # the last column belongs to some row: nothing left to trim
     for field in ("completion_ids", "completion_mask", "truncated"):
@@ -164,7 +169,7 @@ def test_graph_decoding_is_skipped_for_length_dependent_rope_and_fsdp():
     assert not graph_decode_supported(dynamic)
     script = (
         "import sys, torch, torch.distributed as dist; sys.path.insert(0, 'tests')\n"
-        "from test_decode import tiny; from grpo.rollout.graph_decode import graph_decode_supported\n"
+        "from test_decode import tiny; from grpo.rollout.decoding.graph_decode import graph_decode_supported\n"
         "from torch.distributed.fsdp import fully_shard\n"
         "dist.init_process_group('gloo', rank=0, world_size=1, store=dist.HashStore())\n"
         "model = tiny('llama', vocab=50); [fully_shard(layer) for layer in model.model.layers]\n"
@@ -231,7 +236,8 @@ def test_unsupported_architectures_fall_back_to_transformers():
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=16, n_layer=1, n_head=2, n_positions=64)).eval()
     assert not static_decode_supported(model, capacity=32)
-    ro = generate(model, [[1, 2, 3]], num_generations=2, max_new_tokens=4, eos_ids=[], pad_id=0, greedy=True)
+    greedy = SamplingSettings(max_new_tokens=4, end_ids=(), greedy=True)
+    ro = generate(model, [[1, 2, 3]], greedy, num_generations=2, pad_id=0)
     assert ro.completion_ids.shape == (2, 4)
     assert torch.equal(ro.completion_ids[0], ro.completion_ids[1])  # greedy: both samples agree
     window = tiny("mistral", vocab=100)
@@ -243,7 +249,7 @@ def test_an_explicit_decode_path_that_cannot_run_is_named(tiny_model_dir, tmp_pa
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from grpo.config import ConfigError, template_from_dict
-    from grpo.rollout.decoders import DECODE_IMPLS, decode_impl_problem
+    from grpo.rollout.decoding.decoders import DECODE_IMPLS, decode_impl_problem
     from grpo.trainer import GRPOTrainer
     from tests.conftest import tiny_template
 
@@ -376,11 +382,10 @@ def test_rollout_log_probs_match_the_training_forward(impl):
     ro = generate(
         model,
         [[5, 9, 17, 3], [7, 2]],
+        # packed decoding starts at 32 new tokens
+        SamplingSettings(max_new_tokens=40, end_ids=(11, 12, 13), temperature=0.8),
         num_generations=2,
-        max_new_tokens=40,  # packed decoding starts at 32 new tokens
-        eos_ids=[11, 12, 13],
         pad_id=0,
-        temperature=0.8,
         generator=gen,
         decode_impl=impl,
     )
@@ -391,19 +396,21 @@ def test_rollout_log_probs_match_the_training_forward(impl):
     with torch.no_grad():
         want = train(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask)
     torch.testing.assert_close(ro.sampling_logps, want, rtol=0, atol=2e-5)
-    greedy = generate(model, [[5, 9]], num_generations=2, max_new_tokens=4, eos_ids=[], pad_id=0, greedy=True)
+    settings = SamplingSettings(max_new_tokens=4, end_ids=(), greedy=True)
+    greedy = generate(model, [[5, 9]], settings, num_generations=2, pad_id=0)
     assert greedy.sampling_logps is None
 
 
 def test_top_k_one_samples_the_greedy_answer():
     model = tiny("llama", vocab=120)
     prompts = [[5, 9, 17, 3], [7, 2]]
-    common = {"num_generations": 3, "max_new_tokens": 6, "eos_ids": [], "pad_id": 0}
-    greedy = generate(model, prompts, greedy=True, **common)
+    common = {"num_generations": 3, "pad_id": 0}
+    settings = SamplingSettings(max_new_tokens=6, end_ids=(), temperature=1.5)
+    greedy = generate(model, prompts, replace(settings, greedy=True), **common)
     gen = torch.Generator().manual_seed(0)
-    sampled = generate(model, prompts, top_k=1, temperature=1.5, generator=gen, **common)
+    sampled = generate(model, prompts, replace(settings, top_k=1), generator=gen, **common)
     assert torch.equal(sampled.completion_ids, greedy.completion_ids)
-    loose = generate(model, prompts, temperature=1.5, generator=gen, **common)
+    loose = generate(model, prompts, settings, generator=gen, **common)
     assert not torch.equal(loose.completion_ids, greedy.completion_ids)
 
 

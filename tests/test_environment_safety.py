@@ -19,9 +19,9 @@ import pytest
 
 from grpo.config import ConfigError
 from grpo.data import Prompt
-from grpo.rollout.multi_turn import MultiTurn
+from grpo.rollout.turns.multi_turn import MultiTurn
 from tests.conftest import REPO, tiny_template, write_template
-from tests.test_multi_turn import config, scripted
+from tests.test_multi_turn import config, play_turns, scripted
 from tests.test_multi_turn_runs import ending_model_dir  # noqa: F401  (a fixture: a model that ends replies)
 
 HOSTILE = '''
@@ -110,14 +110,14 @@ def play(tokenizer, tmp_path, cls, rows, policy, *, g=2, steps=10):
     c = config(tmp_path, environment=f"hostile_environments:{cls}", num_generations=g, tool_timeout=0.5,
                max_tool_calling_iterations=steps, maximum_completion_length=200)  # fmt: skip
     turns = MultiTurn(c)
-    turns.generate = scripted(tokenizer, policy)
+    sampler = scripted(tokenizer, policy)
     prompts = []
     for i, row in enumerate(rows):
         messages = [{"role": "user", "content": f"Play game {i}."}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         prompts.append(Prompt(text=text, ids=ids, reference="", row=row, messages=messages))
-    return turns, turns.rollout(None, prompts, c, tokenizer, [tokenizer.eos_token_id], None)
+    return turns, play_turns(turns, sampler, prompts, c, tokenizer)
 
 
 def nth_reply(replies):

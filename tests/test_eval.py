@@ -11,7 +11,9 @@ import torch
 from grpo import rewards as rw
 from grpo.config import ConfigError, template_from_dict
 from grpo.eval.evaluate import evaluate, load_eval_prompts
-from grpo.model.loading import load_model
+from grpo.model.loading import load_model, stop_token_ids
+from grpo.rollout.decoding.torch_sampler import TorchSampler
+from grpo.rollout.generate import SamplingSettings
 from grpo.trainer import GRPOTrainer
 from tests.conftest import REPO, tiny_template, write_template
 
@@ -42,11 +44,20 @@ def setup(tokenizer, tiny_model_dir, tmp_path_factory):
     return t, model, load_eval_prompts(t, tokenizer, limit=6)
 
 
+def answer(model, tokenizer, prompts, rewards, *, max_new_tokens=8, **kw):
+    """evaluate() with our decoder on `model`, its end tokens, and the filters' defaults."""
+    sampler = TorchSampler(model, pad_id=tokenizer.pad_token_id)
+    settings = SamplingSettings(
+        max_new_tokens=max_new_tokens, end_ids=tuple(stop_token_ids(model, tokenizer))
+    )
+    return evaluate(sampler, tokenizer, prompts, rewards, rw.Tags(), settings, **kw)
+
+
 def run(setup, tokenizer, rewards=DEFAULT_REWARDS, **kw):
     _, model, prompts = setup
     prompts = kw.pop("prompts", prompts)
     args = {"max_new_tokens": 8, "batch_size": 4, "response_prefix": "", "progress": False, **kw}
-    return evaluate(model, tokenizer, prompts, rw.resolve_rewards(rewards), rw.Tags(), **args)
+    return answer(model, tokenizer, prompts, rw.resolve_rewards(rewards), **args)
 
 
 def test_greedy_records_rates_and_determinism(setup, tokenizer):
@@ -93,12 +104,11 @@ def test_template_correctness_function_decides_accuracy(setup, tokenizer):
 def test_pass_at_k_from_samples(setup, tokenizer):
     _, model, prompts = setup
     parity = rw.Reward("mine:correctness", lambda c, r, **k: [2.0 * (len(x) % 2) for x in c])
-    result = evaluate(
+    result = answer(
         model,
         tokenizer,
         prompts,
         [parity],
-        rw.Tags(),
         samples=2,
         max_new_tokens=8,
         batch_size=4,
@@ -214,15 +224,7 @@ def test_script_with_lora_adapter(tiny_model_dir, tmp_path, tokenizer):
     assert json.loads((tmp_path / "adapter.json").read_text())["adapter"] == str(tmp_path / "adapter")
     assert outputs["base"] != outputs["adapter"]
     prompts = load_eval_prompts(template_from_dict(tiny_template(tiny_model_dir, "o")), tokenizer, limit=3)
-    direct = evaluate(
-        model,
-        tokenizer,
-        prompts,
-        rw.resolve_rewards(["correctness"]),
-        rw.Tags(),
-        max_new_tokens=8,
-        progress=False,
-    )
+    direct = answer(model, tokenizer, prompts, rw.resolve_rewards(["correctness"]), progress=False)
     assert [r["completion"] for r in direct.records] == outputs["adapter"]  # the adapter was loaded exactly
 
 

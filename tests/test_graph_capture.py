@@ -1,4 +1,4 @@
-"""How grpo/rollout/graph_decode.py records its CUDA graph: torch.cuda.graph's steps without its per-capture
+"""How grpo/rollout/decoding/graph_decode.py records its CUDA graph: torch.cuda.graph's steps without its per-capture
 empty_cache.
 
 On CPU only the order of the CUDA calls can be checked (with stand-ins that log them); the tests marked for CUDA
@@ -13,11 +13,11 @@ import gc
 import pytest
 import torch
 
-from grpo.rollout import graph_decode
-from grpo.rollout.decoders import HFDecoder
-from grpo.rollout.generate import generate
-from grpo.rollout.graph_decode import CUDAGraphDecoder
-from grpo.rollout.static_decode import StaticKVCache
+from grpo.rollout.decoding import graph_decode
+from grpo.rollout.decoding.decoders import HFDecoder
+from grpo.rollout.decoding.graph_decode import CUDAGraphDecoder
+from grpo.rollout.decoding.static_decode import StaticKVCache
+from grpo.rollout.generate import SamplingSettings, generate
 from tests.test_decode import fixed_shape_on_stale_memory, prefill, tiny
 
 CUDA = torch.device("cuda")
@@ -171,14 +171,15 @@ def test_cuda_graphs_sharing_a_pool_replay_interleaved_against_transformers():
 @torch.no_grad()
 def test_cuda_graph_rollouts_keep_the_allocator_cache_and_reserve_no_more_each_time():
     model = tiny("llama", vocab=300).cuda()
-    kw = dict(num_generations=4, max_new_tokens=12, eos_ids=[], pad_id=0, decode_impl="graph")
+    settings = SamplingSettings(max_new_tokens=12, end_ids=())
+    kw = dict(num_generations=4, pad_id=0, decode_impl="graph")
     prompts = [[5, 6, 7, 8], [9, 10]]
-    generate(model, prompts, generator=torch.Generator(CUDA).manual_seed(0), **kw)
+    generate(model, prompts, settings, generator=torch.Generator(CUDA).manual_seed(0), **kw)
     block = torch.empty(256 * 2**20, dtype=torch.uint8, device=CUDA)
     del block  # cached by the allocator: torch.cuda.graph's empty_cache would hand it back to the driver
     reserved = [torch.cuda.memory_reserved()]
     for seed in range(1, 7):
-        generate(model, prompts, generator=torch.Generator(CUDA).manual_seed(seed), **kw)
+        generate(model, prompts, settings, generator=torch.Generator(CUDA).manual_seed(seed), **kw)
         reserved.append(torch.cuda.memory_reserved())
     assert min(reserved[1:]) >= reserved[0] >= 256 * 2**20, reserved
     # Without a shared pool each rollout would leave its graph's pool reserved: 2 MiB or more each time.

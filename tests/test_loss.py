@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from grpo.advantages import group_advantages, zero_spread_share
+from grpo.config.loss_table import VARIANTS
 from grpo.loss import (
-    PRESETS,
     REDUCTIONS,
     UpdateScale,
     policy_loss,
@@ -173,10 +173,12 @@ def test_micro_batch_shares_add_up_to_the_reduction_of_the_update_on_every_rank(
 
 def test_presets_are_a_per_token_objective_and_a_reduction():
     logps = logps_leaf()
-    for loss_type, (objective, reduction) in PRESETS.items():
+    for loss_type, variant in VARIANTS.items():
         loss, _ = policy_loss(logps, None, None, ADV, MASK, loss_type=loss_type, max_completion_length=4)
-        terms, _ = token_terms(logps, None, None, ADV, MASK, objective=objective)
-        assert loss.item() == reduce(terms, MASK, reduction, max_completion_length=4).item(), loss_type
+        terms, _ = token_terms(logps, None, None, ADV, MASK, objective=variant.objective.name)
+        assert loss.item() == reduce(terms, MASK, variant.reduction, max_completion_length=4).item(), (
+            loss_type
+        )
     with pytest.raises(ValueError, match="reduction = 'mean' is not allowed: use one of sequence_mean, "):
         reduced_by("mean")
 
@@ -261,7 +263,7 @@ def test_cispo_on_policy_gradient_equals_dapo():
         policy_loss(logps, None, None, ADV, MASK, loss_type=loss_type, num_items_in_batch=8)[0].backward()
         grads.append(logps.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-7)
-    assert PRESETS["cispo"][1] == PRESETS["dapo"][1] == "global_token_mean"
+    assert VARIANTS["cispo"].reduction == VARIANTS["dapo"].reduction == "global_token_mean"
 
 
 def test_token_weights_scale_the_policy_term_only():

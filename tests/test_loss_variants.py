@@ -19,8 +19,8 @@ from grpo.loss import (
     vespo_objective,
     vespo_weight,
 )
+from grpo.loss_choice import loss_keywords, loss_options, weighs_samples
 from grpo.off_policy import off_policy_sequence_mask, rollout_correction_weights
-from grpo.update import loss_keywords, loss_options, weighs_samples
 
 MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # 2 and 3 tokens
 ADV = torch.tensor([1.0, -1.0])
@@ -155,6 +155,44 @@ def test_vespo_on_policy_is_the_plain_policy_gradient():
     ].backward()
     policy_loss(b, None, None, ADV, MASK, loss_type="dapo", num_items_in_batch=5)[0].backward()
     torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-7)
+
+
+def test_vespo_folds_the_token_weights_into_w_and_a_zero_weight_drops_the_sequence():
+    """On-policy (r = 1), token weights 2 and 1 on sequence 0 (A > 0, k 2, lambda 3) make W = 2, so phi = 4 e^-3
+    on both its tokens, not the weights 2 and 1 multiplied afterwards; sequence 1 (A < 0) has one weight 0 (a
+    token_mask mode's drop), so its W = 0 and phi = 0: the whole sequence drops, its other tokens included. Its
+    padding token's weight 0 counts nowhere. dapo over 5 tokens: loss = -(phi0 x 1 x (-1 - 2)) / 5."""
+    logps = logps_leaf()
+    weights = torch.tensor([[2.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    loss, stats = policy_loss(
+        logps, None, None, ADV, MASK, loss_type="vespo", num_items_in_batch=5, token_weights=weights
+    )
+    phi0 = 4 * math.exp(-3)
+    assert loss.item() == pytest.approx(3 * phi0 / 5, rel=1e-6)
+    assert stats["vespo/gradient_kept"].item() == pytest.approx(2 * phi0 / 5, rel=1e-6)  # phi 0 on row 1
+    loss.backward()
+    expected = torch.tensor([[-phi0 / 5, -phi0 / 5, 0.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(logps.grad, expected, rtol=1e-6, atol=0)
+    w = vespo_weight(
+        logps.detach(), None, ADV[:, None], MASK, k=(2.0, 3.0), lam=(3.0, 2.0), token_weights=weights
+    )
+    assert w[0, 0].item() == pytest.approx(phi0, rel=1e-6) and w[1, 0].item() == 0.0
+    # a clipped objective still multiplies afterwards: grpo weighs token (0, 0) by 2 and drops only token (1, 1)
+    a = logps_leaf()
+    policy_loss(a, None, None, ADV, MASK, loss_type="grpo", token_weights=weights)[0].backward()
+    torch.testing.assert_close(
+        a.grad, torch.tensor([[-2 / 4, -1 / 4, 0.0], [1 / 6, 0.0, 1 / 6]]), rtol=0, atol=1e-7
+    )
+
+
+def test_vespo_with_weights_of_one_is_vespo_without_weights():
+    """Folding weights of 1 changes nothing, bitwise: off-policy masking that keeps every sequence, or a
+    rollout that matches the policy exactly."""
+    torch.manual_seed(3)
+    logps, old = -torch.rand(2, 3), -torch.rand(2, 3)
+    plain, _ = policy_loss(logps, old, None, ADV, MASK, loss_type="vespo")
+    ones, _ = policy_loss(logps, old, None, ADV, MASK, loss_type="vespo", token_weights=torch.ones(2, 3))
+    assert torch.equal(plain, ones)
 
 
 # ------------------------------------------------------------------ bias-corrected KL
@@ -344,7 +382,29 @@ def test_luspo_at_token_level_warns():
         ),
         (
             {"loss_type": "sapo", "delta": 2.0},
-            "config.delta = 2.0 is not allowed: sapo reshapes the ratio softly, it has no clip to cap.",
+            "config.delta = 2.0 is not allowed: it caps the unclipped ratio of the clipped objective, and sapo's "
+            "objective is SAPO's soft gate on the ratio.",
+        ),
+        (
+            {"loss_type": "vespo", "delta": 2.0},
+            "config.delta = 2.0 is not allowed: it caps the unclipped ratio of the clipped objective, and vespo's "
+            "objective is VESPO's kernel on the sequence weight W.",
+        ),
+        (
+            {"loss_type": "vespo", "vllm_importance_sampling_correction": True},
+            "config.vllm_importance_sampling_mode = 'sequence_mask' is not allowed: with loss_type vespo use "
+            "token_truncate or token_mask: vespo folds each token's correction ratio into its sequence weight W, "
+            "where a sequence mode's one weight per sequence would count once per token.",
+        ),
+        (
+            {
+                "loss_type": "vespo",
+                "vllm_importance_sampling_correction": True,
+                "vllm_importance_sampling_mode": "sequence_truncate",
+            },
+            "config.vllm_importance_sampling_mode = 'sequence_truncate' is not allowed: with loss_type vespo use "
+            "token_truncate or token_mask: vespo folds each token's correction ratio into its sequence weight W, "
+            "where a sequence mode's one weight per sequence would count once per token.",
         ),
         (
             {"vllm_importance_sampling_mode": "sequence"},
@@ -361,3 +421,27 @@ def test_variant_settings_that_cannot_work_are_refused_in_one_line(config, messa
     with pytest.raises(ConfigError) as e:
         template_from_dict({"config": config})
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {
+            "loss_type": "vespo",
+            "vllm_importance_sampling_correction": True,
+            "vllm_importance_sampling_mode": mode,
+        }
+        for mode in ("token_truncate", "token_mask")
+    ]
+    + [
+        {"loss_type": "vespo"},  # the mode is read only with the correction on
+        {"loss_type": "vespo", "rollout_is_cap": 2.0},  # token_truncate's own form
+        {"loss_type": "grpo", "vllm_importance_sampling_correction": True},  # a multiplied weight: any mode
+        {
+            "loss_type": "tests.user_losses:terms_global_token_mean",
+            "delta": 2.0,
+        },  # a user loss takes any option
+    ],
+)
+def test_variant_settings_that_work_are_accepted(config):
+    assert template_from_dict({"config": config}).config.loss_type == config["loss_type"]

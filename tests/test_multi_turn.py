@@ -11,29 +11,40 @@ import re
 import pytest
 import torch
 
+from grpo.builtin_tasks import builtin_multiply
 from grpo.config import template_from_dict
-from grpo.data import Prompt, build_prompts, builtin_multiply
+from grpo.data import Prompt, build_prompts
 from grpo.model.loading import load_model
 from grpo.model.logprobs import CompletionLogprobs
-from grpo.rollout.generate import Rollout
-from grpo.rollout.multi_turn import MultiTurn
+from grpo.rollout.decoding.torch_sampler import TorchSampler
+from grpo.rollout.generate import Rollout, SamplingSettings
+from grpo.rollout.sampler import SamplerBase
+from grpo.rollout.turns.multi_turn import MultiTurn
 from grpo.trainer import GRPOTrainer
 from tests.conftest import tiny_template
 from tests.test_tools import add  # noqa: F401  (the tools the templates name live there)
 
 
-def scripted(tokenizer, policy):
-    """A turn of every active sample as `generate` returns it, the replies written by policy(context, k): the
-    conversation so far as text and the sample's index among its prompt's num_generations."""
+class Scripted(SamplerBase):
+    """A sampler whose replies policy(context, k) writes: the conversation so far as text and the sample's index
+    among its prompt's num_generations. Each reply ends with the first end token, cut to the token budget."""
 
-    def turn(model, contexts, *, num_generations, max_new_tokens, eos_ids, pad_id, **_):
-        rows = []
-        for ctx in contexts:
+    holder = "the scripted policy"
+
+    def __init__(self, tokenizer, policy):
+        super().__init__(version=0)
+        self.tokenizer, self.policy = tokenizer, policy
+
+    def sample(self, prompts, settings, *, num_generations, generator, version):
+        self.require_version(version)
+        rows, end = [], list(settings.end_ids)
+        for ctx in prompts:
             for k in range(num_generations):
-                reply = tokenizer(policy(tokenizer.decode(ctx), k), add_special_tokens=False)["input_ids"]
-                rows.append((reply + [eos_ids[0]])[:max_new_tokens])
+                text = self.policy(self.tokenizer.decode(ctx), k)
+                reply = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                rows.append((reply + end[:1])[: settings.max_new_tokens])
         width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad_id)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
@@ -42,12 +53,29 @@ def scripted(tokenizer, policy):
             prompt_mask=mask[:, :0],
             completion_ids=ids,
             completion_mask=mask,
-            truncated=torch.tensor([r[-1] not in eos_ids for r in rows]),
+            truncated=torch.tensor([r[-1] not in end for r in rows]),
             group_size=num_generations,
             sampling_logps=-0.25 * mask.float(),
         )
 
-    return turn
+    def update_weights(self, model, *, version):
+        self.version = version
+
+
+def scripted(tokenizer, policy):
+    return Scripted(tokenizer, policy)
+
+
+def play_turns(turns, sampler, prompts, c, tokenizer, generator=None):
+    """A training rollout of `prompts` over several turns on `sampler`, with the template's settings."""
+    settings = SamplingSettings.from_config(c, [tokenizer.eos_token_id])
+    g = c.num_generations
+    return turns.rollout(sampler, prompts, settings, tokenizer, generator, num_generations=g, version=0)
+
+
+def use_sampler(trainer, sampler):
+    """The trainer's rollouts and evaluations draw from `sampler` from now on."""
+    trainer.rollout_sampler = trainer.sampling.sampler = sampler
 
 
 def config(tmp_path, **settings):
@@ -93,9 +121,9 @@ def test_several_calls_a_timeout_and_a_raising_tool_go_back_to_the_model(tokeniz
         "The answer is 42.",
     ]
     # the turn a context asks for: its assistant headers, less the generation prompt's
-    turns.generate = scripted(tokenizer, lambda text, k: replies[text.count("<|im_start|>assistant") - 1])
+    sampler = scripted(tokenizer, lambda text, k: replies[text.count("<|im_start|>assistant") - 1])
     prompts = prompts_for(tokenizer, turns, ["What is 6 * 7?"])
-    ro = turns.rollout(None, prompts, c, tokenizer, [tokenizer.eos_token_id], None)
+    ro = play_turns(turns, sampler, prompts, c, tokenizer)
     conv = ro.conversations[0]
     assert conv.replies == replies
     assert conv.cut is None
@@ -135,9 +163,9 @@ def test_the_call_limit_and_the_token_budget_cut_a_sample(tokenizer, tmp_path):
     always = calls(("calculator", '{"expression": "1 + 1"}'))
     c = config(tmp_path, tools=["calculator"], max_tool_calling_iterations=2, maximum_completion_length=200)
     turns = MultiTurn(c)
-    turns.generate = scripted(tokenizer, lambda text, k: always)
+    sampler = scripted(tokenizer, lambda text, k: always)
     prompts = prompts_for(tokenizer, turns, ["Add."])
-    ro = turns.rollout(None, prompts, c, tokenizer, [tokenizer.eos_token_id], None)
+    ro = play_turns(turns, sampler, prompts, c, tokenizer)
     conv = ro.conversations[0]
     assert (len(conv.replies), len(conv.tool_calls), conv.cut) == (3, 2, "calls")
     assert not bool(ro.truncated[0])
@@ -150,8 +178,8 @@ def test_the_call_limit_and_the_token_budget_cut_a_sample(tokenizer, tmp_path):
         maximum_completion_length=per_reply * 2 + 3,
     )
     turns = MultiTurn(c)
-    turns.generate = scripted(tokenizer, lambda text, k: always)
-    ro = turns.rollout(None, prompts, c, tokenizer, [tokenizer.eos_token_id], None)
+    sampler = scripted(tokenizer, lambda text, k: always)
+    ro = play_turns(turns, sampler, prompts, c, tokenizer)
     conv = ro.conversations[0]
     assert (len(conv.replies), len(conv.tool_calls), conv.cut) == (3, 2, "tokens")
     assert int(ro.trained_mask[0].sum()) == per_reply * 2 + 3  # model tokens fill the budget, no more
@@ -179,11 +207,11 @@ def test_an_environment_resets_steps_and_ends(tokenizer, tmp_path):
         maximum_completion_length=100,
     )
     turns = MultiTurn(c)
-    turns.generate = scripted(tokenizer, lambda text, k: "go")
+    sampler = scripted(tokenizer, lambda text, k: "go")
     prompt = Prompt(
         text="", ids=[], reference="", row={"start": 3}, messages=[{"role": "user", "content": "Play."}]
     )
-    ro = turns.rollout(None, [prompt], c, tokenizer, [tokenizer.eos_token_id], None)
+    ro = play_turns(turns, sampler, [prompt], c, tokenizer)
     conv = ro.conversations[0]
     assert conv.messages == [
         {"role": "user", "content": "Play.\n\nCount down from 3."},
@@ -222,7 +250,8 @@ def test_number_guess_with_the_tiny_model_runs_every_turn_batched(tokenizer, tin
 
     def run():
         gen = torch.Generator().manual_seed(3)
-        return turns.rollout(model, prompts, c, tokenizer, [tokenizer.eos_token_id], gen)
+        sampler = TorchSampler(model, pad_id=tokenizer.pad_token_id, decode_impl=c.decode_impl)
+        return play_turns(turns, sampler, prompts, c, tokenizer, gen)
 
     ro = run()
     for conv, mask in zip(ro.conversations, ro.trained_mask):
@@ -276,7 +305,7 @@ def test_gradients_of_tool_results_and_headers_are_exactly_zero(
     )  # fmt: skip
     trainer = GRPOTrainer(template)
     assert "You can call these tools:" in trainer.prompts[0].text
-    trainer.turns.generate = scripted(tokenizer, multiply_policy)
+    use_sampler(trainer, scripted(tokenizer, multiply_policy))
     passes = []  # per training forward: its rows and d(objective)/d(log-probs), d(objective)/d(entropy)
 
     def keep_gradients(module, args, out):
@@ -287,14 +316,14 @@ def test_gradients_of_tool_results_and_headers_are_exactly_zero(
 
     trainer.policy.register_forward_hook(keep_gradients)
     captured = {}
-    step_samples = trainer.sample_step
+    step_samples = trainer.sampling.sample_step
 
-    def remember(timings):
-        first, step, sampling = step_samples(timings)
+    def remember(timings, version):
+        first, step, sampling = step_samples(timings, version)
         captured["rollout"] = step.rollout
         return first, step, sampling
 
-    trainer.sample_step = remember
+    trainer.sampling.sample_step = remember
     metrics, samples = trainer.train_step()
     ro = captured["rollout"]
     assert metrics["tools/calls_per_sample"] == 0.75
@@ -325,11 +354,11 @@ def test_log_probs_of_multi_segment_completions_match_on_both_passes(tokenizer, 
         maximum_sequence_length=600,
     )
     turns = MultiTurn(c)
-    turns.generate = scripted(tokenizer, multiply_policy)
+    sampler = scripted(tokenizer, multiply_policy)
     tmpl = template_from_dict({"template": {"instruction": "Use the calculator."}}).template
     prompts = build_prompts(builtin_multiply("train", 2), tmpl, tokenizer, max_prompt_tokens=400,
                             system_text=turns.system_text(tokenizer))  # fmt: skip
-    ro = turns.rollout(None, prompts, c, tokenizer, [tokenizer.eos_token_id], None)
+    ro = play_turns(turns, sampler, prompts, c, tokenizer)
     model = load_model(str(tiny_model_dir), device=torch.device("cpu"), dtype=torch.float32)
     policy = CompletionLogprobs(model)
     with torch.no_grad():
@@ -348,7 +377,7 @@ def test_a_response_prefix_starts_the_first_reply(tokenizer, tmp_path):
         '{"name": "calculator", "arguments": {"expression": "2 * 3"}}</tool_call>',
         "<answer>6</answer>",
     ]
-    turns.generate = scripted(tokenizer, lambda text, k: replies[text.count("<|im_start|>assistant") - 1])
+    sampler = scripted(tokenizer, lambda text, k: replies[text.count("<|im_start|>assistant") - 1])
     tmpl = template_from_dict(
         {"template": {"instruction": "Use the tools.", "response_prefix": "<tool_call>"}}
     )
@@ -359,7 +388,7 @@ def test_a_response_prefix_starts_the_first_reply(tokenizer, tmp_path):
         max_prompt_tokens=10_000,
         system_text=turns.system_text(tokenizer),
     )
-    ro = turns.rollout(None, prompts, c, tokenizer, [tokenizer.eos_token_id], None)
+    ro = play_turns(turns, sampler, prompts, c, tokenizer)
     conv = ro.conversations[0]
     assert conv.replies == ["<tool_call>" + replies[0], replies[1]]
     assert [(r["name"], r["result"]) for r in conv.tool_calls] == [("calculator", "6")]

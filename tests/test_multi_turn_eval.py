@@ -8,7 +8,8 @@ import pytest
 from grpo import rewards as rw
 from grpo.config import template_from_dict
 from grpo.eval.evaluate import evaluate, load_eval_prompts
-from grpo.rollout.multi_turn import MultiTurn
+from grpo.rollout.generate import SamplingSettings
+from grpo.rollout.turns.multi_turn import MultiTurn
 from tests.conftest import tiny_template
 from tests.test_multi_turn import multiply_policy, scripted
 
@@ -26,11 +27,12 @@ def test_evaluation_runs_the_tools(tokenizer, tiny_model_dir, tmp_path, samples,
     prompts = load_eval_prompts(template, tokenizer, limit=3)
     assert all("You can call these tools:" in p.text for p in prompts)  # described as in training
     turns = MultiTurn.from_config(c)
-    turns.generate = scripted(tokenizer, multiply_policy)  # k: a right call, a wrong one, none, an error
+    sampler = scripted(tokenizer, multiply_policy)  # k: a right call, a wrong one, none, an error
     rewards = rw.resolve_rewards(c.rewards, max_completion_length=64)
+    settings = SamplingSettings.from_config(c, [tokenizer.eos_token_id])
     result = evaluate(
-        None, tokenizer, prompts, rewards, rw.Tags.from_config(c), samples=samples, max_new_tokens=64,
-        turns=turns, config=c, sample=turns.generate, progress=False,
+        sampler, tokenizer, prompts, rewards, rw.Tags.from_config(c), settings, samples=samples, turns=turns,
+        progress=False,
     )  # fmt: skip
     assert result.accuracy == accuracy and result.pass_at_k == pass_at_k
     assert result.reward_means["tool_used"] == (0.5 if samples == 1 else 0.25)  # 0.5 where a call ran: k 0, 1

@@ -48,7 +48,7 @@ def one_step(model_dir, out, dtype, **extra):
         **extra,
     )
     trainer = GRPOTrainer(template_from_dict(data))
-    trainer.rollout = lambda batch: fixed_rollout(trainer, batch)
+    trainer.sampling.rollout = lambda batch, version: fixed_rollout(trainer, batch)[0]
     projections = {k: p for k, p in trainer.model.named_parameters() if k.endswith("proj.weight")}
     before = {k: p.detach().clone() for k, p in projections.items()}
     metrics, _ = trainer.train_step()
@@ -66,8 +66,10 @@ def test_bf16_mixed_takes_the_small_steps_that_bf16_weights_lose(tiny_model_dir,
     # fp32 master weights; the reference and the sampling copy need only the compute dtype
     assert {p.dtype for p in mixed.model.parameters()} == {F32}
     assert {p.dtype for p in mixed.ref.model.parameters()} == {BF16}
-    copy = mixed.sampling_model()
-    assert {p.dtype for p in copy.parameters()} == {BF16}
+    sampler = mixed.rollout_sampler
+    copy = sampler.decoding_model
+    assert {p.dtype for p in copy.parameters()} == {BF16} and copy is sampler.sampling_weights.model
+    sampler.update_weights(mixed.model, version=1)  # what train() calls after the step
     for (name, p), q in zip(mixed.model.named_parameters(), copy.parameters(), strict=True):
         assert torch.equal(q, p.detach().to(BF16)), name  # refreshed: the weights after the step
 
@@ -77,7 +79,7 @@ def test_bf16_mixed_lora_trains_fp32_adapters_over_a_bf16_base(tiny_model_dir, t
     dtypes = {n: p.dtype for n, p in trainer.model.named_parameters()}
     assert {d for n, d in dtypes.items() if "lora_" in n} == {F32}
     assert {d for n, d in dtypes.items() if "lora_" not in n} == {BF16}
-    assert trainer.sampling_model() is trainer.model  # the base is bf16 already: no copy
+    assert trainer.rollout_sampler.decoding_model is trainer.model  # the base is bf16 already: no copy
     assert metrics["grad_norm"] > 0
 
 

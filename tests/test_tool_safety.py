@@ -15,9 +15,9 @@ import time
 import pytest
 import torch
 
-from grpo.rollout.multi_turn import REPLY_END, MultiTurn
-from grpo.rollout.tools import CallFormat, resolve_tools, run_call
-from tests.test_multi_turn import calls, config, prompts_for, scripted
+from grpo.rollout.turns.multi_turn import REPLY_END, MultiTurn
+from grpo.rollout.turns.tools import CallFormat, resolve_tools, run_call
+from tests.test_multi_turn import calls, config, play_turns, prompts_for, scripted
 
 HOSTILE = '''
 import os
@@ -104,10 +104,8 @@ def echo_turns(tokenizer, tmp_path, words):
     )
     turns = MultiTurn(c)
     replies = [calls(("echo", f'{{"text": "{w}"}}')) for w in words] + ["Done."]
-    turns.generate = scripted(tokenizer, lambda text, k: replies[text.count("<|im_start|>assistant") - 1])
-    ro = turns.rollout(
-        None, prompts_for(tokenizer, turns, ["Echo."]), c, tokenizer, [tokenizer.eos_token_id], None
-    )
+    sampler = scripted(tokenizer, lambda text, k: replies[text.count("<|im_start|>assistant") - 1])
+    ro = play_turns(turns, sampler, prompts_for(tokenizer, turns, ["Echo."]), c, tokenizer)
     return ro, replies
 
 
@@ -133,10 +131,8 @@ def test_a_reply_holding_the_marker_is_cut_at_its_own_end(tokenizer, tmp_path):
     c = config(tmp_path, tools=["hostile_tools:echo"], maximum_completion_length=300)
     turns = MultiTurn(c)
     replies = [f"I write {REPLY_END} here " + calls(("echo", '{"text": "hi"}')), f"and {REPLY_END} again."]
-    turns.generate = scripted(tokenizer, lambda text, k: replies[text.count("<|im_start|>assistant") - 1])
-    ro = turns.rollout(
-        None, prompts_for(tokenizer, turns, ["Echo."]), c, tokenizer, [tokenizer.eos_token_id], None
-    )
+    sampler = scripted(tokenizer, lambda text, k: replies[text.count("<|im_start|>assistant") - 1])
+    ro = play_turns(turns, sampler, prompts_for(tokenizer, turns, ["Echo."]), c, tokenizer)
     n = int(ro.completion_mask[0].sum())
     between = tokenizer.decode(ro.completion_ids[0, :n][~ro.model_written[0, :n].bool()].tolist())
     assert between == "\n<|im_start|>tool\nhi<|im_end|>\n<|im_start|>assistant\n"
@@ -180,10 +176,8 @@ def test_a_rollout_answers_unreadable_calls_with_errors_and_goes_on(tokenizer, t
         '<tool_call>{"name": "calculator", "arguments": {"expression": ' + "9" * 4400 + "}}</tool_call>",
         "Fine.",
     ]
-    turns.generate = scripted(tokenizer, lambda text, k: replies[text.count("<|im_start|>assistant") - 1])
-    ro = turns.rollout(
-        None, prompts_for(tokenizer, turns, ["Go."]), c, tokenizer, [tokenizer.eos_token_id], None
-    )
+    sampler = scripted(tokenizer, lambda text, k: replies[text.count("<|im_start|>assistant") - 1])
+    ro = play_turns(turns, sampler, prompts_for(tokenizer, turns, ["Go."]), c, tokenizer)
     conv = ro.conversations[0]
     assert (conv.replies, conv.cut) == (replies, None)
     assert [m["content"] for m in conv.messages if m["role"] == "tool"] == [
@@ -278,10 +272,8 @@ def test_a_rollout_with_hostile_tools_reads_errors_back(tokenizer, tmp_path):
         calls(("shaped", '{"kind": "mute"}')),
         "Done.",
     ]
-    turns.generate = scripted(tokenizer, lambda text, k: replies[text.count("<|im_start|>assistant") - 1])
-    ro = turns.rollout(
-        None, prompts_for(tokenizer, turns, ["Go."]), c, tokenizer, [tokenizer.eos_token_id], None
-    )
+    sampler = scripted(tokenizer, lambda text, k: replies[text.count("<|im_start|>assistant") - 1])
+    ro = play_turns(turns, sampler, prompts_for(tokenizer, turns, ["Go."]), c, tokenizer)
     assert [m["content"] for m in ro.conversations[0].messages if m["role"] == "tool"] == [
         "Error: the tool's result cannot be shown as text (ValueError: Circular reference detected)",
         "Error: the tool did not return within 1 s",

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from grpo.config import ConfigError, template_from_dict
-from grpo.rollout.environments import NumberGuess, resolve_environment
-from grpo.rollout.tools import CallFormat, calculator, resolve_tools, run_call, tools_description
+from grpo.rollout.turns.environments import NumberGuess, resolve_environment
+from grpo.rollout.turns.tools import CallFormat, calculator, resolve_tools, run_call, tools_description
 from grpo.trainer import GRPOTrainer
 from tests.conftest import tiny_template
 

@@ -171,7 +171,7 @@ def saved_tensor_bytes(trainer: GRPOTrainer, *, checkpointing: bool = True) -> i
         model = trainer.model  # transformers >= 5.2x renamed gradient_checkpointing_disable
         getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
     rng = trainer.generator.get_state()
-    ro, *_ = trainer.rollout(list(range(trainer.config.batch_size)))
+    ro = trainer.sampling.rollout(list(range(trainer.config.batch_size)), version=0)
     trainer.generator.set_state(rng)  # the step that follows samples as if this never ran
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         trainer.policy(*trainer.updates.logprob_inputs(ro, slice(0, ro.completion_ids.shape[0])))
@@ -515,7 +515,8 @@ def test_mini_batches_make_one_update_per_mini_batch(tiny_model_dir, tmp_path):
         passes.append((module is trainer.ref, ro.completion_ids.shape[0]))
         return frozen(module, ro)
 
-    trainer.rollout, trainer.updates.frozen_logprobs = rollout, counted
+    trainer.sampling.rollout = lambda batch, version: rollout(batch)[0]
+    trainer.updates.frozen_logprobs = counted
     metrics, _ = trainer.train_step()
     # the reference, then the old policy for the second half only: the first update's forward gives the first's
     assert passes == [(True, 8), (False, 4)]
@@ -556,9 +557,9 @@ def test_mini_batches_make_one_update_per_mini_batch(tiny_model_dir, tmp_path):
     lora = GRPOTrainer(template_from_dict({**data, "config": {**data["config"], "use_lora": True}}))
     rows = []
     lora.updates.frozen_logprobs = lambda module, ro: rows.append(len(ro.completion_ids)) or ro.sampling_logps
-    olds, reuse = lora.updates.old_logprobs(ro, [slice(0, 2 * g), slice(2 * g, 4 * g)])
-    assert not reuse and rows == [4 * g]
-    assert [o.tolist() for o in olds] == [
+    olds = lora.updates.old_logprobs(ro, [slice(0, 2 * g), slice(2 * g, 4 * g)])
+    assert not olds.from_first_forward and rows == [4 * g]
+    assert [o.tolist() for o in olds.values] == [
         ro.sampling_logps[: 2 * g].tolist(),
         ro.sampling_logps[2 * g :].tolist(),
     ]
@@ -601,7 +602,7 @@ def test_entropy_bonus_is_the_gradient_of_the_mean_token_entropy(tiny_model_dir,
         )
         start = copy.deepcopy(trainer.model)
         seen = []
-        trainer.rollout = lambda batch, t=trainer, seen=seen: seen.append(fixed_rollout(t, batch)) or seen[-1]
+        trainer.sampling.rollout = lambda b, v, t=trainer, s=seen: s.append(fixed_rollout(t, b)) or s[-1][0]
         metrics, _ = trainer.train_step()
         moved[coef] = trainer.model.state_dict()
     assert all(torch.equal(moved[0.0][k], v) for k, v in start.state_dict().items())  # no bonus, no move
@@ -644,7 +645,7 @@ def test_old_and_reference_passes_run_without_dropout(tiny_model_dir, tmp_path):
     with torch.no_grad():  # B starts at 0, which hides dropout: give the adapters an effect
         for layer in lora_layers(trainer.model).values():
             layer.lora_B.weight.normal_()
-    ro = trainer.rollout(trainer.sampler.next_batch())[0]
+    ro = trainer.sampling.rollout(trainer.sampler.next_batch(), version=0)
     updates = trainer.updates
     assert trainer.model.training and not updates.old_from_first_update
     old = [updates.frozen_logprobs(trainer.policy, ro) for _ in range(2)]

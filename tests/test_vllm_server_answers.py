@@ -20,8 +20,10 @@ import torch
 from grpo.config import ConfigError, template_from_dict
 from grpo.errors import EngineError
 from grpo.parallel.launch import DistEnv
-from grpo.rollout.vllm_serve import SECRET_ENV, SECRET_HEADER
-from grpo.rollout.vllm_server import VLLMServer
+from grpo.rollout.engines.vllm_serve import SECRET_ENV, SECRET_HEADER
+from grpo.rollout.engines.vllm_server import VLLMServer
+from grpo.rollout.generate import SamplingSettings
+from grpo.rollout.registry import connect_sampler, start_sampler
 from tests.conftest import REPO, tiny_template, write_template
 
 SECRET = "a-secret-of-the-fake-server"
@@ -139,21 +141,36 @@ def connect(url: str, model_dir, output_dir) -> VLLMServer:
 PROMPTS = [[1, 17, 300], [1, 22], [1, 5000, 6, 7]]
 
 
-def sample(server: VLLMServer, policy, **settings):
-    options = {"num_generations": N, "max_new_tokens": MAX_TOKENS, "eos_ids": [2], "pad_id": 2, **settings}
-    return server.sampler(version=0)(policy, PROMPTS, generator=torch.Generator().manual_seed(0), **options)
+def sample(server: VLLMServer, **options):
+    settings = SamplingSettings(max_new_tokens=MAX_TOKENS, end_ids=(2,), **options)
+    generator = torch.Generator().manual_seed(0)
+    return server.sample(PROMPTS, settings, num_generations=N, generator=generator, version=0)
 
 
 def pushed(fake, policy, tiny_model_dir, tmp_path) -> VLLMServer:
+    """The server as the trainer gets it: connected, then started with the policy's weights of step 0."""
     state, url = fake
-    server = connect(url, tiny_model_dir, tmp_path / "run")
-    server.push(policy, version=0)
+    output_dir = tmp_path / "run"
+    template = template_from_dict(server_template(tiny_model_dir, output_dir, url, vllm_server_timeout=5))
+    server = connect_sampler(template, output_dir, DistEnv())
+    started = start_sampler(
+        template,
+        model=policy,
+        policy=policy,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        version=0,
+        connected=server,
+        pad_id=2,
+        sampling_weights=None,
+    )
+    assert started is server and isinstance(server, VLLMServer)
     return server
 
 
 def test_a_right_answer_is_taken_in_index_order(fake, policy, tiny_model_dir, tmp_path):
     server = pushed(fake, policy, tiny_model_dir, tmp_path)
-    ro = sample(server, policy)
+    ro = sample(server)
     # each prompt's samples in their index order, paired with their own prompt
     expected = [[p[-1] + i, 2] for p in PROMPTS for i in range(N)]
     assert ro.completion_ids.tolist() == expected
@@ -248,14 +265,14 @@ def test_a_wrong_completion_is_refused_in_one_line(fake, policy, tiny_model_dir,
     server = pushed(fake, policy, tiny_model_dir, tmp_path)
     fake[0].wrong, problem = COMPLETIONS[case]
     with pytest.raises(EngineError) as e:
-        sample(server, policy)
+        sample(server)
     assert str(e.value) == f"the vLLM server at {fake[1]} answered /v1/completions with {problem}"
 
 
 def test_greedy_answers_need_no_log_probs(fake, policy, tiny_model_dir, tmp_path):
     server = pushed(fake, policy, tiny_model_dir, tmp_path)
     fake[0].wrong = choices_of(lambda ch: [{**c, "logprobs": None} for c in ch])
-    ro = sample(server, policy, greedy=True)  # one sample per prompt, repeated G times
+    ro = sample(server, greedy=True)  # one sample per prompt, repeated G times
     assert ro.sampling_logps is None and ro.completion_ids.tolist() == [
         [p[-1], 2] for p in PROMPTS for _ in range(N)
     ]
@@ -302,7 +319,7 @@ def test_a_push_without_a_fingerprint_is_refused(fake, policy, tiny_model_dir, t
     server = connect(url, tiny_model_dir, tmp_path / "run")
     state.wrong = lambda path, body, answer: {"results": []} if path == "/collective_rpc" else answer
     with pytest.raises(EngineError) as e:
-        server.push(policy, version=0)
+        server.update_weights(policy, version=0)
     assert (
         str(e.value)
         == f"the vLLM server at {url} answered /collective_rpc grpo_reload with no worker's result ([])"

@@ -1,5 +1,7 @@
-"""The training template: its schema with each field's allowed values (schema.py), the checks across fields (checks.py), and reading it from YAML with
-key=value overrides (loading.py). `from grpo.config import Template, load_template, ConfigError` is the way in."""
+"""The training template: its schema with each field's allowed values (schema.py, with the loss's fields in
+loss_settings.py, each variant's options from the loss table in loss_table.py, and the rollout's in
+rollout_settings.py), the checks across fields (checks.py), and reading it from YAML with key=value overrides
+(loading.py). `from grpo.config import Template, load_template, ConfigError` is the way in."""
 
 from grpo.config.loading import apply_overrides, load_template, parse_override, read_yaml, template_from_dict
 from grpo.config.schema import (

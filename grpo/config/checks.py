@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from grpo.config.schema import LEAF_PATHS, Template, leaf_field
+from grpo.config.loss_table import VARIANTS
+from grpo.config.schema import LEAF_PATHS, Template, TrainConfig, leaf_field
 from grpo.errors import ConfigError
 
 
@@ -73,12 +75,6 @@ def check_relations(t: Template) -> None:
             c.delta,
             f"it must be null or at least 1 + epsilon_high ({upper:g})",
         )
-        need(
-            c.loss_type != "cispo",
-            "config.delta",
-            c.delta,
-            "cispo has no clipped objective to cap (its ratio cap is 1 + epsilon_high)",
-        )
     if c.rollout_engine == "vllm":
         need(
             c.backend != "unsloth",
@@ -98,13 +94,7 @@ def check_relations(t: Template) -> None:
             c.vllm_max_model_length,
             f"it must be null or at least maximum_sequence_length ({c.maximum_sequence_length})",
         )
-    if c.delta is not None:
-        need(
-            c.loss_type not in ("sapo", "vespo"),
-            "config.delta",
-            c.delta,
-            f"{c.loss_type} reshapes the ratio softly, it has no clip to cap",
-        )
+    check_variant_options(c, need)
     need(
         not (c.rollout_is_cap > 0 and c.vllm_importance_sampling_correction),
         "config.rollout_is_cap",
@@ -142,6 +132,30 @@ def check_relations(t: Template) -> None:
         "config.load_in_4bit",
         c.load_in_4bit,
         "4-bit loading needs backend: unsloth",
+    )
+
+
+def check_variant_options(c: TrainConfig, need: Callable[[bool, str, Any, str], None]) -> None:
+    """What a built-in variant's objective (grpo/config/loss_table.py) cannot take: delta, the clipped objective's
+    option, and sequence-level rollout correction where the token weights fold into the objective (vespo)."""
+    objective = VARIANTS[c.loss_type].objective if c.loss_type in VARIANTS else None
+    if objective is None:  # a user's loss takes whatever it takes
+        return
+    owns_delta = objective.options is not None and "delta" in objective.options.__dataclass_fields__
+    need(
+        c.delta is None or owns_delta,
+        "config.delta",
+        c.delta,
+        f"it caps the unclipped ratio of the clipped objective, and {c.loss_type}'s objective is {objective.summary}",
+    )
+    mode = c.vllm_importance_sampling_mode
+    need(
+        not (objective.folds_token_weights and c.vllm_importance_sampling_correction)
+        or mode.startswith("token_"),
+        "config.vllm_importance_sampling_mode",
+        mode,
+        f"with loss_type {c.loss_type} use token_truncate or token_mask: {c.loss_type} folds each token's correction "
+        "ratio into its sequence weight W, where a sequence mode's one weight per sequence would count once per token",
     )
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from grpo.config.fields import AT_LEAST_1, NULL_OR_COUNT, TIMEOUT, UNIT, URL, doc
+from grpo.rollout.samplers import ROLLOUT_ENGINES, VLLM_MODES
 
 
 @dataclass
@@ -29,12 +30,12 @@ class RolloutSettings:
         check=AT_LEAST_1,
     )
     # -- the rollout engine; the vllm_* fields (TRL's names) are read only with rollout_engine vllm (docs/vllm.md)
-    rollout_engine: Literal["torch", "vllm"] = doc(
+    rollout_engine: Literal[ROLLOUT_ENGINES] = doc(  # the samplers in grpo/rollout/samplers.py
         "Who samples rollouts: torch (our decoder) or vllm, an optional engine given the weights after every step.",
         default="torch",
         resume_safe=True,
     )
-    vllm_mode: Literal["colocate", "server"] = doc(
+    vllm_mode: Literal[VLLM_MODES] = doc(
         "colocate: an engine inside the training process; server: `grpo vllm-serve` at vllm_server_url.",
         default="colocate",
         resume_safe=True,

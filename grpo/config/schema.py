@@ -2,7 +2,9 @@
 
 A template is what a user saves and queues. Field names follow Transformer Lab's GRPO plugins so settings carry
 over. Reading one (YAML, key=value overrides, type checks) is grpo/config/loading.py; the range checks are
-grpo/config/checks.py. Everything here is cheap: validation runs before any model or dataset loads.
+grpo/config/checks.py. TrainConfig inherits the loss's fields (loss_settings.py, each variant's options coming
+from the loss table, loss_table.py) and the rollout's (rollout_settings.py). Everything here is cheap: validation
+runs before any model or dataset loads.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from grpo.config.fields import (
     doc,
     within,
 )
+from grpo.config.loss_settings import LossSettings
 from grpo.config.rollout_settings import RolloutSettings
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
@@ -80,7 +83,7 @@ class DataTemplate:
 
 
 @dataclass
-class TrainConfig(RolloutSettings):
+class TrainConfig(LossSettings, RolloutSettings):
     # -- device and placement
     train_device: Literal["auto", "cuda", "cpu", "tpu"] = doc(
         "Where to train: auto picks cuda when present.", default="auto", resume_safe=True
@@ -200,12 +203,6 @@ class TrainConfig(RolloutSettings):
         default=0.0,
         check=within(0, 1),
     )
-    beta: float = doc("KL weight; 0 = no reference model is loaded at all.", default=0.0, check=ZERO_OR_MORE)
-    kl_estimator: Literal["k3", "k2"] = doc(
-        "Per-token KL term of the loss: k3 = exp(ref - logp) - (ref - logp) - 1 (GRPO's), k2 = (logp - ref)^2 / 2, "
-        "whose gradient is that of the reverse KL(policy || reference) (grpo/loss.py).",
-        default="k3",
-    )
     ref_model_sync_steps: int = doc(
         "Every N steps move the KL reference towards the policy: reference = ref_model_mixup_alpha * policy + "
         "(1 - alpha) * reference (TR-DPO, arXiv:2404.09656; grpo/model/reference_sync.py); 0 = the reference stays the "
@@ -218,17 +215,6 @@ class TrainConfig(RolloutSettings):
         default=0.6,
         check=within(0, 1, low_open=True),
     )
-    epsilon: float = doc("Lower clip range of the importance ratio.", default=0.2, check=ZERO_OR_MORE)
-    epsilon_high: float | None = doc(
-        "Upper clip range (null = epsilon).",
-        default=None,
-        check=Check(lambda v: v is None or v >= 0, "it must be null or 0 or more"),
-    )
-    delta: float | None = doc(
-        "Two-sided clipping (INTELLECT-2): cap the unclipped ratio at delta, so tokens with a negative advantage "
-        "and a large ratio stop growing the loss; null = off; at least 1 + epsilon_high.",
-        default=None,
-    )
     num_iterations: int = doc("Policy updates per batch of samples (mu).", default=1, check=AT_LEAST_1)
     mini_batches: int = doc(
         "Split each step's prompts (with all their G completions) into this many mini-batches and make one "
@@ -237,26 +223,6 @@ class TrainConfig(RolloutSettings):
         default=1,
         check=AT_LEAST_1,
     )
-    loss_type: str = doc(
-        "grpo|bnpo|dr_grpo|dapo|cispo|sapo|luspo|vespo or package.module:function.", default="grpo"
-    )
-    sapo_temperature_pos: float = doc(
-        "sapo: the gate's temperature where A > 0.", default=1.0, check=POSITIVE
-    )
-    sapo_temperature_neg: float = doc(
-        "sapo: the gate's temperature where A <= 0.", default=1.05, check=POSITIVE
-    )
-    vespo_k_pos: float = doc("vespo: the kernel's power where A >= 0.", default=2.0, check=ZERO_OR_MORE)
-    vespo_lambda_pos: float = doc("vespo: the kernel's decay where A >= 0.", default=3.0, check=ZERO_OR_MORE)
-    vespo_k_neg: float = doc("vespo: the kernel's power where A < 0.", default=3.0, check=ZERO_OR_MORE)
-    vespo_lambda_neg: float = doc("vespo: the kernel's decay where A < 0.", default=2.0, check=ZERO_OR_MORE)
-    use_bias_correction_kl: bool = doc(
-        "Times each token's KL term by its ratio pi / pi_old (DeepSeek-V3.2's unbiased KL); needs beta > 0.",
-        default=False,
-    )
-    importance_sampling_level: Literal["token", "sequence"] = doc(
-        "token (GRPO) or sequence (GSPO).", default="token"
-    )
     scale_rewards: Literal["group", "batch", "none"] = doc(
         "Divide advantages by the std of the group, the batch, or not at all.", default="group"
     )
@@ -264,67 +230,6 @@ class TrainConfig(RolloutSettings):
         "Several rewards: normalise their weighted sum, or normalise each within its group, sum, then normalise "
         "over the batch (GDPO), so a reward on a large scale does not drown the others.",
         default="sum_then_normalize",
-    )
-    top_entropy_quantile: float = doc(
-        "Apply the policy term only to the tokens whose entropy is in this top share of the step's tokens "
-        "(arXiv:2506.01939 kept 0.2); 1.0 = every token.",
-        default=1.0,
-        check=within(0, 1, low_open=True),
-    )
-    entropy_coef: float = doc(
-        "Entropy bonus: subtract entropy_coef x the mean entropy of the loss tokens (of all ranks) from the loss, "
-        "which slows the collapse of exploration; 0 = off (entropy is then only a metric, without gradient).",
-        default=0.0,
-        check=OFF_OR_MORE,
-    )
-    use_adaptive_entropy: bool = doc(
-        "Adaptive entropy control (Skywork-OR1): after each update the entropy coefficient (from entropy_coef) "
-        "moves by entropy_coef_delta, up while the entropy is below entropy_target, down while above.",
-        default=False,
-    )
-    entropy_target: float = doc("use_adaptive_entropy: the entropy to steer to.", default=0.2, check=POSITIVE)
-    entropy_coef_delta: float = doc(
-        "use_adaptive_entropy: the move per update.", default=0.005, check=POSITIVE
-    )
-    entropy_coef_min: float = doc(
-        "use_adaptive_entropy: the lowest coefficient.", default=0.0, check=ZERO_OR_MORE
-    )
-    entropy_coef_max: float = doc(
-        "use_adaptive_entropy: the highest coefficient.", default=1.0, check=ZERO_OR_MORE
-    )
-    rollout_is_cap: float = doc(
-        "Truncated importance sampling of the rollout: weight each token's policy term by min(pi_train / "
-        "pi_rollout, cap), pi_rollout being the decode path's probability of the drawn token and pi_train the "
-        "training forward's, which differ numerically (bf16, CUDA graphs, packed kernels); 0 = off (2 is usual).",
-        default=0.0,
-        check=Check(lambda v: v == 0 or v >= 1, "it must be 0 (off) or at least 1"),
-    )
-    vllm_importance_sampling_correction: bool = doc(
-        "Weight the policy term by the importance ratio training / decode path, as the mode says (TRL's names; "
-        "grpo/off_policy.py); rollout_is_cap is its token_truncate form.",
-        default=False,
-    )
-    vllm_importance_sampling_mode: Literal[
-        "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"
-    ] = doc(
-        "Per token or per sequence; clamped to [clip_min, clip_max], or 0 outside it.",
-        default="sequence_mask",
-    )
-    vllm_importance_sampling_clip_max: float = doc(
-        "Upper bound of the ratio.", default=3.0, check=Check(lambda v: v >= 1, "it must be at least 1")
-    )
-    vllm_importance_sampling_clip_min: float | None = doc(
-        "Lower bound of the ratio (null = none).",
-        default=None,
-        check=Check(lambda v: v is None or 0 <= v < 1, "it must be null or in [0, 1)"),
-    )
-    off_policy_mask_threshold: float | None = doc(
-        "Mask sequences with A < 0 and mean log(pi_sampling / pi) above this (DeepSeek-V3.2); null = off.",
-        default=None,
-        check=Check(lambda v: v is None or v > 0, "it must be null (off) or positive"),
-    )
-    mask_truncated_completions: bool = doc(
-        "Exclude completions cut at the length limit from the loss.", default=False
     )
     rewards: list[Any] = doc(
         "Reward functions: names or package.module:function, or {name: ..., weight: ..., KEY: VALUE} where "

@@ -12,19 +12,19 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from grpo import rewards as rw
-from grpo.config import ConfigError, Template, TrainConfig
-from grpo.data import BUILTIN_SEEDS, Prompt, build_prompts, complete_rows, load_rows
-from grpo.model.loading import stop_token_ids
-from grpo.rollout.generate import Rollout, generate
-from grpo.rollout.multi_turn import MultiTurn, turn_records
+from grpo.builtin_tasks import BUILTIN_SEEDS
+from grpo.config import ConfigError, Template
+from grpo.data import Prompt, build_prompts, complete_rows, load_rows
+from grpo.rollout.generate import SamplingSettings
+from grpo.rollout.sampler import Sampler
+from grpo.rollout.turns.multi_turn import MultiTurn, turn_records
 
 CORRECTNESS = "correctness"
 
@@ -108,98 +108,78 @@ def load_eval_prompts(
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module,
+    sampler: Sampler,
     tokenizer: Any,
     prompts: list[Prompt],
     rewards: list[rw.Reward],
     tags: rw.Tags,
+    settings: SamplingSettings,
     *,
     samples: int = 1,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
     batch_size: int = 32,
     response_prefix: str = "",
     generator: torch.Generator | None = None,
     progress: bool = True,
-    decode_impl: str = "auto",
-    sample: Callable[..., Rollout] = generate,
     turns: MultiTurn | None = None,
-    config: TrainConfig | None = None,
+    version: int = 0,
 ) -> EvalResult:
-    """Answer every prompt (greedy when samples == 1, else `samples` draws) and score the answers. `sample`:
-    grpo.rollout.generate.generate, or a rollout engine's function with its signature (rollout_engine vllm).
-    `turns` (with the run's `config`): a template with tools or an environment answers over several turns, as
-    in training, and is scored on the whole conversation.
+    """Answer every prompt on `sampler`, from the weights of step `version` (greedy when samples == 1, else
+    `samples` draws under `settings`), and score the answers as training does. `turns`: a template with tools or
+    an environment answers over several turns, as in training, and is scored on the whole conversation.
 
-    `batch_size` counts prompts per generate call; each call decodes batch_size x samples sequences.
+    `batch_size` counts prompts per sampler call; each call decodes batch_size x samples sequences.
     """
     if not prompts:
         raise ConfigError("There are no prompts to evaluate; check the split and the limit.")
     if samples < 1 or batch_size < 1:
         raise ConfigError(f"samples = {samples} and batch_size = {batch_size} must both be at least 1.")
     start = time.perf_counter()
-    eos_ids = stop_token_ids(model, tokenizer)
-    texts: list[str] = []
-    lengths: list[int] = []
-    truncated: list[bool] = []
-    conversations: list[Any] = []
-    batches = range(0, len(prompts), batch_size)
-    if turns is not None:
-        assert config is not None, "a multi-turn evaluation needs the run's config"
-        settings = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
-        config = dataclasses.replace(
-            config, num_generations=samples, maximum_completion_length=max_new_tokens, **settings
-        )
+    settings = replace(settings, greedy=samples == 1)
+    rollouts, batches = [], range(0, len(prompts), batch_size)
     for i in tqdm(batches, desc="eval", unit="batch", file=sys.stderr, disable=not progress, leave=False):
         chunk = prompts[i : i + batch_size]
         if turns is not None:  # every turn of the chunk's samples, the tools run as in training
             ro = turns.rollout(
-                model, chunk, config, tokenizer, eos_ids, generator, sample, greedy=samples == 1
+                sampler, chunk, settings, tokenizer, generator, num_generations=samples, version=version
             )
-            conversations += ro.conversations
-            texts += [conv.text for conv in ro.conversations]
-            lengths += ro.trained_mask.sum(-1).tolist()  # the tokens the model wrote
-            truncated += ro.truncated.tolist()
-            continue
-        ro = sample(
-            model,
-            [p.ids for p in chunk],
-            num_generations=samples,
-            max_new_tokens=max_new_tokens,
-            eos_ids=eos_ids,
-            pad_id=tokenizer.pad_token_id,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            generator=generator,
-            greedy=samples == 1,
-            decode_impl=decode_impl,
-        )
-        ids = ro.completion_ids.masked_fill(ro.completion_mask == 0, tokenizer.pad_token_id)
-        texts += [response_prefix + t for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
-        lengths += ro.completion_mask.sum(-1).tolist()
-        truncated += ro.truncated.tolist()
-    expanded = [p for p in prompts for _ in range(samples)]  # the order generate returns: G per prompt
-    refs = [p.reference for p in expanded]
-    inputs = rw.RewardInputs.of(
+        else:
+            ids = [p.ids for p in chunk]
+            ro = sampler.sample(ids, settings, num_generations=samples, generator=generator, version=version)
+        rollouts.append(ro)
+    expanded = [p for p in prompts for _ in range(samples)]  # the order a sampler returns: G per prompt
+    scored = rw.score_rollouts(
+        rewards,
+        rollouts,
         expanded,
-        lengths,
+        tokenizer,
+        response_prefix=response_prefix,
         tags=tags,
-        max_completion_length=max_new_tokens,
-        completions=texts,
-        conversations=conversations or None,
+        max_completion_length=settings.max_new_tokens,
     )
-    scores = rw.score(rewards, texts, refs, **inputs.as_kwargs())  # [N, R]
+    truncated = [t for ro in rollouts for t in ro.truncated.tolist()]
+    result = eval_result(scored, expanded, rewards, tags, samples=samples, truncated=truncated)
+    result.time_s = time.perf_counter() - start
+    return result
+
+
+def eval_result(
+    scored: rw.RolloutScores,
+    expanded: list[Prompt],
+    rewards: list[rw.Reward],
+    tags: rw.Tags,
+    *,
+    samples: int,
+    truncated: list[bool],
+) -> EvalResult:
+    """The rates and one record per completion, from the scored answers (each prompt `samples` times)."""
+    texts, lengths, scores = scored.texts, scored.lengths, scored.scores
+    conversations = scored.conversations or []
+    refs = [p.reference for p in expanded]
     j = correctness_index(rewards)
     correct_scores = scores[:, j] if j is not None else torch.tensor(rw.correctness(texts, refs, tags=tags))
     correct = correct_scores > 0  # [N]
     strict = torch.tensor(rw.strict_format(texts, refs, tags=tags)) > 0  # [N]
     soft = torch.tensor(rw.soft_format(texts, refs, tags=tags)) > 0  # [N]
-    n = len(texts)
     records = [
         {
             "index": k // samples,
@@ -214,9 +194,9 @@ def evaluate(
             "rewards": {r.name: float(scores[k, m]) for m, r in enumerate(rewards)},
             **(turn_records(conversations[k]) if conversations else {}),
         }
-        for k in range(n)
+        for k in range(len(texts))
     ]
-    per_prompt = correct.view(len(prompts), samples)  # [B, K]
+    per_prompt = correct.view(len(expanded) // samples, samples)  # [B, K]
     return EvalResult(
         accuracy=_mean(correct),
         strict_format=_mean(strict),
@@ -224,10 +204,9 @@ def evaluate(
         completion_length=_mean(torch.tensor(lengths)),
         truncated=_mean(torch.tensor(truncated)),
         samples=samples,
-        num_prompts=len(prompts),
+        num_prompts=len(expanded) // samples,
         pass_at_k=_mean(per_prompt.any(dim=1)) if samples > 1 else None,
         reward_means={r.name: _mean(scores[:, m]) for m, r in enumerate(rewards)},
-        time_s=time.perf_counter() - start,
         records=records,
     )
 

@@ -16,9 +16,10 @@ from grpo.data import Prompt
 from grpo.eval.evaluate import EvalResult, evaluate
 from grpo.parallel.collectives import any_over_ranks
 from grpo.parallel.launch import DistEnv
-from grpo.parallel.wrapping import full_params, full_state_dict
+from grpo.parallel.wrapping import full_state_dict
 from grpo.rewards import Reward, Tags
-from grpo.rollout.generate import generate
+from grpo.rollout.generate import SamplingSettings
+from grpo.rollout.sampler import Sampler
 from grpo.run.atomic_files import atomic_write_text
 from grpo.run.logger import RunLogger
 
@@ -44,27 +45,27 @@ class TrainingEval:
     tags: Tags
     last: tuple[int, EvalResult | None] | None = None  # (step, result), on every rank
     best_accuracy: float = float("-inf")
-    engine: Any = None  # rollout_engine vllm: the engine (grpo/rollout/vllm_engine.py) evaluates too
+    settings: SamplingSettings | None = None  # the training rollout's: set once the end tokens are known
     turns: Any = None  # tools or an environment: the answers take several turns, as in training
 
-    def run(self, step: int, sampling_model: torch.nn.Module, policy: torch.nn.Module) -> EvalResult | None:
-        """Greedy evaluation on the held-out prompts (rank 0; None on the other ranks, which wait)."""
+    def run(self, step: int, sampler: Sampler) -> EvalResult | None:
+        """Greedy evaluation on the held-out prompts with the run's sampler, which holds the weights of `step`
+        (rank 0; None on the other ranks, which wait)."""
         c, result = self.template.config, None
-        with full_params(policy):  # FSDP: every rank takes part in the gather, rank 0 generates
+        assert self.settings is not None, "the trainer sets the sampling settings once the model has loaded"
+        with sampler.gathered():  # FSDP: every rank takes part in the gather, rank 0 generates
             if self.env.is_main:
                 result = evaluate(
-                    sampling_model,
+                    sampler,
                     self.tokenizer,
                     self.prompts,
                     self.rewards,
                     self.tags,
-                    max_new_tokens=c.maximum_completion_length,
+                    self.settings,
                     batch_size=c.batch_size * c.num_generations,
                     response_prefix=self.template.template.response_prefix,
-                    decode_impl=c.decode_impl,
-                    sample=generate if self.engine is None else self.engine.sampler(version=step),
                     turns=self.turns,
-                    config=c,
+                    version=step,
                 )
         self.last = (step, result)  # on every rank, so all agree whether the final one is due
         if self.env.enabled and torch.distributed.is_initialized():
@@ -78,13 +79,12 @@ class TrainingEval:
         logger: RunLogger | None,
         *,
         evaluate_now: bool,
-        sampling_model: torch.nn.Module,
-        policy: torch.nn.Module,
+        sampler: Sampler,
     ) -> None:
         """eval.json (summary) + eval.jsonl (records) beside the saved model; reuses this step's evaluation,
         and runs one only when `evaluate_now` (not for a run stopped early)."""
         if (self.last is None or self.last[0] != step) and evaluate_now:
-            self.run(step, sampling_model, policy)
+            self.run(step, sampler)
         if self.last is None or self.last[0] != step or self.last[1] is None:
             return  # stopped early without a current evaluation, or not rank 0
         result = self.last[1]

@@ -102,7 +102,7 @@ def dispatch(args: argparse.Namespace) -> int:
         commands.recover()
         return 0
     if args.command == "vllm-serve":  # needs no workspace; replaces this process with vLLM's server
-        from grpo.rollout.vllm_server import serve
+        from grpo.rollout.engines.vllm_serve import serve
 
         serve(args.model, args.options)
     store = commands.Store()

@@ -35,6 +35,7 @@ from grpo.rewards.builtin import (
     tool_used,
 )
 from grpo.rewards.learned_model import reward_model
+from grpo.rewards.rollout_scores import RolloutScores, completion_texts, score_rollouts
 from grpo.rewards.scoring import PASSED_KWARGS, Reward, RewardInputs, resolve_function, resolve_rewards, score
 
 __all__ = [
@@ -44,9 +45,11 @@ __all__ = [
     "RewardError",
     "RewardInputs",
     "RewardFn",
+    "RolloutScores",
     "Tags",
     "answer_mentioned",
     "answers_match",
+    "completion_texts",
     "correctness",
     "extract_answer",
     "final_answer",
@@ -57,6 +60,7 @@ __all__ = [
     "resolve_rewards",
     "reward_model",
     "score",
+    "score_rollouts",
     "soft_format",
     "strict_format",
     "tag_count",

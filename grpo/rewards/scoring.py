@@ -48,7 +48,7 @@ class RewardInputs:
         conversations: list[Any] | None = None,
     ) -> RewardInputs:
         """From the Prompt of each completion (a prompt repeated once per sample), the completion lengths and
-        texts, and for a multi-turn rollout each sample's Conversation (grpo/rollout/multi_turn.py)."""
+        texts, and for a multi-turn rollout each sample's Conversation (grpo/rollout/turns/multi_turn.py)."""
         if conversations is None:  # one reply
             messages = [
                 [*p.messages, {"role": "assistant", "content": t}] for p, t in zip(prompts, completions)

@@ -1,4 +1,5 @@
-"""Sampling G completions per prompt with the KV cache.
+"""What a rollout is made of, and our sampling loop: `Rollout` (what every sampler returns), `SamplingSettings`
+(what every sampler is asked for) and `generate`, G completions per prompt with the KV cache.
 
 Each prompt is encoded once (one prefill for the B distinct prompts), then its cache is repeated G times and
 the B*G sequences decode together; decoding stops as soon as every sequence has produced an end token.
@@ -6,15 +7,35 @@ the B*G sequences decode together; decoding stops as soon as every sequence has 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from grpo.config import TrainConfig
-from grpo.rollout.decoders import DECODE_IMPLS, make_decoder
-from grpo.rollout.sampling import sample_next
+from grpo.rollout.decoding.decoders import DECODE_IMPLS, make_decoder
+from grpo.rollout.decoding.sampling import sample_next
+
+if TYPE_CHECKING:
+    from grpo.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to draw each completion, the same for every sampler. The random stream is not in here: it is the
+    run's `torch.Generator`, passed per call, so a run's draws continue across steps and resume exactly."""
+
+    max_new_tokens: int
+    end_ids: tuple[int, ...]  # a completion ends with the first of these; () runs every one to the limit
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    greedy: bool = False  # the argmax token at every step (evaluation); the four filters are then unused
+
+    @classmethod
+    def from_config(cls, c: TrainConfig, end_ids: list[int] | tuple[int, ...]) -> SamplingSettings:
+        """A training rollout's settings: the template's filters and completion length."""
+        return cls(max_new_tokens=c.maximum_completion_length, end_ids=tuple(end_ids), **c.sampling())
 
 
 @dataclass
@@ -32,8 +53,8 @@ class Rollout:
     # the fast decode path is from the policy being trained (rollout/mismatch_* metrics, rollout_is_cap).
     sampling_logps: torch.Tensor | None = None
     # [N, T] 1 where the model sampled the token, 0 at tool results, observations and the chat template's role
-    # headers between turns (grpo/rollout/multi_turn.py); None: a single reply, every completion token is the
-    # model's. The sequence keeps the other tokens for the log-probs; the loss trains only `trained_mask`.
+    # headers between turns (grpo/rollout/turns/multi_turn.py); None: a single reply, every completion token
+    # is the model's. The sequence keeps the other tokens for the log-probs; the loss trains only `trained_mask`.
     model_written: torch.Tensor | None = None
     conversations: list[Any] | None = (
         None  # per row, a multi-turn rollout's Conversation (messages, tool calls)
@@ -89,26 +110,20 @@ def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[
 def generate(
     model: torch.nn.Module,
     prompts: list[list[int]],
+    settings: SamplingSettings,
     *,
     num_generations: int,
-    max_new_tokens: int,
-    eos_ids: list[int],
     pad_id: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
     generator: torch.Generator | None = None,
-    greedy: bool = False,
     decode_impl: str = "auto",
     check_done_every: int | None = None,
 ) -> Rollout:
-    """greedy=True takes the argmax token at every step (evaluation); the sampling settings are then unused.
+    """G samples of each prompt under `settings`, decoded by `model` (TorchSampler's implementation).
 
-    decode_impl: "graph" decodes with grpo/rollout/graph_decode.py (fixed shapes; a CUDA graph on GPU, eager on
-    CPU), "packed" with grpo/rollout/packed_decode.py (CPU fp32: MKL-packed fused weights), "static" with
-    grpo/rollout/static_decode.py (preallocated cache, the model's own layers), "hf" with the model's forward and
-    a DynamicCache (grpo/rollout/decoders.py); "auto" takes graph on CUDA, packed on CPU, when the architecture
+    decode_impl: "graph" decodes with grpo/rollout/decoding/graph_decode.py (fixed shapes; a CUDA graph on
+    GPU, eager on CPU), "packed" with decoding/packed_decode.py (CPU fp32: MKL-packed fused weights), "static"
+    with decoding/static_decode.py (preallocated cache, the model's own layers), "hf" with the model's forward
+    and a DynamicCache (decoding/decoders.py); "auto" takes graph on CUDA, packed on CPU, when the architecture
     allows, else static, else hf.
 
     check_done_every: how many tokens between checks that every sequence has ended. Each check waits for the
@@ -131,25 +146,25 @@ def generate(
         )
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
         mask = mask.repeat_interleave(num_generations, dim=0)  # [N, P]
-        capacity = ids.shape[1] + max_new_tokens
+        capacity = ids.shape[1] + settings.max_new_tokens
         decode = make_decoder(decode_impl, model, cache, num_generations, mask, capacity, first.dtype)
         logits = out.logits[:, -1].repeat_interleave(num_generations, dim=0)  # [N, V]
         ids = ids.repeat_interleave(num_generations, dim=0)
         next_pos = positions[:, -1].repeat_interleave(num_generations, dim=0) + 1  # [N]
-        eos = torch.tensor(eos_ids, device=device)
+        eos = torch.tensor(settings.end_ids, device=device)
         n = ids.shape[0]
         done = torch.zeros(n, dtype=torch.bool, device=device)
         tokens, alive, logps = [], [], []
-        for step in range(max_new_tokens):
-            if greedy:
+        for step in range(settings.max_new_tokens):
+            if settings.greedy:
                 tok = logits.argmax(dim=-1)  # [N]
             else:
                 tok, logp = sample_next(  # [N], [N]
                     logits,
-                    temperature=temperature,
-                    top_p=top_p,
-                    top_k=top_k,
-                    min_p=min_p,
+                    temperature=settings.temperature,
+                    top_p=settings.top_p,
+                    top_k=settings.top_k,
+                    min_p=settings.min_p,
                     generator=generator,
                     return_logps=True,
                 )
@@ -158,7 +173,9 @@ def generate(
             alive.append(~done)
             tokens.append(tok)
             done = done | torch.isin(tok, eos)
-            if step == max_new_tokens - 1 or ((step + 1) % check_done_every == 0 and bool(done.all())):
+            if step == settings.max_new_tokens - 1 or (
+                (step + 1) % check_done_every == 0 and bool(done.all())
+            ):
                 break
             logits = decode(tok, next_pos)
             next_pos = next_pos + 1
@@ -182,27 +199,3 @@ def generate(
 
 
 CUDA_CHECK_DONE_EVERY = 8
-
-
-def sample_as_configured(
-    sample: Callable[..., Rollout],
-    model: torch.nn.Module,
-    prompts: list[list[int]],
-    c: TrainConfig,
-    eos_ids: list[int],
-    pad_id: int,
-    generator: torch.Generator,
-) -> Rollout:
-    """A training rollout of `prompts` with the template's sampling settings, through `sample`: `generate`
-    (our decoder) or an engine's sampler with the same signature (grpo/rollout/vllm_engine.py)."""
-    return sample(
-        model,
-        prompts,
-        num_generations=c.num_generations,
-        max_new_tokens=c.maximum_completion_length,
-        eos_ids=eos_ids,
-        pad_id=pad_id,
-        generator=generator,
-        decode_impl=c.decode_impl,
-        **c.sampling(),
-    )

@@ -9,12 +9,12 @@ suffix is always complete, and leftover .tmp folders from a killed save are remo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +23,14 @@ import numpy as np
 import torch
 import yaml
 
-from grpo.config import RESUME_SAFE_FIELDS, ConfigError, Template
+from grpo.config import ConfigError, Template
 from grpo.data import PromptSampler
 from grpo.errors import NonFiniteError, StorageError
 from grpo.model.reference_sync import load_reference, save_reference
 from grpo.parallel.collectives import first_text_over_ranks
 from grpo.parallel.launch import DistEnv
 from grpo.run.atomic_files import atomic_write_text, fresh_dir, fsync_tree
+from grpo.run.resume_checks import UnreadableCheckpoint, check_compatible, read_trainer_state, reading
 from grpo.run.run_dir import naming_full_disk
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -73,49 +74,15 @@ def resume_candidates(spec: str | None, output_dir: Path) -> list[Path]:
     return [path]
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def math_differences(saved: dict[str, Any], current: Template) -> list[str]:
-    """Fields whose values differ between the checkpoint's template and this run's, ignoring the safe ones. A
-    field the checkpoint lacks (saved by an older version) counts with its default, which that version used."""
-    a, b = {**_flatten(asdict(Template())), **_flatten(saved)}, _flatten(asdict(current))
-    return sorted(k for k in set(a) | set(b) if k not in RESUME_SAFE_FIELDS and a.get(k) != b.get(k))
-
-
-def check_compatible(path: Path, current: Template, *, force: bool, world_size: int = 1) -> None:
-    """Refuse a resume whose template changes the math. batch_size is per process: a different process count
-    is fine as long as the global batch (batch_size x processes) stays the same."""
-    saved = _reading(
-        path / "template.yaml", lambda: dict(yaml.safe_load((path / "template.yaml").read_text()))
-    )
-    diffs = math_differences(saved, current)
-    state = _reading(path / "trainer_state.json", lambda: read_trainer_state(path))
-    saved_world, step, max_steps = (
-        int(state.get("world_size", 1)),
-        int(state["step"]),
-        current.config.max_steps,
-    )
-    if 0 < max_steps < step:  # the loop would not run, and the model saved at `step` be overwritten
-        raise ConfigError(
-            f"Cannot resume from {path}: the run is at step {step}, past max_steps = {max_steps}, and resuming "
-            f"would overwrite its model and drop the metrics of steps {max_steps + 1}-{step}; raise max_steps "
-            f"above {step} or train into a new output_dir."
-        )
-    if saved["config"]["batch_size"] * saved_world == current.config.batch_size * world_size:
-        diffs = [d for d in diffs if d != "config.batch_size"]
-    if diffs and not force:
-        raise ConfigError(
-            f"Cannot resume from {path}: the template differs in fields that change the run "
-            f"({', '.join(diffs)}); set force_resume=true to resume anyway."
-        )
+def checked_resume_paths(template: Template, output_dir: Path, world_size: int) -> list[Path]:
+    """The checkpoints a run resumes from, newest first, with the newest checked against the template before
+    anything loads: one that changes the math is refused now. A damaged one is skipped when resuming."""
+    c = template.config
+    paths = resume_candidates(c.resume_from_checkpoint, output_dir)
+    if paths:
+        with contextlib.suppress(UnreadableCheckpoint):
+            check_compatible(paths[0], template, force=c.force_resume, world_size=world_size)
+    return paths
 
 
 # ---------------------------------------------------------------- RNG
@@ -163,10 +130,6 @@ def commit(tmp: Path, output_dir: Path, step: int, save_total_limit: int) -> Pat
         for old in list_checkpoints(output_dir)[:-save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def read_trainer_state(path: Path) -> dict[str, Any]:
-    return json.loads((path / "trainer_state.json").read_text())
 
 
 def load_rng(path: Path, rank: int, generator: torch.Generator) -> None:
@@ -298,18 +261,6 @@ def _write_checkpoint(parts: RunParts, progress: Progress) -> Path:
     return final
 
 
-class UnreadableCheckpoint(Exception):
-    """A checkpoint file that exists but does not load: truncated, corrupt, or from a different model."""
-
-
-def _reading(path: Path, load: Callable[[], Any]) -> Any:
-    try:
-        return load()
-    except Exception as e:  # any failure to read a file of a complete checkpoint means the file is damaged
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise UnreadableCheckpoint(f"{path.name} does not load: {reason}") from e
-
-
 def resume_newest_loadable(
     parts: RunParts, paths: list[Path], *, force: bool, explicit: bool
 ) -> tuple[Progress, Path, list[str]]:
@@ -343,11 +294,11 @@ def resume(parts: RunParts, path: Path) -> Progress:
     """Load a checkpoint (already checked with check_compatible) into freshly built parts; returns the
     counters it recorded. A file that does not load raises UnreadableCheckpoint naming it."""
     env = parts.env
-    _reading(path / "model", lambda: _load_weights(parts, path / "model"))
-    ref_state = _reading(path / "reference.safetensors", lambda: load_reference(path))
+    reading(path / "model", lambda: _load_weights(parts, path / "model"))
+    ref_state = reading(path / "reference.safetensors", lambda: load_reference(path))
     if parts.reference is not None and ref_state is not None:  # none: saved before sync was on (force_resume)
         _load_full_state(env, parts.reference, ref_state)
-    optim = _reading(path / "optimizer.pt", lambda: torch.load(path / "optimizer.pt", weights_only=False))
+    optim = reading(path / "optimizer.pt", lambda: torch.load(path / "optimizer.pt", weights_only=False))
     if env.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -355,17 +306,17 @@ def resume(parts: RunParts, path: Path) -> Progress:
             parts.model, parts.optimizer, optim, options=StateDictOptions(full_state_dict=True)
         )
     else:
-        _reading(path / "optimizer.pt", lambda: parts.optimizer.load_state_dict(optim))
-    scheduler = _reading(path / "scheduler.pt", lambda: torch.load(path / "scheduler.pt", weights_only=False))
+        reading(path / "optimizer.pt", lambda: parts.optimizer.load_state_dict(optim))
+    scheduler = reading(path / "scheduler.pt", lambda: torch.load(path / "scheduler.pt", weights_only=False))
     parts.scheduler.load_state_dict(scheduler)
-    info = _reading(path / "trainer_state.json", lambda: read_trainer_state(path))
+    info = reading(path / "trainer_state.json", lambda: read_trainer_state(path))
     progress = Progress(
         step=int(info["step"]),
         skipped_steps=int(info.get("skipped_steps", 0)),
         entropy_coef=info.get("entropy_coef"),
     )
     parts.sampler.load_state_dict(info["sampler"])
-    _reading(path / f"rng-rank{env.rank}.pt", lambda: load_rng(path, env.rank, parts.generator))
+    reading(path / f"rng-rank{env.rank}.pt", lambda: load_rng(path, env.rank, parts.generator))
     return progress
 
 

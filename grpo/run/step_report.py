@@ -10,7 +10,7 @@ import torch
 from grpo.advantages import zero_spread_share
 from grpo.data import Prompt
 from grpo.rewards import Reward
-from grpo.rollout.multi_turn import conversation_metrics, turn_records
+from grpo.rollout.turns.multi_turn import conversation_metrics, turn_records
 from grpo.samples import Samples
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -35,16 +36,18 @@ PHASES = (
 def run_ours(cfg: BenchConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         trainer = GRPOTrainer(template_from_dict(gsm8k_template(cfg, out)))
-        if cfg.ignore_eos:
-            trainer.eos_ids = []  # no end token: every completion runs to the length limit
+        engine = trainer.config.rollout_engine
+        if cfg.ignore_eos:  # no end token: every completion runs to the length limit
+            trainer.sampling.settings = dataclasses.replace(trainer.sampling.settings, end_ids=())
         steps, phases = [], []
         for _ in range(cfg.steps):
             t0 = time.perf_counter()
             metrics, _ = trainer.train_step()
             trainer.step += 1
-            if trainer.engine is not None:  # part of a step with vLLM: the new weights go to the engine
-                trainer.engine.push(trainer.model, version=trainer.step)
-                metrics["time/push_s"] = trainer.engine.push_s
+            sampler = trainer.rollout_sampler  # part of a step: the next rollout samples the new weights
+            sampler.update_weights(trainer.model, version=trainer.step)
+            if engine != "torch":  # the push to an engine, timed
+                metrics["time/push_s"] = sampler.push_s
             sync(cfg.device)
             steps.append(
                 step_record(time.perf_counter() - t0, metrics["time/rollout_s"], _tokens(metrics, cfg))
@@ -63,7 +66,7 @@ def run_ours(cfg: BenchConfig) -> dict[str, Any]:
         kv_per_token = kv_cache_bytes_per_token(model.config, itemsize)
         bound = decode_bound(rows(cfg), copy_bandwidth(trainer.device), weight_bytes, kv_per_token, context)
         return {
-            "engine_start_s": None if trainer.engine is None else round(trainer.engine.startup_s, 1),
+            "engine_start_s": None if engine == "torch" else round(trainer.rollout_sampler.startup_s, 1),
             "steps": steps,
             "phases": phases,
             "peak_memory_bytes": peak,

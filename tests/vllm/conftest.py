@@ -74,22 +74,27 @@ def policy(vllm_model_dir):
 
 @pytest.fixture(scope="session")
 def engine(vllm_model_dir, policy, tmp_path_factory):
-    from grpo.rollout.vllm_engine import VLLMEngine
+    from grpo.rollout.engines.vllm_engine import VLLMEngine
 
     template = template_from_dict(
         tiny_template(vllm_model_dir, tmp_path_factory.mktemp("unused"), rollout_engine="vllm")
     )
-    return VLLMEngine.start(template, policy, device=CPU, dtype=torch.float32, version=0)
+    return VLLMEngine.start(template, model=policy, device=CPU, dtype=torch.float32, version=0, pad_id=2)
 
 
 PROMPTS = [[1, 17, 300, 4000, 9], [1, 22], [1, 5000, 6, 7]]
 
 
-def sample(engine, policy, seed=0, **settings):
-    options = {"num_generations": 3, "max_new_tokens": 8, "eos_ids": [2], "pad_id": 2, **settings}
-    return engine.sampler(version=engine.version)(
-        policy, PROMPTS, generator=torch.Generator().manual_seed(seed), **options
-    )
+def sample(engine, policy, seed=0, **options):
+    """3 samples of each of PROMPTS on `engine` (colocated or a server) at the step it holds: 8 new tokens, end
+    token 2, padding `pad_id` (2); `options` also take the SamplingSettings filters and greedy."""
+    from grpo.rollout.generate import SamplingSettings
+
+    o = {"num_generations": 3, "max_new_tokens": 8, "eos_ids": [2], "pad_id": 2, **options}
+    g, engine.pad_id = o.pop("num_generations"), o.pop("pad_id")
+    settings = SamplingSettings(max_new_tokens=o.pop("max_new_tokens"), end_ids=tuple(o.pop("eos_ids")), **o)
+    generator = torch.Generator().manual_seed(seed)
+    return engine.sample(PROMPTS, settings, num_generations=g, generator=generator, version=engine.version)
 
 
 def forward_logprobs(policy, ro, temperature):

@@ -11,13 +11,10 @@ import pytest
 import torch
 
 from grpo.config import ConfigError, template_from_dict
-from grpo.rollout.vllm_engine import (
-    NO_PACKAGE,
-    SEVERAL_PROCESSES,
-    SLEEP_IN_SERVER_MODE,
-    SLEEP_ON_CPU,
-    engine_problem,
-)
+from grpo.rollout.engines.vllm_engine import NO_PACKAGE, SEVERAL_PROCESSES, SLEEP_ON_CPU, colocate_problem
+from grpo.rollout.engines.vllm_server import SLEEP_IN_SERVER_MODE
+from grpo.rollout.generate import SamplingSettings
+from grpo.rollout.registry import sampler_class, sampler_name
 from tests.conftest import VOLATILE, tiny_template, write_template
 from tests.vllm.conftest import (
     CPU,
@@ -64,7 +61,11 @@ def config(**fields):
     ],
 )
 def test_engine_problems(fields, world_size, has_package, problem):
-    found = engine_problem(config(**fields), device=CPU, world_size=world_size, has_package=has_package)
+    c = config(**fields)
+    if sampler_name(c) == "vllm/colocate":  # the one sampler that needs the package here
+        found = colocate_problem(c, device=CPU, world_size=world_size, has_package=has_package)
+    else:
+        found = sampler_class(c).problem(c, device=CPU, world_size=world_size)
     assert found == problem
 
 
@@ -192,32 +193,36 @@ def test_the_reload_warning_stays_quiet_after_the_engine_starts(engine, caplog):
 @needs_vllm
 def test_pushed_weights_are_sampled_and_stale_ones_refused(engine, policy):
     version = engine.version
-    with pytest.raises(RuntimeError, match="holds the weights of step"):
-        engine.sampler(version=version + 1)
+    with pytest.raises(RuntimeError) as e:
+        engine.sample([[1]], SamplingSettings(1, ()), num_generations=1, generator=None, version=version + 1)
+    assert str(e.value) == (
+        f"the vLLM engine holds the weights of step {version}, not those of step {version + 1}: update its "
+        "weights after every optimizer step"
+    )
     original = {k: v.clone() for k, v in policy.state_dict().items()}
     try:
         with torch.no_grad():
             policy.model.embed_tokens.weight.add_(torch.randn_like(policy.model.embed_tokens.weight) * 0.3)
         stale = sample(engine, policy, temperature=1.0)  # the engine still has the old weights
         assert (forward_logprobs(policy, stale, 1.0) - stale.sampling_logps).abs().max() > 0.1
-        engine.push(policy, version=version + 1)
+        engine.update_weights(policy, version=version + 1)
         fresh = sample(engine, policy, temperature=1.0)
         assert (forward_logprobs(policy, fresh, 1.0) - fresh.sampling_logps).abs().max() < 1e-4
     finally:
         policy.load_state_dict(original)
-        engine.push(policy, version=version)
+        engine.update_weights(policy, version=version)
 
 
 # ---------------------------------------------------------------- training with the engine
 SKIPPED_PUSH = """
 import runpy, sys
-from grpo.rollout import vllm_engine
-push = vllm_engine.VLLMEngine.push
+from grpo.rollout.engines import vllm_engine
+push = vllm_engine.VLLMEngine.update_weights
 def skipped(self, model, *, version):  # the defect the test must catch: the counter moves, the weights stay
     if self.version < 0:
         return push(self, model, version=version)
     self.version = version
-vllm_engine.VLLMEngine.push = skipped
+vllm_engine.VLLMEngine.update_weights = skipped
 sys.argv = ["scripts/train.py", *sys.argv[1:]]
 runpy.run_path("scripts/train.py", run_name="__main__")
 """

@@ -26,9 +26,9 @@ import torch
 from grpo.config import EMBEDDED_MODEL, ConfigError, template_from_dict
 from grpo.errors import EngineError
 from grpo.parallel.launch import DistEnv
-from grpo.rollout.engine import policy_weights
-from grpo.rollout.vllm_serve import SECRET_ENV, SECRET_HEADER, secret_file, serve_command, served_name
-from grpo.rollout.vllm_server import FREE, VLLMServer, run_tag, write_weights
+from grpo.rollout.engines.engine import policy_weights
+from grpo.rollout.engines.vllm_serve import SECRET_ENV, SECRET_HEADER, secret_file, serve_command, served_name
+from grpo.rollout.engines.vllm_server import FREE, VLLMServer, run_tag, write_weights
 from tests.conftest import REPO, tiny_template, write_template
 from tests.vllm.conftest import (
     HAS_VLLM,
@@ -152,8 +152,13 @@ def test_the_options_grpo_sets_are_refused(tiny_model_dir, flag):
 
 def test_the_server_binds_loopback_and_is_guarded_unless_told_otherwise(tiny_model_dir):
     folder = str(tiny_model_dir)
-    ours = ["--logprobs-mode", "processed_logprobs", "--middleware", "grpo.rollout.vllm_serve.RequireSecret"]
-    ours += ["--worker-extension-cls", "grpo.rollout.vllm_serve.WeightFingerprint"]
+    ours = [
+        "--logprobs-mode",
+        "processed_logprobs",
+        "--middleware",
+        "grpo.rollout.engines.vllm_serve.RequireSecret",
+    ]
+    ours += ["--worker-extension-cls", "grpo.rollout.engines.vllm_serve.WeightFingerprint"]
     command = serve_command(folder, ["--port", "8123"], host="127.0.0.1")
     assert command[command.index(folder) + 1 :] == ["--port", "8123", "--host", "127.0.0.1", *ours]
     # a host the user names is the one vLLM keeps: ours comes last
@@ -362,7 +367,7 @@ GUARDED = [
 @needs_vllm
 def test_a_push_without_the_secret_is_refused(server, policy, vllm_model_dir, tmp_path):
     run = connected(server, vllm_model_dir, tmp_path / "run")
-    run.push(policy, version=0)
+    run.update_weights(policy, version=0)
     held = server.fingerprint()
     other = tmp_path / "other"
     other.mkdir()
@@ -419,7 +424,7 @@ def foreign_push(url: str, secret: str, folder: Path, version: str) -> None:
 @needs_vllm
 def test_a_foreign_push_is_caught_before_its_samples_are_used(server, policy, vllm_model_dir, tmp_path):
     run = connected(server, vllm_model_dir, tmp_path / "run")
-    run.push(policy, version=0)
+    run.update_weights(policy, version=0)
     sample(run, policy)  # the run's own weights: its rollouts go through
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -441,10 +446,10 @@ def test_a_foreign_push_is_caught_before_its_samples_are_used(server, policy, vl
 FOREIGN_PUSH = """
 import runpy, sys
 from grpo.parallel.launch import DistEnv
-from grpo.rollout import vllm_server
-from grpo.rollout.engine import policy_weights
+from grpo.rollout.engines import vllm_server
+from grpo.rollout.engines.engine import policy_weights
 from tests.vllm.test_server import foreign_push
-push = vllm_server.VLLMServer.push
+push = vllm_server.VLLMServer.update_weights
 def pushed_over(self, model, *, version):  # right after the run's push of step 1, someone else's
     push(self, model, version=version)
     if version == 1:
@@ -452,7 +457,7 @@ def pushed_over(self, model, *, version):  # right after the run's push of step 
         folder.mkdir()
         vllm_server.write_weights({k: v * 1.5 for k, v in policy_weights(model, DistEnv()).items()}, folder)
         foreign_push(self.url, self.secret, folder, f"{self.tag} {version}")
-vllm_server.VLLMServer.push = pushed_over
+vllm_server.VLLMServer.update_weights = pushed_over
 sys.argv = ["scripts/train.py", *sys.argv[1:]]
 runpy.run_path("scripts/train.py", run_name="__main__")
 """
@@ -476,7 +481,7 @@ def test_a_foreign_push_between_steps_stops_the_run(server, server_run_template,
 @needs_vllm
 def test_the_server_samples_as_the_colocated_engine(server, engine, policy, vllm_model_dir, tmp_path):
     remote = connected(server, vllm_model_dir, tmp_path / "run")
-    remote.push(policy, version=engine.version)
+    remote.update_weights(policy, version=engine.version)
     assert server.version() == f"grpo {(tmp_path / 'run').resolve()} {engine.version}"
     try:
         for temperature in (0.7, 1.0):
@@ -497,7 +502,7 @@ def test_the_server_samples_as_the_colocated_engine(server, engine, policy, vllm
 @needs_vllm
 def test_a_second_trainer_is_refused(server, policy, vllm_model_dir, tmp_path):
     first = connected(server, vllm_model_dir, tmp_path / "first")
-    first.push(policy, version=0)
+    first.update_weights(policy, version=0)
     try:
         with pytest.raises(ConfigError) as e:
             connected(server, vllm_model_dir, tmp_path / "second")
@@ -520,13 +525,13 @@ def test_a_second_trainer_is_refused(server, policy, vllm_model_dir, tmp_path):
 
 SKIPPED_PUSH = """
 import runpy, sys
-from grpo.rollout import vllm_server
-push = vllm_server.VLLMServer.push
+from grpo.rollout.engines import vllm_server
+push = vllm_server.VLLMServer.update_weights
 def skipped(self, model, *, version):  # the defect the test must catch: the version moves, the weights stay
     if self.version < 0:
         return push(self, model, version=version)
     self.set_version(version)
-vllm_server.VLLMServer.push = skipped
+vllm_server.VLLMServer.update_weights = skipped
 sys.argv = ["scripts/train.py", *sys.argv[1:]]
 runpy.run_path("scripts/train.py", run_name="__main__")
 """

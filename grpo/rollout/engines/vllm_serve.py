@@ -1,5 +1,5 @@
 """`grpo vllm-serve MODEL [vllm serve options]`: vLLM's own OpenAI-compatible server for a trainer's
-`vllm_mode: server` (grpo/rollout/vllm_server.py is the trainer's side), with what the trainer needs and nothing
+`vllm_mode: server` (grpo/rollout/engines/vllm_server.py is the trainer's side), with what the trainer needs and nothing
 that lets anyone else drive it.
 
 - **What the trainer needs.** vLLM's weight-update endpoints (`VLLM_SERVER_DEV_MODE=1`), log-probs after

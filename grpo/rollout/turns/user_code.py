@@ -32,7 +32,7 @@ STARTUP_SECONDS = (
 )
 BOOT = (
     "import json, sys; sys.path[:0] = json.loads(sys.argv[3]); "
-    "from grpo.rollout.user_code import serve; serve(int(sys.argv[1]), int(sys.argv[2]))"
+    "from grpo.rollout.turns.user_code import serve; serve(int(sys.argv[1]), int(sys.argv[2]))"
 )
 
 

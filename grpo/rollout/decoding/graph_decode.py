@@ -3,7 +3,7 @@
 On a GPU a decode step of a small model is bound by launch overhead, not by the GPU: each layer runs ~33 small
 ops (over 1,000 per step for SmolLM2-135M), each launched from Python through transformers' modules for
 microseconds of work. A CUDA graph records the kernels of one step and replays them with a single launch. A
-graph fixes every shape and address, so unlike grpo/rollout/static_decode.py this step attends over the cache's
+graph fixes every shape and address, so unlike grpo/rollout/decoding/static_decode.py this step attends over the cache's
 whole capacity (columns not written yet are masked out) and writes its key/value column at an index that lives
 in a device tensor and advances inside the graph. The extra attention work is cheap next to the launches saved.
 
@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from grpo.rollout.static_decode import StaticDecoder, StaticKVCache, additive_mask, decode_step
+from grpo.rollout.decoding.static_decode import StaticDecoder, StaticKVCache, additive_mask, decode_step
 
 
 def graph_decode_supported(model: nn.Module) -> bool:

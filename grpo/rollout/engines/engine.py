@@ -1,10 +1,10 @@
-"""What every rollout engine shares (grpo/rollout/vllm_engine.py colocated, grpo/rollout/vllm_server.py behind
-HTTP): the trainer's view of an engine, the policy as the plain state dict an engine loads, the seeds drawn from
-our generator, and the conversion of an engine's completions into our `Rollout`."""
+"""What every rollout engine shares (grpo/rollout/engines/vllm_engine.py colocated,
+grpo/rollout/engines/vllm_server.py behind HTTP): the sampler contract on top of an engine's own sampling, the
+policy as the plain state dict an engine loads, the seeds drawn from our generator, and the conversion of an
+engine's completions into our `Rollout`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,7 +12,8 @@ import torch
 from grpo.model.lora import lora_layers, merged_state_dict
 from grpo.parallel.launch import DistEnv
 from grpo.parallel.wrapping import full_state_dict
-from grpo.rollout.generate import Rollout, left_pad
+from grpo.rollout.generate import Rollout, SamplingSettings, left_pad
+from grpo.rollout.sampler import SamplerBase
 
 
 def policy_weights(model: torch.nn.Module, env: DistEnv) -> dict[str, torch.Tensor]:
@@ -36,60 +37,39 @@ def prompt_seeds(generator: torch.Generator | None, prompts: int, num_generation
     return [(base + i * num_generations) % 2**31 for i in range(prompts)]
 
 
-class EngineSampler:
-    """What the trainer sees of a rollout engine: the step whose weights it holds, a sampler refused for any
-    other step, a push after every optimizer step, and a close at the end."""
+class EngineSampler(SamplerBase):
+    """A rollout engine as a sampler (grpo/rollout/sampler.py): our settings as vLLM's, the seeds from our
+    generator, and its completions as our `Rollout` on `device`, padded with `pad_id` (both set at the start)."""
+
+    holder = "the vLLM engine"
 
     def __init__(self, *, version: int):
-        self.version = version
-        self.startup_s = self.push_s = 0.0  # the engine's start and the latest push, for the benchmark
+        super().__init__(version=version)
+        self.device, self.pad_id = torch.device("cpu"), 0
 
-    def sampler(self, version: int) -> Callable[..., Rollout]:
-        """A function with grpo.rollout.generate.generate's signature that samples on this engine, for step
-        `version`; refused when the engine holds another step's weights."""
-        if version != self.version:
-            raise RuntimeError(
-                f"the vLLM engine holds the weights of step {self.version}, not those of step {version}: "
-                "push the policy after every optimizer step"
-            )
-        return self.generate
-
-    def generate(
+    def sample(
         self,
-        model: torch.nn.Module | None,
         prompts: list[list[int]],
+        settings: SamplingSettings,
         *,
         num_generations: int,
-        max_new_tokens: int,
-        eos_ids: list[int],
-        pad_id: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        min_p: float = 0.0,
-        generator: torch.Generator | None = None,
-        greedy: bool = False,
-        decode_impl: str = "auto",  # our decoder's setting; the engine has its own kernels
-        check_done_every: int | None = None,
+        generator: torch.Generator | None,
+        version: int,
     ) -> Rollout:
-        """G samples per prompt, as grpo.rollout.generate.generate returns them. `model` gives the device only
-        (the engine holds the pushed weights); the random seeds come from `generator`, so a run is reproducible
-        and a resumed one continues the same stream."""
-        device = next(model.parameters()).device if model is not None else torch.device("cpu")
-        settings: dict[str, Any] = {
-            "n": 1 if greedy else num_generations,  # vLLM refuses G > 1 greedy copies: made below instead
-            "max_tokens": max_new_tokens,
-            "stop_token_ids": list(eos_ids),
-            "ignore_eos": not eos_ids,  # as our decoder: no end tokens, every completion runs to the limit
-        }
-        if greedy:
-            settings["temperature"] = 0.0
-        else:
-            settings.update(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, logprobs=0)
-        groups = self.sample_groups(prompts, settings, prompt_seeds(generator, len(prompts), num_generations))
+        """The random seeds come from `generator`, so a run is reproducible and a resumed one continues the
+        same stream."""
+        self.require_version(version)
+        greedy = settings.greedy
+        seeds = prompt_seeds(generator, len(prompts), num_generations)
+        groups = self.sample_groups(prompts, vllm_settings(settings, num_generations), seeds)
         samples = [s for group in groups for s in (group * num_generations if greedy else group)]
         return to_rollout(
-            prompts, samples, num_generations=num_generations, eos_ids=eos_ids, pad_id=pad_id, device=device
+            prompts,
+            samples,
+            num_generations=num_generations,
+            eos_ids=list(settings.end_ids),
+            pad_id=self.pad_id,
+            device=self.device,
         )
 
     def sample_groups(
@@ -99,11 +79,22 @@ class EngineSampler:
         index: the token ids and, when sampled, each one's log-prob."""
         raise NotImplementedError
 
-    def push(self, model: torch.nn.Module, *, version: int) -> None:
-        raise NotImplementedError
 
-    def close(self) -> None:
-        """Nothing to release by default: a colocated engine ends with the process."""
+def vllm_settings(settings: SamplingSettings, num_generations: int) -> dict[str, Any]:
+    """Our settings as vLLM's SamplingParams (and the server's request fields)."""
+    out: dict[str, Any] = {
+        # vLLM refuses G > 1 greedy copies: one sample, which the caller repeats
+        "n": 1 if settings.greedy else num_generations,
+        "max_tokens": settings.max_new_tokens,
+        "stop_token_ids": list(settings.end_ids),
+        "ignore_eos": not settings.end_ids,  # as our decoder: no end tokens, every completion runs to the limit
+    }
+    if settings.greedy:
+        out["temperature"] = 0.0
+    else:
+        filters = {k: getattr(settings, k) for k in ("temperature", "top_p", "top_k", "min_p")}
+        out.update(**filters, logprobs=0)
+    return out
 
 
 def to_rollout(

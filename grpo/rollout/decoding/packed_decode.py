@@ -14,7 +14,7 @@ nothing while sampling.
 
 The layer forward is written out here (RMSNorm, RoPE, grouped-query attention, gated MLP) for the model types
 in STATIC_DECODE_MODEL_TYPES; tests hold its logits to transformers' at 1e-5. Anything else falls back to
-grpo.rollout.static_decode.StaticDecoder, which runs transformers' own layers.
+grpo.rollout.decoding.static_decode.StaticDecoder, which runs transformers' own layers.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grpo.model.lora import LoRALinear
-from grpo.rollout.static_decode import STATIC_DECODE_MODEL_TYPES, StaticDecoder, StaticKVCache
+from grpo.rollout.decoding.static_decode import STATIC_DECODE_MODEL_TYPES, StaticDecoder, StaticKVCache
 from grpo.run.cpu_memory import mapped_allocations
 
 

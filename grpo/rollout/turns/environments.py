@@ -18,7 +18,7 @@ import zlib
 from typing import Any
 
 from grpo.errors import ConfigError
-from grpo.rollout.user_code import UserProcess, describe, require_sendable
+from grpo.rollout.turns.user_code import UserProcess, describe, require_sendable
 
 
 class NumberGuess:

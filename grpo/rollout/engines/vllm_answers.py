@@ -1,4 +1,4 @@
-"""What a vLLM server's answers must hold before the trainer uses them (grpo/rollout/vllm_server.py).
+"""What a vLLM server's answers must hold before the trainer uses them (grpo/rollout/engines/vllm_server.py).
 
 The trainer does not trust the server: a wrong answer, from a broken server, a proxy or something that only looks
 like vLLM, must not reach the rollout as a KeyError, nor as samples paired with the wrong prompt, token ids the

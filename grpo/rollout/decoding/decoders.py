@@ -10,9 +10,9 @@ import torch
 
 from grpo.errors import ConfigError
 from grpo.model.logprobs import cache_argument
-from grpo.rollout.graph_decode import CUDAGraphDecoder, FixedShapeDecoder, graph_decode_supported
-from grpo.rollout.packed_decode import PackedDecoder, packed_decode_supported
-from grpo.rollout.static_decode import (
+from grpo.rollout.decoding.graph_decode import CUDAGraphDecoder, FixedShapeDecoder, graph_decode_supported
+from grpo.rollout.decoding.packed_decode import PackedDecoder, packed_decode_supported
+from grpo.rollout.decoding.static_decode import (
     STATIC_DECODE_MODEL_TYPES,
     StaticDecoder,
     StaticKVCache,

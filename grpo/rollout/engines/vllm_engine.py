@@ -1,8 +1,8 @@
-"""`rollout_engine: vllm`: rollouts sampled by a vLLM engine that lives in the training process (colocate mode),
-and the choice of engine: the checks, and a server (grpo/rollout/vllm_server.py) or a colocated engine.
+"""`rollout_engine: vllm`, `vllm_mode: colocate`: rollouts sampled by a vLLM engine that lives in the training
+process, and the checks that refuse it before anything loads (grpo/rollout/registry.py runs them).
 
 vLLM is an optional extra (`pip install -e .[vllm]` on a GPU; the CPU build is in docs/vllm.md), imported only
-in `VLLMEngine.start`, after `require_engine` has checked the settings, so nothing else depends on it.
+in `VLLMEngine.start`, after `VLLMEngine.problem` has checked the settings, so nothing else depends on it.
 
 The engine is built once from the policy's model folder, then after every training step the trainer pushes the
 new weights into it in place (`reload_weights`: full fine-tuning sends the state dict, LoRA the merged weights).
@@ -22,14 +22,13 @@ import importlib.util
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from grpo.config import ConfigError, Template, TrainConfig
+from grpo.config import Template, TrainConfig
 from grpo.parallel.launch import DistEnv
-from grpo.rollout.engine import EngineSampler, policy_weights
+from grpo.rollout.engines.engine import EngineSampler, policy_weights
 
 NO_PACKAGE = (
     "config.rollout_engine = 'vllm' needs the vllm package, which is not installed: pip install -e .[vllm] on a "
@@ -43,20 +42,13 @@ SLEEP_ON_CPU = (
     "config.vllm_enable_sleep_mode = True frees GPU memory during the update, and this run trains on the CPU: "
     "set it to false."
 )
-SLEEP_IN_SERVER_MODE = (
-    "config.vllm_enable_sleep_mode = True applies to vllm_mode: colocate; a server keeps its own memory: set it "
-    "to false."
-)
 
 
-def engine_problem(c: TrainConfig, *, device: torch.device, world_size: int, has_package: bool) -> str | None:
-    """The one-sentence reason `rollout_engine: vllm` cannot run here, or None (also for rollout_engine torch).
-    The settings that read only the template are refused earlier, in grpo/config/checks.py. Server mode speaks
-    HTTP to the server and needs no vllm package in the training process."""
-    if c.rollout_engine != "vllm":
-        return None
-    if c.vllm_mode == "server":
-        return SLEEP_IN_SERVER_MODE if c.vllm_enable_sleep_mode else None
+def colocate_problem(
+    c: TrainConfig, *, device: torch.device, world_size: int, has_package: bool
+) -> str | None:
+    """The one-sentence reason a colocated engine cannot run here, or None. The settings that read only the
+    template are refused earlier, in grpo/config/checks.py."""
     if not has_package:
         return NO_PACKAGE
     visible = torch.cuda.device_count() if device.type == "cuda" else 1
@@ -72,14 +64,6 @@ def engine_problem(c: TrainConfig, *, device: torch.device, world_size: int, has
     return None
 
 
-def require_engine(c: TrainConfig, device: torch.device, world_size: int) -> None:
-    """Raise ConfigError before anything loads when the chosen rollout engine cannot run here."""
-    has_package = importlib.util.find_spec("vllm") is not None
-    problem = engine_problem(c, device=device, world_size=world_size, has_package=has_package)
-    if problem is not None:
-        raise ConfigError(problem)
-
-
 def kv_cache_bytes(model_config: Any, *, sequences: int, max_len: int, dtype: torch.dtype) -> int:
     """Room for `sequences` sequences of `max_len` tokens. On a CPU vLLM otherwise reserves a share of the whole
     machine's memory (gpu_memory_utilization of RAM); a rollout never holds more than this at once."""
@@ -92,34 +76,6 @@ def kv_cache_bytes(model_config: Any, *, sequences: int, max_len: int, dtype: to
     return max(64 << 20, int(1.25 * sequences * max_len * per_token))
 
 
-def connect_server(template: Template, output_dir: Path, env: DistEnv) -> EngineSampler | None:
-    """vllm_mode server: the server at vllm_server_url, reached and checked before any model loads; else None."""
-    c = template.config
-    if c.rollout_engine != "vllm" or c.vllm_mode != "server":
-        return None
-    from grpo.rollout.vllm_server import VLLMServer
-
-    return VLLMServer.connect(template, output_dir=output_dir, env=env)
-
-
-def start_engine(
-    template: Template,
-    model: torch.nn.Module,
-    device: torch.device,
-    dtype: torch.dtype,
-    step: int,
-    server: EngineSampler | None = None,
-) -> EngineSampler | None:
-    """The engine `rollout_engine` names, holding `model`'s weights as those of `step`: the connected `server`
-    once it has them, or a colocated engine; None for our decoder."""
-    if server is not None:
-        server.push(model, version=step)
-        return server
-    if template.config.rollout_engine != "vllm":
-        return None
-    return VLLMEngine.start(template, model, device=device, dtype=dtype, version=step)
-
-
 class VLLMEngine(EngineSampler):
     """One vLLM engine in this process and the training step whose weights it holds (`version`)."""
 
@@ -129,14 +85,21 @@ class VLLMEngine(EngineSampler):
         self.asleep = False
 
     @classmethod
+    def problem(cls, c: TrainConfig, *, device: torch.device, world_size: int) -> str | None:
+        has_package = importlib.util.find_spec("vllm") is not None
+        return colocate_problem(c, device=device, world_size=world_size, has_package=has_package)
+
+    @classmethod
     def start(
         cls,
         template: Template,
-        model: torch.nn.Module,
         *,
+        model: torch.nn.Module,
         device: torch.device,
         dtype: torch.dtype,
         version: int,
+        pad_id: int,
+        **_: Any,  # the engine holds its own copy of the weights: no FSDP policy, no bf16 copy
     ) -> VLLMEngine:
         """Build the engine from the template's model folder, then push `model`'s weights: the same call serves a
         fresh run (the weights equal the folder's), a LoRA run (the merged weights) and a resumed run."""
@@ -174,15 +137,16 @@ class VLLMEngine(EngineSampler):
             **extra,
         )
         engine = cls(llm, version=-1, sleep=c.vllm_enable_sleep_mode)
-        engine.push(model, version=version)
+        engine.device, engine.pad_id = device, pad_id
+        engine.update_weights(model, version=version)
         engine.startup_s = time.perf_counter() - start
         return engine
 
     @torch.no_grad()
-    def push(self, model: torch.nn.Module, *, version: int) -> None:
+    def update_weights(self, model: torch.nn.Module, *, version: int) -> None:
         """Load `model`'s current weights into the engine in place; it then samples for step `version`."""
         start = time.perf_counter()
-        state = policy_weights(model, DistEnv())  # colocate runs one process (engine_problem)
+        state = policy_weights(model, DistEnv())  # colocate runs one process (colocate_problem)
         self.wake()
         weights = [(name, tensor.detach()) for name, tensor in state.items()]
         self.llm.collective_rpc(

@@ -10,13 +10,14 @@ The trainer speaks only HTTP to it, so it needs no vllm package of its own:
   `reload_weights` (its `/collective_rpc` endpoint). The server must therefore see the output folder: the same
   machine, or a shared filesystem. The other ranks wait at a barrier until the server holds the new weights.
 - **ownership**: every request carries the server's secret (GRPO_VLLM_SECRET, or the file a loopback server
-  left for this machine; grpo/rollout/vllm_serve.py), and a server that answers without one is refused. The
-  server's weight version (vLLM's `/update_weight_version`) carries the run's folder and step, `grpo
-  <output_dir> <step>`: a run refuses a server whose version names another run's folder. Each push returns a
-  fingerprint of the weights the engine then holds; before each push and after each rollout the run checks
-  that the version and the fingerprint are still its own (before a rollout, the version), so weights pushed by anyone else, or a push that never
-  happened, stop the run within the step instead of training on another policy's samples.
-- **answers**: every answer is checked before it is used (grpo/rollout/vllm_answers.py).
+  left for this machine; grpo/rollout/engines/vllm_serve.py), and a server that answers without one is
+  refused. The server's weight version (vLLM's `/update_weight_version`) carries the run's folder and step,
+  `grpo <output_dir> <step>`: a run refuses a server whose version names another run's folder. Each push
+  returns a fingerprint of the weights the engine then holds; before each push and after each rollout the run
+  checks that the version and the fingerprint are still its own (before a rollout, the version), so weights
+  pushed by anyone else, or a push that never happened, stop the run within the step instead of training on
+  another policy's samples.
+- **answers**: every answer is checked before it is used (grpo/rollout/engines/vllm_answers.py).
 """
 
 from __future__ import annotations
@@ -35,16 +36,19 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from grpo.config import ConfigError, Template
+from grpo.config import ConfigError, Template, TrainConfig
 from grpo.errors import EngineError
 from grpo.parallel.launch import DistEnv
-from grpo.rollout import vllm_answers as answers
-from grpo.rollout.engine import EngineSampler, policy_weights
-from grpo.rollout.vllm_serve import SECRET_ENV, SECRET_HEADER, is_loopback, secret_file
-from grpo.rollout.vllm_serve import serve as serve  # `grpo vllm-serve` (grpo/jobs/cli.py)
+from grpo.rollout.engines import vllm_answers as answers
+from grpo.rollout.engines.engine import EngineSampler, policy_weights
+from grpo.rollout.engines.vllm_serve import SECRET_ENV, SECRET_HEADER, is_loopback, secret_file
 
 FREE = "free"  # the weight version a finished run leaves behind: the next run may take the server
 WEIGHTS_DIR = "vllm-weights"
+SLEEP_IN_SERVER_MODE = (
+    "config.vllm_enable_sleep_mode = True applies to vllm_mode: colocate; a server keeps its own memory: set it "
+    "to false."
+)
 
 
 class ServerDown(EngineError):
@@ -143,9 +147,14 @@ class VLLMServer(EngineSampler):
 
     # ---------------------------------------------------------------- start, push, end
     @classmethod
+    def problem(cls, c: TrainConfig, *, device: torch.device, world_size: int) -> str | None:
+        """HTTP only: no vllm package needed here, and every rank may share the server."""
+        return SLEEP_IN_SERVER_MODE if c.vllm_enable_sleep_mode else None
+
+    @classmethod
     def connect(cls, template: Template, *, output_dir: Path, env: DistEnv) -> VLLMServer:
         """Wait for the server (up to vllm_server_timeout) and check that it can serve this run, before any
-        model loads; the first push comes when the policy is built (grpo/rollout/vllm_engine.start_engine)."""
+        model loads; the first push comes when the policy is built (`start`)."""
         c = template.config
         server = cls(c.vllm_server_url, timeout=c.vllm_server_timeout, output_dir=output_dir, env=env)
         start = time.perf_counter()
@@ -167,6 +176,23 @@ class VLLMServer(EngineSampler):
             )
         server.startup_s = time.perf_counter() - start
         return server
+
+    @classmethod
+    def start(
+        cls,
+        template: Template,
+        *,
+        model: torch.nn.Module,
+        device: torch.device,
+        version: int,
+        connected: VLLMServer,
+        pad_id: int,
+        **_: Any,  # the server holds its own copy of the weights: no bf16 copy, no dtype of ours
+    ) -> VLLMServer:
+        """The server `connect` reached, once it holds `model`'s weights as those of step `version`."""
+        connected.device, connected.pad_id = device, pad_id
+        connected.update_weights(model, version=version)
+        return connected
 
     def claim_check(self) -> str | None:
         """The server's weight version, once it is sure to be a `grpo vllm-serve` that takes this run's secret
@@ -210,7 +236,7 @@ class VLLMServer(EngineSampler):
                 time.sleep(1.0)
 
     @torch.no_grad()
-    def push(self, model: torch.nn.Module, *, version: int) -> None:
+    def update_weights(self, model: torch.nn.Module, *, version: int) -> None:
         """Every rank calls this (FSDP gathers the weights); rank 0 writes them and has the server reload them.
         The others wait, so no rank samples before the server holds step `version`."""
         start = time.perf_counter()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from grpo.errors import ConfigError
-from grpo.rollout.user_code import UserProcess, describe, require_sendable
+from grpo.rollout.turns.user_code import UserProcess, describe, require_sendable
 
 CALC_MAX_DIGITS = 30  # operands and every intermediate result stay below 10**30
 CALC_MAX_EXPONENT = 64

@@ -1,8 +1,8 @@
 """Multi-turn rollouts: the model calls tools (config.tools) or acts in an environment (config.environment) over
 several turns, and the result is one ordinary `Rollout`.
 
-Each turn is one `generate` call over every sample still going, so a sample that waits for its tool holds up
-the others by at most one turn. After a reply, the tool results (or the environment's observation) are rendered
+Each turn is one `Sampler.sample` call (grpo/rollout/sampler.py) over every sample still going, so a sample
+that waits for its tool holds up the others by at most one turn. After a reply, the tool results (or the environment's observation) are rendered
 with the chat template as the next message(s), and those tokens, with the role headers between turns, are
 appended to the sample's completion with `model_written` 0: the sequence keeps them, so the log-probs see the
 whole conversation, while the loss, the KL, the entropy and every token count take only what the model sampled
@@ -13,17 +13,17 @@ whole conversation, while the loss, the KL, the entropy and every token count ta
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from grpo.config import TrainConfig
 from grpo.errors import ConfigError
-from grpo.rollout.environments import Episodes, resolve_environment
-from grpo.rollout.generate import Rollout, generate, left_pad
-from grpo.rollout.tools import CallFormat, resolve_tools, run_call, tool_message, tools_description
+from grpo.rollout.generate import Rollout, SamplingSettings, left_pad
+from grpo.rollout.sampler import Sampler
+from grpo.rollout.turns.environments import Episodes, resolve_environment
+from grpo.rollout.turns.tools import CallFormat, resolve_tools, run_call, tool_message, tools_description
 
 REPLY_END = "\x00reply-end\x00"  # where a reply's text ends in a rendered conversation (between_turns)
 
@@ -62,12 +62,12 @@ class MultiTurn:
         )
         self.call_format = CallFormat.parse(c.tool_call_format)
         self.max_iterations, self.timeout = c.max_tool_calling_iterations, c.tool_timeout
+        self.max_sequence_length = c.maximum_sequence_length
         self.max_chars = c.tool_output_chars
         self.prefix = (
             prefix  # template.response_prefix: prefilled in the prompt, the start of the first reply
         )
         self.schemas = [schema for _, schema in self.tools.values()] or None
-        self.generate = generate  # one turn of every active sample; tests put a scripted policy here
         self.note: str | None = None  # the run log's line when the tools went into the system prompt
 
     @classmethod
@@ -90,46 +90,53 @@ class MultiTurn:
 
     def rollout(
         self,
-        model: torch.nn.Module,
+        sampler: Sampler,
         prompts: list[Any],
-        c: TrainConfig,
+        settings: SamplingSettings,
         tokenizer: Any,
-        eos_ids: list[int],
         generator: torch.Generator | None,
-        sample: Callable[..., Rollout] | None = None,
         *,
-        greedy: bool = False,
+        num_generations: int,
+        version: int,
     ) -> Rollout:
-        """G samples of each prompt (objects with .ids, .messages, .row), every turn of all samples batched.
-        `sample`: the rollout engine's function for one turn (rollout_engine vllm); else self.generate."""
-        g, pad_id = c.num_generations, tokenizer.pad_token_id
+        """G samples of each prompt (objects with .ids, .messages, .row), every turn of all samples batched in
+        one call of `sampler`; settings.max_new_tokens bounds the tokens the model writes over all turns."""
+        g = num_generations
         samples = [_Sample(p, Conversation(list(p.messages))) for p in prompts for _ in range(g)]
         if self.episodes is not None:
             self._reset(samples, tokenizer, g)
-        first = True
+        with sampler.gathered():  # FSDP gathers once: the ranks run different numbers of turns
+            device = self._play(sampler, samples, settings, tokenizer, generator, g, version)
+        return _as_rollout(samples, g, tokenizer.pad_token_id, device, greedy=settings.greedy)
+
+    def _play(
+        self,
+        sampler: Sampler,
+        samples: list[_Sample],
+        settings: SamplingSettings,
+        tokenizer: Any,
+        generator: torch.Generator | None,
+        g: int,
+        version: int,
+    ) -> torch.device:
+        """Every turn until each sample has stopped; the device the last turn ran on."""
+        limit, first = settings.max_new_tokens, True
         while active := [s for s in samples if not s.done]:
-            budgets = [
-                min(c.maximum_completion_length - s.used, c.maximum_sequence_length - s.length)
-                for s in active
-            ]
+            budgets = [min(limit - s.used, self.max_sequence_length - s.length) for s in active]
             contexts = (
                 [s.prompt_ids for s in samples[::g]] if first else [s.prompt_ids + s.ids for s in active]
             )
-            ro = (sample or self.generate)(
-                model,
+            ro = sampler.sample(
                 contexts,
+                replace(settings, max_new_tokens=max(1, *budgets)),  # each sample is cut to its own budget
                 num_generations=g if first else 1,
-                max_new_tokens=max(1, *budgets),  # each sample is cut to its own budget below
-                eos_ids=eos_ids,
-                pad_id=pad_id,
                 generator=generator,
-                decode_impl=c.decode_impl,
-                greedy=greedy,
-                **c.sampling(),
+                version=version,
             )
             for row, (s, budget) in enumerate(zip(active, budgets, strict=True)):
                 n = int(ro.completion_mask[row].sum())
                 tokens = ro.completion_ids[row, : min(n, budget)].tolist()
+                greedy = settings.greedy  # no sampling log-probs
                 logps = [0.0] * len(tokens) if greedy else ro.sampling_logps[row, : len(tokens)].tolist()
                 s.add(tokens, logps, written=True)
                 reply = (self.prefix if first else "") + tokenizer.decode(tokens, skip_special_tokens=True)
@@ -138,28 +145,9 @@ class MultiTurn:
                 if bool(ro.truncated[row]) or n > budget:
                     s.stop("tokens")
                     continue
-                self._next_turn(s, reply, tokens, tokenizer, c)
+                self._next_turn(s, reply, tokens, tokenizer, limit)
             first = False
-        width = max(len(s.ids) for s in samples)
-        ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-        mask, written, logps = (torch.zeros(len(samples), width) for _ in range(3))
-        for i, s in enumerate(samples):
-            n = len(s.ids)
-            ids[i, :n], mask[i, :n] = torch.tensor(s.ids), 1
-            written[i, :n], logps[i, :n] = torch.tensor(s.written, dtype=torch.float), torch.tensor(s.logps)
-        device = ro.completion_ids.device  # where the last turn ran
-        prompt_ids, prompt_mask = left_pad([s.prompt_ids for s in samples], pad_id, device)
-        return Rollout(
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
-            completion_ids=ids.to(device),
-            completion_mask=mask.long().to(device),
-            truncated=torch.tensor([s.conversation.cut == "tokens" for s in samples], device=device),
-            group_size=g,
-            sampling_logps=None if greedy else logps.to(device),
-            model_written=written.long().to(device),
-            conversations=[s.conversation for s in samples],
-        )
+        return ro.completion_ids.device
 
     def _reset(self, samples: list[_Sample], tokenizer: Any, g: int) -> None:
         """One environment per sample; reset's text joins the prompt's user message, so it must be the same for
@@ -184,9 +172,9 @@ class MultiTurn:
                 for s in samples[k : k + g]:
                     s.prompt_ids, s.conversation.messages = ids, list(messages)
 
-    def _next_turn(self, s: _Sample, reply: str, tokens: list[int], tokenizer: Any, c: TrainConfig) -> None:
+    def _next_turn(self, s: _Sample, reply: str, tokens: list[int], tokenizer: Any, limit: int) -> None:
         """The tool results or the observation after `reply`, appended as tokens the model did not write; or
-        the end of the sample."""
+        the end of the sample. `limit`: the model tokens a sample may write over all its turns."""
         if self.episodes is not None:
             observation, done = self.episodes.step(s.env, reply)
             if done or observation is None:
@@ -206,7 +194,7 @@ class MultiTurn:
             s.conversation.tool_calls.extend(records)
             following = [{"role": "tool", "content": tool_message(r)} for r in records]
         between = self.between_turns(tokenizer, s.conversation.messages, following, tokens)
-        room = min(c.maximum_completion_length - s.used, c.maximum_sequence_length - s.length - len(between))
+        room = min(limit - s.used, self.max_sequence_length - s.length - len(between))
         if room < 1:  # no token left for a reply after these messages
             return s.stop("tokens")
         s.add(between, [0.0] * len(between), written=False)
@@ -275,6 +263,31 @@ class _Sample:
 
     def stop(self, cut: str | None) -> None:
         self.done, self.conversation.cut = True, cut
+
+
+def _as_rollout(
+    samples: list[_Sample], g: int, pad_id: int, device: torch.device, *, greedy: bool
+) -> Rollout:
+    """The samples' whole conversations after their prompts, padded, as one Rollout on `device`."""
+    width = max(len(s.ids) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    mask, written, logps = (torch.zeros(len(samples), width) for _ in range(3))
+    for i, s in enumerate(samples):
+        n = len(s.ids)
+        ids[i, :n], mask[i, :n] = torch.tensor(s.ids), 1
+        written[i, :n], logps[i, :n] = torch.tensor(s.written, dtype=torch.float), torch.tensor(s.logps)
+    prompt_ids, prompt_mask = left_pad([s.prompt_ids for s in samples], pad_id, device)
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=ids.to(device),
+        completion_mask=mask.long().to(device),
+        truncated=torch.tensor([s.conversation.cut == "tokens" for s in samples], device=device),
+        group_size=g,
+        sampling_logps=None if greedy else logps.to(device),
+        model_written=written.long().to(device),
+        conversations=[s.conversation for s in samples],
+    )
 
 
 def conversation_metrics(conversations: list[Conversation]) -> dict[str, float]:

@@ -1,0 +1,1 @@
+"""Our decoders and the choice between them (`decode_impl`); grpo/rollout/__init__.py lists the modules."""
