@@ -303,13 +303,14 @@ UNSLOTH_NO_PACKAGE = (
 def test_unsloth_backend_stops_before_loading_on_cpu(tiny_model_dir, tmp_path, monkeypatch):
     import importlib.util
 
+    import grpo.model.build as build_module
     import grpo.trainer as trainer_module
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("loaded something before the unsloth check")
 
     monkeypatch.setattr(trainer_module, "load_tokenizer", must_not_load)
-    monkeypatch.setattr(trainer_module, "load_model", must_not_load)
+    monkeypatch.setattr(build_module, "load_model", must_not_load)
     expected = UNSLOTH_NEITHER if importlib.util.find_spec("unsloth") is None else UNSLOTH_NO_CUDA
     with pytest.raises(ConfigError) as e:
         GRPOTrainer(_template(tiny_model_dir, tmp_path, backend="unsloth"))
