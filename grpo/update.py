@@ -97,6 +97,7 @@ class PolicyUpdate:
         self.policy, self.model = policy, model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.loss = loss
+        self.loss_options = loss_options(config)  # fixed for the run: read once, not per micro-batch
         self.shared_prefix = shared_prefix  # each distinct prompt runs once in the log-prob passes
         self.old_from_first_update = old_from_first_update  # no dropout: the first forward is the old policy
         self.skipped_steps = 0  # non-finite steps skipped (skip_nonfinite_steps)
@@ -241,7 +242,7 @@ class PolicyUpdate:
         coef = self.entropy_coef
         logps, entropy = self.policy(*mb.inputs, return_entropy=True, entropy_grad=coef > 0)
         # passed only when set, so user losses written for the base signature need not take them
-        extra, mask = dict(loss_options(self.config)), mb.loss_mask.bool()
+        extra, mask = dict(self.loss_options), mb.loss_mask.bool()
         entropy_sum = (entropy.detach() * mb.trained_mask).sum()
         totals.add_tokens({"entropy": entropy_sum})
         weights = self.sample_weights(mb, logps, totals)
