@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from grpo.jobs.job_folder import has_checkpoint
 from grpo.jobs.processes import pid_alive
 from grpo.jobs.store import Store
 from tests import test_jobs
@@ -86,7 +87,9 @@ def test_a_training_process_killed_from_outside_is_interrupted_with_a_sentence(e
     worker = start_worker(env, 0.2)
     try:
         job_pid = wait_for(lambda: _running_job_pid(env, job_id), 60, "the job to start")
-        wait_for(lambda: job(env, job_id)["step"] >= 1, 90, "the first step")
+        # the step is recorded before its checkpoint is written: wait for the checkpoint itself
+        store = Store(Path(env["GRPO_HOME"]))
+        wait_for(lambda: has_checkpoint(store, store.job(job_id)), 90, "the first checkpoint")
         os.killpg(job_pid, signal.SIGKILL)
         wait_for(lambda: job(env, job_id)["state"] != "running", 30, "the worker to record the end")
     finally:
