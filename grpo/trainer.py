@@ -36,6 +36,7 @@ from grpo.parallel.collectives import any_over_ranks, gather_over_ranks, reduce_
 from grpo.parallel.launch import DistEnv, init_distributed
 from grpo.parallel.wrapping import full_state_dict
 from grpo.rollout.generate import SamplingSettings
+from grpo.rollout.pipeline import start_pipeline
 from grpo.rollout.registry import check_sampler, connect_sampler, start_sampler
 from grpo.rollout.step_sampling import StepSampling
 from grpo.rollout.turns.multi_turn import MultiTurn
@@ -95,7 +96,7 @@ class GRPOTrainer:
         )
         self._build_models()
         self.step, self.stop_requested, self.eos_ids = 0, False, stop_token_ids(self.model, self.tokenizer)
-        self.resumed_from, self.resume_notes = None, []
+        self.resumed_from, self.resume_notes, self.pipeline, self.drawn_ahead = None, [], None, None
         if resume_paths:
             self._resume(resume_paths)
         self._start_sampling()  # the sampler holds this step's weights (the restored ones on a resume)
@@ -110,6 +111,7 @@ class GRPOTrainer:
             explicit=c.resume_from_checkpoint != "latest",
         )
         self.step, self.updates.skipped_steps = progress.step, progress.skipped_steps
+        self.drawn_ahead = progress.drawn  # async_level: the batches the interrupted run had drawn ahead
         if c.use_adaptive_entropy and progress.entropy_coef is not None:
             self.updates.entropy_coef = progress.entropy_coef  # where the interrupted run had steered it
         # save_best: a resumed run must beat what the interrupted one already kept
@@ -158,6 +160,23 @@ class GRPOTrainer:
         self.evaluation.settings = settings
         parts = (self.env, self.prompts, self.sampler, self.tokenizer, self.rewards, self.tags, self.turns)
         self.sampling = StepSampling(self.template, *parts, self.rollout_sampler, settings, self.generator)
+        self.pipeline = self.sampling.pipeline = start_pipeline(  # async_level, rollout_process
+            self.template,
+            model=self.model,
+            sampler=self.rollout_sampler,
+            generator=self.generator,
+            version=self.step,
+            rank=self.env.rank,
+            pad_id=self.tokenizer.pad_token_id,
+            dtype=self.precision.compute,
+            restored=self.drawn_ahead,
+            order=self.sampler,
+            prompts=self.prompts,
+            settings=settings,
+            num_generations=self.config.num_generations,
+            device=self.device,
+            total_steps=self.total_steps,
+        )
 
     # ---------------------------------------------------------------- one step
     def train_step(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -199,7 +218,8 @@ class GRPOTrainer:
             "prompt/truncated": float(sum(self.prompts[i].truncated for i in step.prompts)),
             "learning_rate": self.scheduler.get_last_lr()[0],
             "skipped_steps": float(updates.skipped_steps),
-            "tokens_per_s": sampling.pop("tokens") / max(timings["time/rollout_s"], 1e-9),
+            "tokens_per_s": sampling.pop("tokens")
+            / max(sampling.get("time/engine_busy_s", timings["time/rollout_s"]), 1e-9),
             **sampling,
             "time/step_s": step_time,
             **timings,
@@ -226,6 +246,7 @@ class GRPOTrainer:
             logger = open_run_log(self.output_dir, self.template, self.total_steps, self.step, notes)
         handlers = {signal.SIGTERM: self._request_stop, signal.SIGINT: self._interrupt}
         previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+        started = time.perf_counter()
         try:
             while self.step < self.total_steps and not self.stop_requested:
                 metrics, samples = self.train_step()
@@ -233,8 +254,14 @@ class GRPOTrainer:
                 if sync_due(self.step, c.ref_model_sync_steps):  # TR-DPO: the reference follows the policy
                     mix_into_reference(self.model, self.synced_reference(), c.ref_model_mixup_alpha)
                 # the next rollout and evaluation sample from the weights this step made
-                self.rollout_sampler.update_weights(self.model, version=self.step)
+                if self.pipeline is None:
+                    self.rollout_sampler.update_weights(self.model, version=self.step)
+                else:  # behind the batches it already asked for (grpo/rollout/pipeline.py)
+                    self.pipeline.push(self.model, self.rollout_sampler, version=self.step)
                 metrics = reduce_over_ranks(metrics, env)
+                metrics["time/elapsed_s"] = (
+                    time.perf_counter() - started
+                )  # steps per second, weight pushes included
                 self.stop_requested = any_over_ranks(self.stop_requested, env)  # all ranks stop together
                 if c.eval_steps > 0 and (self.step % c.eval_steps == 0 or self.step == self.total_steps):
                     result = self.evaluation.run(self.step, self.rollout_sampler)
@@ -274,6 +301,8 @@ class GRPOTrainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if self.pipeline is not None:
+                self.pipeline.close()
             self.rollout_sampler.close()  # a vLLM server is free for the next run
             if logger is not None:
                 logger.close()

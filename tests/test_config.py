@@ -258,4 +258,4 @@ def test_resume_safe_fields_are_marked_in_the_schema():
         "config.reward_timeout" in RESUME_SAFE_FIELDS and "dataset.missing_columns" not in RESUME_SAFE_FIELDS
     )
     assert "config.tool_timeout" in RESUME_SAFE_FIELDS and "config.tools" not in RESUME_SAFE_FIELDS
-    assert len(RESUME_SAFE_FIELDS) == 33
+    assert len(RESUME_SAFE_FIELDS) == 37  # + rollout_process, rollout_device, rollout_cpus, rollout_timeout

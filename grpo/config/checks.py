@@ -95,6 +95,7 @@ def check_relations(t: Template) -> None:
             f"it must be null or at least maximum_sequence_length ({c.maximum_sequence_length})",
         )
     check_variant_options(c, need)
+    check_async(c, need)
     need(
         not (c.rollout_is_cap > 0 and c.vllm_importance_sampling_correction),
         "config.rollout_is_cap",
@@ -159,6 +160,36 @@ def check_variant_options(c: TrainConfig, need: Callable[[bool, str, Any, str], 
     )
 
 
+def check_async(c: TrainConfig, need: Callable[[bool, str, Any, str], None]) -> None:
+    """What asynchronous rollouts and the rollout process cannot run with (docs/async.md)."""
+    process = c.runs_rollout_process()
+    if c.async_level > 0:
+        for on, what in (
+            (c.dynamic_sampling, "dynamic_sampling draws a number of rounds per step known only once scored"),
+            (bool(c.tools or c.environment), "tools and environments run their turns in the training process"),
+            (c.rollout_engine == "vllm" and c.vllm_mode == "colocate", "a colocated engine shares the trainer's "
+             "device and process, so nothing overlaps; use vllm_mode: server or rollout_engine: torch"),
+        ):  # fmt: skip
+            need(not on, "config.async_level", c.async_level, f"it must be 0 here: {what}")
+    if c.rollout_process:
+        need(
+            c.rollout_engine == "torch" and c.backend != "unsloth",
+            "config.rollout_process",
+            c.rollout_process,
+            "the rollout process runs our decoder on our model; use rollout_engine: torch and backend: torch",
+        )
+    if process:
+        need(
+            c.distributed_strategy != "fsdp",
+            "config.rollout_process",
+            True,
+            "it takes each rank's full weights, and FSDP holds shards; use distributed_strategy: ddp",
+        )
+    for name in ("rollout_device", "rollout_cpus"):
+        need(process or not getattr(c, name), f"config.{name}", getattr(c, name), "it sets up the rollout "
+             "process, which is off; set async_level >= 1 or rollout_process: true")  # fmt: skip
+
+
 GSPO_EPSILON = 0.01  # clip ranges above this are token-level ones; GSPO's paper clips at 3e-4 / 4e-4
 
 
@@ -181,6 +212,12 @@ def config_warnings(t: Template) -> list[str]:
         notes.append(
             "loss_type: luspo is GSPO with each sequence's term times its length; the paper uses "
             "importance_sampling_level: sequence (docs/loss-variants.md)."
+        )
+    if c.async_level > 0 and c.rollout_is_cap == 0 and not c.vllm_importance_sampling_correction:
+        notes.append(
+            f"async_level: {c.async_level} without rollout correction: the gap between the policy that drew the "
+            "samples and the one before the update is only logged (rollout/mismatch_kl); set "
+            "vllm_importance_sampling_correction: true to weight it out (docs/async.md)."
         )
     return notes
 

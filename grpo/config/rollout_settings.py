@@ -1,4 +1,4 @@
-"""The template fields of who samples the rollouts (our decoder or vLLM) and of rollouts over several turns
+"""The template fields of who samples the rollouts (our decoder or vLLM), of asynchronous rollouts, and of rollouts over several turns
 (tools, an environment). TrainConfig in schema.py inherits them, so they are config.<name> like every other
 training field; they live here to keep schema.py readable."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from grpo.config.fields import AT_LEAST_1, NULL_OR_COUNT, TIMEOUT, UNIT, URL, doc
+from grpo.config.fields import AT_LEAST_1, NULL_OR_COUNT, TIMEOUT, UNIT, URL, ZERO_OR_MORE, Check, doc
 from grpo.rollout.samplers import ROLLOUT_ENGINES, VLLM_MODES
 
 
@@ -64,6 +64,40 @@ class RolloutSettings:
         check=NULL_OR_COUNT,
         resume_safe=True,
     )
+    # -- asynchronous rollouts (docs/async.md)
+    async_level: int = doc(
+        "How many steps the policy that drew a step's samples may lag the one that learns from them: 0 = "
+        "synchronous (sample, then learn); k >= 1 = the engine draws the next k batches while the trainer "
+        "learns, each from the weights of exactly k steps before (grpo/rollout/pipeline.py).",
+        default=0,
+        check=ZERO_OR_MORE,
+    )
+    rollout_process: bool | None = doc(
+        "Our decoder in a process of its own, with its own copy of the weights, sent after every step over "
+        "torch.distributed (gloo on a CPU, NCCL on a GPU); null = on with async_level >= 1 and rollout_engine "
+        "torch.",
+        default=None,
+        resume_safe=True,
+    )
+    rollout_device: str | None = doc(
+        "The rollout process's device (cuda:1, cpu); null = the training device.",
+        default=None,
+        resume_safe=True,
+    )
+    rollout_cpus: list[int] = doc(
+        "CPU cores a rollout process on the CPU is pinned to, one thread each; the trainer keeps the other cores "
+        "(os.sched_setaffinity); [] = the second half of the cores.",
+        default_factory=list,
+        check=Check(lambda v: all(i >= 0 for i in v), "it must list CPU numbers (0 or more)"),
+        resume_safe=True,
+    )
+    rollout_timeout: float = doc(
+        "Seconds the trainer waits for the rollout process's answer (a batch, a weight update) before it stops "
+        "the run; its start may take 600 s or this, whichever is longer.",
+        default=600.0,
+        check=TIMEOUT,
+        resume_safe=True,
+    )
     # -- several turns: tools or an environment (docs/tools.md)
     tools: list[str] = doc(
         "Tools the model may call: calculator or package.module:function (type hints and a docstring).",
@@ -90,3 +124,9 @@ class RolloutSettings:
     tool_output_chars: int = doc(
         "A tool's output is cut to this many characters.", default=1000, check=AT_LEAST_1
     )
+
+    def runs_rollout_process(self) -> bool:
+        """rollout_process, or by default: on with async_level >= 1 and our decoder."""
+        if self.rollout_process is not None:
+            return self.rollout_process
+        return self.async_level > 0 and self.rollout_engine == "torch"

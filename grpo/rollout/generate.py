@@ -83,6 +83,11 @@ class Rollout:
             out.conversations = [self.conversations[i] for i in picked]
         return out
 
+    def to(self, device: torch.device) -> Rollout:
+        """The same rollout with every tensor on `device` (a rollout process sends its rollouts on the CPU)."""
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: v.to(device) for k, v in tensors.items() if isinstance(v, torch.Tensor)})
+
     @property
     def trained_mask(self) -> torch.Tensor:
         """[N, T] the completion tokens the model wrote: what the loss, its normalisers and the token metrics

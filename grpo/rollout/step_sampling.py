@@ -16,6 +16,7 @@ from grpo.parallel.collectives import any_over_ranks
 from grpo.parallel.launch import DistEnv
 from grpo.rollout.dynamic_sampling import fill_batch
 from grpo.rollout.generate import Rollout, SamplingSettings
+from grpo.rollout.pipeline import RolloutPipeline
 from grpo.rollout.sampler import Sampler
 from grpo.rollout.turns.multi_turn import MultiTurn
 from grpo.samples import Samples
@@ -37,6 +38,7 @@ class StepSampling:
     sampler: Sampler
     settings: SamplingSettings
     generator: torch.Generator
+    pipeline: RolloutPipeline | None = None  # async_level or rollout_process: grpo/rollout/pipeline.py
 
     def rollout(self, batch: list[int], version: int) -> Rollout:
         """G samples of each prompt of `batch`, from the weights of step `version`."""
@@ -58,11 +60,15 @@ class StepSampling:
 
     def sample_round(self, timings: dict[str, float], version: int) -> Samples:
         """One batch of prompts: rollout, then the rewards."""
-        c = self.template.config
         t0 = time.perf_counter()
         batch = self.order.next_batch()
         ro = self.rollout(batch, version)
-        t1 = time.perf_counter()
+        timings["time/rollout_s"] += time.perf_counter() - t0
+        return self.scored(batch, ro, timings)
+
+    def scored(self, batch: list[int], ro: Rollout, timings: dict[str, float]) -> Samples:
+        """A batch's rollout with its reward scores."""
+        c, t1 = self.template.config, time.perf_counter()
         expanded = [self.prompts[i] for i in batch for _ in range(c.num_generations)]
         scored = rw.score_rollouts(
             self.rewards,
@@ -74,7 +80,6 @@ class StepSampling:
             max_completion_length=c.maximum_completion_length,
         )
         total = (scored.scores * torch.tensor([r.weight for r in self.rewards])).sum(dim=1)  # [N]
-        timings["time/rollout_s"] += t1 - t0
         timings["time/reward_s"] += time.perf_counter() - t1
         refs, rows = [p.reference for p in expanded], [p.row for p in expanded]
         return Samples(batch, ro, scored.texts, refs, rows, scored.scores, total)
@@ -85,6 +90,11 @@ class StepSampling:
         """(the first round, the batch to train on, sampling metrics). Without dynamic_sampling both are the
         same single round; with it, see grpo/rollout/dynamic_sampling.py."""
         c = self.template.config
+        if self.pipeline is not None:  # drawn ahead by the pipeline's engine; the wait is the rollout time
+            batch, ro, metrics = self.pipeline.take(version)
+            timings["time/rollout_s"] += metrics["time/rollout_wait_s"]
+            first = self.scored(batch, ro, timings)
+            return first, first, {"tokens": ro.num_completion_tokens, **metrics}
         if not c.dynamic_sampling:
             first = self.sample_round(timings, version)
             return first, first, {"tokens": first.rollout.num_completion_tokens}

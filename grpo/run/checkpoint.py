@@ -2,8 +2,8 @@
 
 Layout: <output_dir>/checkpoints/step-000012/ holding the model folder (or only the adapter under LoRA),
 optimizer.pt, scheduler.pt, reference.safetensors (only when the reference follows the policy,
-grpo/model/reference_sync.py), trainer_state.json (step, data position), rng-rank<R>.pt (every RNG of every rank)
-and template.yaml. A checkpoint is written into step-N.tmp, fsynced, then renamed: a folder without the .tmp
+grpo/model/reference_sync.py), trainer_state.json (step, data position), rng-rank<R>.pt (every RNG of every rank),
+rollouts-rank<R>.pt (async_level: the batches drawn ahead) and template.yaml. A checkpoint is written into step-N.tmp, fsynced, then renamed: a folder without the .tmp
 suffix is always complete, and leftover .tmp folders from a killed save are removed on resume.
 """
 
@@ -15,7 +15,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +155,7 @@ class RunParts:
     sampler: PromptSampler
     generator: torch.Generator
     reference: torch.nn.Module | None  # only when the reference follows the policy (ref_model_sync_steps > 0)
+    pipeline: Any = None  # async_level: the batches drawn ahead (grpo/rollout/pipeline.py)
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ class Progress:
     step: int
     skipped_steps: int = 0
     entropy_coef: float | None = None  # where use_adaptive_entropy has steered the coefficient to
+    drawn: dict[str, Any] | None = None  # async_level: the batches drawn ahead and the engine's random state
 
 
 def write_model(
@@ -232,6 +234,8 @@ def _write_checkpoint(parts: RunParts, progress: Progress) -> Path:
     state = full_state_dict(parts.model, env)
     ref_state = None if parts.reference is None else full_state_dict(parts.reference, env)
     optim = _optimizer_state(parts)
+    # async_level: wait for the batches in flight first, so an engine that fails leaves no partial folder
+    drawn = None if parts.pipeline is None else parts.pipeline.checkpoint_state()
     tmp = checkpoint_root(out) / f"step-{step:06d}.tmp"
     if env.is_main:
         tmp = staging_dir(out, step)
@@ -251,6 +255,8 @@ def _write_checkpoint(parts: RunParts, progress: Progress) -> Path:
         }
         (tmp / "trainer_state.json").write_text(json.dumps(info, indent=2))
     _barrier(env)
+    if drawn is not None:
+        torch.save(drawn, tmp / f"rollouts-rank{env.rank}.pt")
     torch.save(rng_state(parts.generator), tmp / f"rng-rank{env.rank}.pt")
     _barrier(env)
     final = tmp
@@ -317,6 +323,9 @@ def resume(parts: RunParts, path: Path) -> Progress:
     )
     parts.sampler.load_state_dict(info["sampler"])
     reading(path / f"rng-rank{env.rank}.pt", lambda: load_rng(path, env.rank, parts.generator))
+    drawn = path / f"rollouts-rank{env.rank}.pt"
+    if drawn.is_file():
+        progress = replace(progress, drawn=reading(drawn, lambda: torch.load(drawn, weights_only=False)))
     return progress
 
 
