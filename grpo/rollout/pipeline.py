@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -164,9 +164,8 @@ class SamplerThread:
         return ro.to(device), version, times
 
     def push(self, model: torch.nn.Module, *, version: int) -> None:
-        wait(list(self.pending))
         for future in self.pending:
-            future.result()  # a failed draw raises here, before the weights move on
+            future.result()  # every batch asked for is drawn; a failed draw raises here, before the weights move
         self.sampler.update_weights(model, version=version)
         self.free_since = time.perf_counter()
 

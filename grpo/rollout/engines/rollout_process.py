@@ -92,7 +92,7 @@ class RolloutProcess:
         self.startup_s = self._answer("ready", wait=max(self.timeout, STARTUP_S))[1]
         local = device if target.type == "cuda" else torch.device("cpu")
         self.channel = WeightChannel(store, member=0, device=local, timeout_s=self.timeout)
-        self.store, self.dtype = store, dtype
+        self.store, self.dtype = store, dtype  # the store's server lives as long as this object
 
     def submit(self, prompts: list[list[int]], settings: SamplingSettings, *, num_generations: int) -> None:
         self.batches += 1
